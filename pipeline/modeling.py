@@ -27,3 +27,84 @@ def ensure_distinct_pad_token(tokenizer, model=None) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_tokenizer(path: str, padding_side: str = "right"):
+    from transformers import AutoTokenizer
+
+    from pipeline.artifacts import PipelineError
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"could not load a tokenizer from {path!r} ({str(e).splitlines()[0]})") from None
+    if tokenizer.chat_template is None:
+        raise PipelineError(f"the tokenizer of {path!r} has no chat template; pass --chat_template_path FILE.jinja")
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def lora_config(model_args, task_type: str, modules_to_save: list[str] | None = None):
+    """A PEFT LoraConfig from TRL's ModelConfig fields (r, alpha, dropout, targets)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type=task_type,
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules or "all-linear",
+        modules_to_save=modules_to_save if modules_to_save is not None else model_args.lora_modules_to_save,
+        use_rslora=model_args.use_rslora,
+    )
+
+
+def merge_adapter_to_disk(base_path: str, adapter_path: str, out_path, model_cls, tokenizer, **load_kwargs) -> None:
+    """Load base + saved adapter on CPU, merge, save safetensors (+ tokenizer) to ``out_path``.
+
+    Reloading from disk rather than merging the training module keeps this correct under
+    DeepSpeed ZeRO-3 and FSDP, where the training module holds only a shard of the weights.
+    """
+    from peft import PeftModel
+
+    base = model_cls.from_pretrained(base_path, **load_kwargs)
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer))
+    base.config.pad_token_id = tokenizer.pad_token_id
+    merged = PeftModel.from_pretrained(base, adapter_path).merge_and_unload()
+    merged.save_pretrained(out_path, safe_serialization=True)
+    tokenizer.save_pretrained(out_path)
+
+
+def chat_texts(tokenizer, prompts: list[list[dict]], responses: list[str]) -> list[str]:
+    """Render (prompt, response) pairs with the chat template exactly as the reward trainer did."""
+    return [
+        tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
+        for p, r in zip(prompts, responses)
+    ]
+
+
+def reward_scores(model, tokenizer, prompts, responses, batch_size: int = 16, max_length: int | None = None):
+    """Score (prompt, response) pairs with a sequence-classification reward model -> float tensor [N].
+
+    Text goes through the reward model's own tokenizer and chat template, so a reward model
+    whose tokenizer differs from the policy's scores the same decoded text.
+    """
+    import torch
+
+    texts = chat_texts(tokenizer, prompts, responses)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    device = next(model.parameters()).device
+    out = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(texts), batch_size):
+                enc = tokenizer(
+                    texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False,
+                    truncation=max_length is not None, max_length=max_length,
+                ).to(device)
+                out.append(model(**enc).logits[:, 0].float().cpu())
+    finally:
+        tokenizer.padding_side = side
+    return torch.cat(out) if out else torch.zeros(0)

@@ -1,0 +1,232 @@
+"""The artifact directory: one place that knows where each stage reads and writes.
+
+Layout (``--artifact_dir``, default ``artifacts/``)::
+
+    sft/      manifest.json, adapter/, model/            (merged policy + tokenizer)
+    reward/   manifest.json, adapter/, model/            (merged scorer + tokenizer)
+    ppo/      manifest.json, policy_adapter/, policy/, value/, metrics.jsonl, checkpoints/
+    eval/     manifest.json, report.json, report.md, report.html
+
+A stage writes into a hidden staging sibling (``.<stage>.staging``), writes ``manifest.json``
+last, and renames the staging directory into place; a manifest therefore means "complete",
+and a crash or a rejected input never leaves a half-written or overwritten artifact.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+from contextlib import contextmanager
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+STAGES = ("sft", "reward", "ppo", "eval")
+# Stage -> the stages whose artifacts it consumes, and the command that makes each.
+REQUIRES = {"sft": (), "reward": ("sft",), "ppo": ("sft", "reward"), "eval": ("sft",)}
+MAKES = {"sft": "rlhf sft", "reward": "rlhf rm", "ppo": "accelerate launch pipeline/stage_ppo.py", "eval": "rlhf eval"}
+MANIFEST = "manifest.json"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class PipelineError(Exception):
+    """A user-facing error: printed as one line, exit status 2, no artifact touched."""
+
+
+def stage_dir(artifact_dir: str | os.PathLike, stage: str) -> Path:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}")
+    return Path(artifact_dir) / stage
+
+
+def model_dir(artifact_dir: str | os.PathLike, stage: str) -> Path:
+    """The merged model a later stage loads (``sft/model``, ``reward/model``, ``ppo/policy``)."""
+    return stage_dir(artifact_dir, stage) / ("policy" if stage == "ppo" else "model")
+
+
+def read_manifest(path: str | os.PathLike) -> dict | None:
+    p = Path(path) / MANIFEST
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{p} is not valid JSON ({e}); delete {Path(path)} and re-run its stage") from None
+
+
+def require_stage(artifact_dir: str | os.PathLike, stage: str, for_stage: str) -> dict:
+    """The manifest of a completed input stage, or a PipelineError saying what to run first."""
+    d = stage_dir(artifact_dir, stage)
+    manifest = read_manifest(d)
+    if manifest is None:
+        why = "is missing" if not d.exists() else "is incomplete (no manifest.json)"
+        raise PipelineError(
+            f"the {for_stage} stage needs {d}, which {why}: run `{MAKES[stage]} --artifact_dir {artifact_dir}` first"
+        )
+    return manifest
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def artifact_hash(path: str | os.PathLike) -> str:
+    """Content identity of a completed stage directory: the hash of its manifest.
+
+    A manifest is unique per run (it holds the stage's own input hashes, config and times),
+    so hashing it identifies the weights next to it without reading hundreds of MB.
+    """
+    return file_sha256(Path(path) / MANIFEST)
+
+
+def input_record(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if (p / MANIFEST).exists():
+        return {"path": str(p), "sha256": artifact_hash(p)}
+    if p.is_file():
+        return {"path": str(p), "sha256": file_sha256(p)}
+    return {"path": str(p)}  # a hub id: identified by name (and revision in the config)
+
+
+def _jsonable(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {k: _jsonable(v) for k, v in asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def config_fingerprint(config: dict, inputs: dict) -> str:
+    """Hash of what determines a stage's output: its resolved config and its inputs' hashes."""
+    payload = json.dumps({"config": _jsonable(config), "inputs": _jsonable(inputs)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5, check=False
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "evaluate", "rlhf-pipeline"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """Enough to tell two tokenizers apart: name, sizes, special tokens, and a vocab hash."""
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()
+    return {
+        "name_or_path": tokenizer.name_or_path,
+        "vocab_size": len(tokenizer),
+        "vocab_sha256": digest,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+        "bos_token": tokenizer.bos_token,
+    }
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def is_complete_for(artifact_dir: str | os.PathLike, stage: str, fingerprint: str) -> bool:
+    """True when the stage's manifest shows it complete for the same config and inputs."""
+    manifest = read_manifest(stage_dir(artifact_dir, stage))
+    return bool(manifest) and manifest.get("fingerprint") == fingerprint
+
+
+class StageWriter:
+    """Write one stage's artifact atomically. Use through :func:`stage_output`."""
+
+    def __init__(self, artifact_dir: str | os.PathLike, stage: str, config: dict, inputs: dict):
+        self.final = stage_dir(artifact_dir, stage)
+        self.path = self.final.parent / f".{stage}.staging"
+        self.stage = stage
+        self.config = _jsonable(config)
+        self.inputs = _jsonable(inputs)
+        self.fingerprint = config_fingerprint(self.config, self.inputs)
+        self.started_at = now()
+        self.extra: dict[str, Any] = {}
+
+    def write_manifest(self, metrics: dict, tokenizer=None) -> None:
+        manifest = {
+            "stage": self.stage,
+            "status": "complete",
+            "fingerprint": self.fingerprint,
+            "config": self.config,
+            "inputs": self.inputs,
+            "tokenizer": tokenizer_identity(tokenizer) if tokenizer is not None else None,
+            "versions": package_versions(),
+            "git_commit": _git_commit(),
+            "started_at": self.started_at,
+            "finished_at": now(),
+            "metrics": _jsonable(metrics),
+            **self.extra,
+        }
+        tmp = self.path / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, self.path / MANIFEST)
+
+    def commit(self) -> None:
+        if not (self.path / MANIFEST).exists():
+            raise RuntimeError(f"{self.stage}: refusing to publish an artifact without a manifest")
+        old = None
+        if self.final.exists():
+            old = self.final.parent / f".{self.stage}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.final, old)
+        os.replace(self.path, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def stage_output(
+    artifact_dir: str | os.PathLike, stage: str, config: dict, inputs: dict, is_main_process: bool = True
+) -> Iterator[StageWriter]:
+    """Yield a writer whose ``.path`` is the staging directory; publish it on success.
+
+    On any exception the staging directory is removed and the previous artifact, if any,
+    stays untouched. The body must call ``writer.write_manifest(...)`` as its last write.
+    Only the main process creates, publishes or removes anything.
+    """
+    writer = StageWriter(artifact_dir, stage, config, inputs)
+    if is_main_process:
+        if writer.path.exists():
+            shutil.rmtree(writer.path)  # leftover of a crashed run
+        writer.path.mkdir(parents=True)
+    try:
+        yield writer
+    except BaseException:
+        if is_main_process:
+            shutil.rmtree(writer.path, ignore_errors=True)
+        raise
+    if is_main_process:
+        writer.commit()

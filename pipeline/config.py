@@ -1,0 +1,65 @@
+"""Arguments every stage shares, and the glue that turns parsed dataclasses into a run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+# Training-argument keys that do not change what a stage produces (left out of its fingerprint).
+VOLATILE_KEYS = {
+    "output_dir", "logging_dir", "report_to", "run_name", "force", "disable_tqdm", "logging_steps",
+    "push_to_hub", "hub_model_id", "hub_token", "local_rank", "dataloader_num_workers", "save_strategy",
+    "save_steps", "save_total_limit", "logging_first_step", "logging_strategy",
+}
+
+
+@dataclass
+class StageArguments:
+    """Where artifacts live and which data a stage reads."""
+
+    artifact_dir: str = field(default="artifacts", metadata={"help": "Shared artifact directory of this pipeline run."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or local .json/.jsonl/.parquet/.csv file. Default: the embedded task's data."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (when the stage evaluates)."})
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Separate file or hub id for the held-out split (default: dataset_name)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many held-out rows."})
+    force: bool = field(
+        default=False, metadata={"help": "Re-run even when the stage's manifest shows it complete for the same inputs."}
+    )
+
+
+def resolved_config(**parts) -> dict:
+    """One JSON-able dict of every parsed dataclass, for manifests and fingerprints."""
+    out = {}
+    for name, obj in parts.items():
+        d = obj.to_dict() if hasattr(obj, "to_dict") else asdict(obj)
+        out[name] = {k: v for k, v in d.items() if k not in VOLATILE_KEYS}
+    return out
+
+
+def run_cli(make_parser: Callable, main: Callable, argv: list[str] | None = None) -> int:
+    """Parse (``--config file.yaml`` and flags), run ``main``, turn PipelineError into one line + exit 2."""
+    from pipeline.artifacts import PipelineError
+
+    parser = make_parser()
+    try:
+        args = parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
+        # HfArgumentParser appends a Namespace of defaults no dataclass claimed: a stale default is a bug.
+        if args and isinstance(args[-1], argparse.Namespace):
+            if vars(args[-1]):
+                raise PipelineError(f"unknown settings {sorted(vars(args[-1]))}")
+            args = args[:-1]
+        main(*args)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0

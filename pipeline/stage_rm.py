@@ -1,0 +1,134 @@
+"""Stage 2: reward-model training with LoRA (TRL ``RewardTrainer``), from the SFT model.
+
+The score head is trained in full (PEFT ``SEQ_CLS`` puts it in ``modules_to_save``); the
+backbone gets a LoRA adapter. After training we report held-out pairwise accuracy: the
+share of test pairs whose chosen reply scores strictly above the rejected one.
+
+    rlhf rm --config configs/rm_demo.yaml
+    rlhf rm --dataset_name my_pairs.jsonl --eval_dataset_name my_pairs_test.jsonl --artifact_dir runs/x
+
+Reads ``<artifact_dir>/sft/model`` unless ``--model_name_or_path`` names another start.
+Writes ``<artifact_dir>/reward/``: ``adapter/``, ``model/`` (merged scorer + tokenizer), ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python pipeline/stage_rm.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.config import StageArguments, resolved_config, run_cli
+
+STAGE = "reward"
+
+DEFAULTS = dict(
+    use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-4, num_train_epochs=1,
+    per_device_train_batch_size=8, per_device_eval_batch_size=16, gradient_checkpointing=False, max_length=256,
+    logging_steps=5, save_strategy="no", eval_strategy="no", report_to="none", lr_scheduler_type="cosine",
+    warmup_steps=0.05, bf16=False, seed=42, center_rewards_coefficient=0.01,
+)
+
+
+def pairwise_accuracy(model, tokenizer, pairs, batch_size: int = 16) -> dict:
+    """Held-out accuracy (ties count as wrong) and mean margin of a reward model on preference rows."""
+    from pipeline.modeling import reward_scores
+
+    prompts = [r["prompt"] for r in pairs]
+    chosen = reward_scores(model, tokenizer, prompts, [r["chosen"][0]["content"] for r in pairs], batch_size)
+    rejected = reward_scores(model, tokenizer, prompts, [r["rejected"][0]["content"] for r in pairs], batch_size)
+    return {
+        "accuracy": (chosen > rejected).float().mean().item(),
+        "margin_mean": (chosen - rejected).mean().item(),
+        "num_pairs": len(pairs),
+    }
+
+
+def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
+    import shutil
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline import artifacts as art
+    from pipeline.data import load_for
+    from pipeline.modeling import load_tokenizer, lora_config, merge_adapter_to_disk
+
+    if not model_args.use_peft:
+        raise art.PipelineError("the reward stage trains a LoRA adapter with a full score head; drop --use_peft false")
+    if model_args.model_name_or_path:
+        start = model_args.model_name_or_path
+        start_record = art.input_record(start)
+    else:
+        art.require_stage(stage_args.artifact_dir, "sft", "reward")
+        start = str(art.model_dir(stage_args.artifact_dir, "sft"))
+        start_record = art.input_record(art.stage_dir(stage_args.artifact_dir, "sft"))
+    source = stage_args.dataset_name
+    test_source = stage_args.eval_dataset_name or source
+    train = load_for("preference", source, stage_args.dataset_train_split, stage_args.dataset_config, stage_args.max_train_samples)
+    test = load_for("preference", test_source, stage_args.dataset_test_split, stage_args.dataset_config, stage_args.max_eval_samples)
+    data_files = {k: art.input_record(v or art.REPO_ROOT / "data/embedded" / f) for k, v, f in
+                  (("train", source, "pref_train.jsonl"), ("test", test_source, "pref_test.jsonl"))}
+    inputs = {"start_model": start_record, "dataset": data_files}
+    config = resolved_config(stage=stage_args, training=training_args, model=model_args)
+    fingerprint = art.config_fingerprint(config, inputs)
+    if not stage_args.force and art.is_complete_for(stage_args.artifact_dir, STAGE, fingerprint):
+        print(f"rm: {art.stage_dir(stage_args.artifact_dir, STAGE)} is complete for these inputs; skipping (--force reruns)")
+        return None
+
+    tokenizer = load_tokenizer(start)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise art.PipelineError(f"{start}: pad token equals EOS; start from an SFT artifact (it fixes this)")
+    dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
+    model = AutoModelForSequenceClassification.from_pretrained(start, num_labels=1, dtype=dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+    from trl import RewardTrainer
+
+    with art.stage_output(stage_args.artifact_dir, STAGE, config, inputs, training_args.process_index == 0) as out:
+        training_args.output_dir = str(out.path / "trainer")
+        trainer = RewardTrainer(
+            model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
+            peft_config=lora_config(model_args, "SEQ_CLS", modules_to_save=["score"]),
+        )
+        result = trainer.train()
+        if not torch.isfinite(torch.tensor(result.training_loss)):
+            raise art.PipelineError(
+                f"reward-model loss became {result.training_loss}; lower --learning_rate or check the data, nothing was written"
+            )
+        trainer.save_model(str(out.path / "adapter"))
+        if trainer.accelerator.is_main_process:
+            (out.path / "adapter" / "training_args.bin").unlink(missing_ok=True)  # pickle; config is in the manifest
+            merge_adapter_to_disk(start, str(out.path / "adapter"), out.path / "model",
+                                  AutoModelForSequenceClassification, tokenizer, num_labels=1)
+            shutil.rmtree(out.path / "trainer", ignore_errors=True)
+            # Score the held-out pairs with the merged model exactly as later stages will load it.
+            scorer = AutoModelForSequenceClassification.from_pretrained(out.path / "model").eval()
+            held_out = pairwise_accuracy(scorer, tokenizer, list(test), training_args.per_device_eval_batch_size)
+            metrics = {
+                "train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),
+                "train_steps": result.global_step, "train_pairs": len(train),
+                "test": held_out, "log_history": trainer.state.log_history,
+            }
+            out.write_manifest(metrics, tokenizer)
+            print(f"rm: held-out pairwise accuracy {held_out['accuracy']:.3f} on {held_out['num_pairs']} pairs "
+                  f"(train loss {result.training_loss:.4f}, {metrics['train_runtime_s']:.0f}s)")
+        trainer.accelerator.wait_for_everyone()
+    return None
+
+
+def make_parser():
+    from trl import ModelConfig, RewardConfig, TrlParser
+
+    parser = TrlParser((StageArguments, RewardConfig, ModelConfig), prog="rlhf rm")
+    parser.set_defaults(**DEFAULTS)
+    return parser
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(make_parser, main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,115 @@
+"""Stage 1: supervised fine-tuning with LoRA (TRL ``SFTTrainer``).
+
+Loss on the assistant completion only; SmolLM2's chat template has no generation markers,
+so conversations are split into prompt/completion and TRL's completion-only loss is used.
+
+Run on the embedded default (SmolLM2-135M-Instruct, embedded instruction-following data)::
+
+    rlhf sft --config configs/sft_demo.yaml
+    python pipeline/stage_sft.py --config configs/sft_demo.yaml      # same thing
+
+Any model and data::
+
+    rlhf sft --model_name_or_path Qwen/Qwen2.5-0.5B-Instruct --dataset_name my_sft.jsonl \
+        --artifact_dir runs/qwen --num_train_epochs 2 --lora_r 32
+
+Writes ``<artifact_dir>/sft/``: ``adapter/`` (LoRA), ``model/`` (merged, safetensors, with
+tokenizer), ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python pipeline/stage_sft.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.config import StageArguments, resolved_config, run_cli
+
+STAGE = "sft"
+
+# Our defaults where TRL's suit full fine-tuning on GPUs more than LoRA on any device.
+DEFAULTS = dict(
+    use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=2e-4, num_train_epochs=1,
+    per_device_train_batch_size=8, gradient_checkpointing=False, max_length=256, logging_steps=5,
+    save_strategy="no", report_to="none", lr_scheduler_type="cosine", warmup_steps=0.05, bf16=False,
+    completion_only_loss=True, seed=42,
+)
+
+
+def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline import artifacts as art
+    from pipeline.data import load_for
+    from pipeline.embedded import is_embedded, resolve_model_path
+    from pipeline.modeling import ensure_distinct_pad_token, load_tokenizer, lora_config, merge_adapter_to_disk
+
+    if not model_args.use_peft:
+        raise art.PipelineError("the SFT stage trains a LoRA adapter; drop --use_peft false")
+    data_source = stage_args.dataset_name
+    train = load_for("sft", data_source, stage_args.dataset_train_split, stage_args.dataset_config, stage_args.max_train_samples)
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    base_id = "embedded" if is_embedded(model_args.model_name_or_path) else model_args.model_name_or_path
+    data_id = art.input_record(data_source) if data_source else art.input_record(art.REPO_ROOT / "data/embedded/sft_train.jsonl")
+    inputs = {"base_model": {**art.input_record(model_path), "name": base_id}, "dataset": data_id}
+    config = resolved_config(stage=stage_args, training=training_args, model=model_args)
+    fingerprint = art.config_fingerprint(config, inputs)
+    if not stage_args.force and art.is_complete_for(stage_args.artifact_dir, STAGE, fingerprint):
+        print(f"sft: {art.stage_dir(stage_args.artifact_dir, STAGE)} is complete for these inputs; skipping (--force reruns)")
+        return None
+
+    tokenizer = load_tokenizer(model_path)
+    dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=model_args.attn_implementation)
+    ensure_distinct_pad_token(tokenizer, model)
+
+    from trl import SFTTrainer
+
+    with art.stage_output(stage_args.artifact_dir, STAGE, config, inputs, training_args.process_index == 0) as out:
+        training_args.output_dir = str(out.path / "trainer")
+        trainer = SFTTrainer(
+            model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
+            peft_config=lora_config(model_args, "CAUSAL_LM"),
+        )
+        result = trainer.train()
+        if not torch.isfinite(torch.tensor(result.training_loss)):
+            raise art.PipelineError(
+                f"SFT loss became {result.training_loss}; lower --learning_rate or check the data, nothing was written"
+            )
+        trainer.save_model(str(out.path / "adapter"))  # adapter only (PEFT), gathered across processes
+        metrics = {
+            "train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),
+            "train_steps": result.global_step, "train_rows": len(train),
+            "log_history": trainer.state.log_history,
+        }
+        if trainer.accelerator.is_main_process:
+            (out.path / "adapter" / "training_args.bin").unlink(missing_ok=True)  # pickle; config is in the manifest
+            merge_adapter_to_disk(model_path, str(out.path / "adapter"), out.path / "model", AutoModelForCausalLM, tokenizer)
+            shutil.rmtree(out.path / "trainer", ignore_errors=True)
+            out.write_manifest(metrics, tokenizer)
+        trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        print(f"sft: wrote {art.stage_dir(stage_args.artifact_dir, STAGE)} (loss {result.training_loss:.4f}, "
+              f"{metrics['train_runtime_s']:.0f}s)")
+    return metrics
+
+
+def make_parser():
+    from trl import ModelConfig, SFTConfig, TrlParser
+
+    parser = TrlParser((StageArguments, SFTConfig, ModelConfig), prog="rlhf sft")
+    parser.set_defaults(**DEFAULTS)
+    return parser
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(make_parser, main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
