@@ -52,7 +52,10 @@ def run_cli(make_parser: Callable, main: Callable, argv: list[str] | None = None
 
     parser = make_parser()
     try:
-        args = parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
+        try:
+            args = parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
+        except ValueError as e:  # unknown flags or config keys, bad values
+            raise PipelineError(f"{str(e).splitlines()[0]} (see --help)") from None
         # HfArgumentParser appends a Namespace of defaults no dataclass claimed: a stale default is a bug.
         if args and isinstance(args[-1], argparse.Namespace):
             if vars(args[-1]):

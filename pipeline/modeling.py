@@ -108,3 +108,20 @@ def reward_scores(model, tokenizer, prompts, responses, batch_size: int = 16, ma
     finally:
         tokenizer.padding_side = side
     return torch.cat(out) if out else torch.zeros(0)
+
+
+def check_finite_training(trainer, stage: str) -> None:
+    """Refuse to publish a stage whose loss or trainable weights went non-finite."""
+    import math
+
+    from pipeline.artifacts import PipelineError
+
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    bad_loss = any(not math.isfinite(float(x)) for x in losses)
+    bad_weights = any(not p.detach().isfinite().all() for p in trainer.model.parameters() if p.requires_grad)
+    if bad_loss or bad_weights:
+        what = "loss" if bad_loss else "trainable weights"
+        raise PipelineError(
+            f"{stage}: the {what} became NaN/inf; lower --learning_rate, check the data and the start model; "
+            "nothing was written"
+        )

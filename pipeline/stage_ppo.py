@@ -84,15 +84,19 @@ class PPOArguments:
 
 def derive_sizes(args: PPOArguments, world_size: int) -> None:
     """Batch bookkeeping, once, after parsing; an inexact division is an error."""
+    from pipeline.artifacts import PipelineError
     from pipeline.ppo.core import exact_div
 
     args.world_size = world_size
-    args.local_mini_batch_size = exact_div(args.rollout_batch_size, args.num_mini_batches, "rollout_batch_size / num_mini_batches")
-    args.gradient_accumulation_steps = exact_div(
-        args.local_mini_batch_size, args.per_device_train_batch_size, "minibatch size / per_device_train_batch_size"
-    )
-    exact_div(args.rollout_batch_size, min(args.local_rollout_forward_batch_size, args.rollout_batch_size),
-              "rollout_batch_size / local_rollout_forward_batch_size")
+    try:
+        args.local_mini_batch_size = exact_div(args.rollout_batch_size, args.num_mini_batches, "rollout_batch_size / num_mini_batches")
+        args.gradient_accumulation_steps = exact_div(
+            args.local_mini_batch_size, args.per_device_train_batch_size, "minibatch size / per_device_train_batch_size"
+        )
+        exact_div(args.rollout_batch_size, min(args.local_rollout_forward_batch_size, args.rollout_batch_size),
+                  "rollout_batch_size / local_rollout_forward_batch_size")
+    except ValueError as e:  # a user setting, not a crash: one line, exit 2
+        raise PipelineError(str(e)) from None
     args.batch_size = args.rollout_batch_size * world_size  # episodes per iteration
 
 

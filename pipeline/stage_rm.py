@@ -26,7 +26,7 @@ STAGE = "reward"
 DEFAULTS = dict(
     use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-4, num_train_epochs=1,
     per_device_train_batch_size=8, per_device_eval_batch_size=16, gradient_checkpointing=False, max_length=256,
-    logging_steps=5, save_strategy="no", eval_strategy="no", report_to="none", lr_scheduler_type="cosine",
+    logging_steps=5, save_strategy="no", eval_strategy="no", report_to="none", logging_nan_inf_filter=False, lr_scheduler_type="cosine",
     warmup_steps=0.05, bf16=False, seed=42, center_rewards_coefficient=0.01,
 )
 
@@ -53,7 +53,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
 
     from pipeline import artifacts as art
     from pipeline.data import load_for
-    from pipeline.modeling import load_tokenizer, lora_config, merge_adapter_to_disk
+    from pipeline.modeling import check_finite_training, load_tokenizer, lora_config, merge_adapter_to_disk
 
     if not model_args.use_peft:
         raise art.PipelineError("the reward stage trains a LoRA adapter with a full score head; drop --use_peft false")
@@ -93,10 +93,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
             peft_config=lora_config(model_args, "SEQ_CLS", modules_to_save=["score"]),
         )
         result = trainer.train()
-        if not torch.isfinite(torch.tensor(result.training_loss)):
-            raise art.PipelineError(
-                f"reward-model loss became {result.training_loss}; lower --learning_rate or check the data, nothing was written"
-            )
+        check_finite_training(trainer, "reward model")
         trainer.save_model(str(out.path / "adapter"))
         if trainer.accelerator.is_main_process:
             (out.path / "adapter" / "training_args.bin").unlink(missing_ok=True)  # pickle; config is in the manifest

@@ -33,7 +33,7 @@ STAGE = "sft"
 DEFAULTS = dict(
     use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=2e-4, num_train_epochs=1,
     per_device_train_batch_size=8, gradient_checkpointing=False, max_length=256, logging_steps=5,
-    save_strategy="no", report_to="none", lr_scheduler_type="cosine", warmup_steps=0.05, bf16=False,
+    save_strategy="no", report_to="none", logging_nan_inf_filter=False, lr_scheduler_type="cosine", warmup_steps=0.05, bf16=False,
     completion_only_loss=True, seed=42,
 )
 
@@ -47,7 +47,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     from pipeline import artifacts as art
     from pipeline.data import load_for
     from pipeline.embedded import is_embedded, resolve_model_path
-    from pipeline.modeling import ensure_distinct_pad_token, load_tokenizer, lora_config, merge_adapter_to_disk
+    from pipeline.modeling import check_finite_training, ensure_distinct_pad_token, load_tokenizer, lora_config, merge_adapter_to_disk
 
     if not model_args.use_peft:
         raise art.PipelineError("the SFT stage trains a LoRA adapter; drop --use_peft false")
@@ -77,10 +77,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
             peft_config=lora_config(model_args, "CAUSAL_LM"),
         )
         result = trainer.train()
-        if not torch.isfinite(torch.tensor(result.training_loss)):
-            raise art.PipelineError(
-                f"SFT loss became {result.training_loss}; lower --learning_rate or check the data, nothing was written"
-            )
+        check_finite_training(trainer, "SFT")
         trainer.save_model(str(out.path / "adapter"))  # adapter only (PEFT), gathered across processes
         metrics = {
             "train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),

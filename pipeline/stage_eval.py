@@ -1,0 +1,223 @@
+"""Stage 4: side-by-side evaluation of base, SFT and PPO checkpoints on held-out prompts.
+
+For every checkpoint: generate (sampled with a fixed seed, and greedy), then measure the
+reward-model score, the independent gold judge's score (embedded task), the sequence KL to
+the SFT model (nats, Monte-Carlo over the sampled responses), response length, EOS rate and
+distinct-2; pairwise PPO vs SFT win rates with bootstrap 95% intervals. Intermediate PPO
+checkpoints give the reward/gold-vs-KL curves that show over-optimisation.
+
+    rlhf eval --artifact_dir artifacts
+    rlhf eval --dataset_name my_prompts.jsonl --max_eval_samples 500 --no_greedy
+
+Writes ``<artifact_dir>/eval/``: ``report.json``, ``report.md``, ``report.html``, ``results.json``
+(every response and score), ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.config import run_cli
+
+STAGE = "eval"
+
+
+@dataclass
+class EvalArguments:
+    artifact_dir: str = field(default="artifacts", metadata={"help": "Shared artifact directory of this pipeline run."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Prompt file or hub id (default: the embedded held-out evaluation prompts)."})
+    dataset_split: str = field(default="test", metadata={"help": "Split of dataset_name."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many prompts."})
+    checkpoints: list[str] = field(default_factory=lambda: ["base", "sft", "ppo"], metadata={"help": "Which of base, sft, ppo to compare."})
+    include_intermediate: bool = field(default=True, metadata={"help": "Also evaluate intermediate PPO checkpoints (sampled decoding) for the curves."})
+    greedy: bool = field(default=True, metadata={"help": "Also generate greedily for base, sft and ppo."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (the PPO default)."})
+    response_length: int = field(default=64, metadata={"help": "Maximum new tokens."})
+    batch_size: int = field(default=16, metadata={"help": "Generation and scoring batch size."})
+    seed: int = field(default=1234, metadata={"help": "Sampling seed (the same for every checkpoint)."})
+    bf16: bool = field(default=False, metadata={"help": "Generate under bf16 autocast (faster on CPUs with AVX512-BF16 and on GPUs)."})
+    force: bool = field(default=False, metadata={"help": "Re-run even when the eval manifest shows it complete for the same inputs."})
+
+
+def generate(model, tok, prompts, args: EvalArguments, do_sample: bool, desc: str):
+    """Batched generation -> (response texts, lengths, has_eos, prompt ids, response ids, masks)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from pipeline.ppo.trainer import response_mask
+
+    texts, lengths, eos, batches = [], [], [], []
+    device = next(model.parameters()).device
+    if do_sample:
+        torch.manual_seed(args.seed)
+    for i in tqdm(range(0, len(prompts), args.batch_size), desc=desc, leave=False):
+        chunk = prompts[i : i + args.batch_size]
+        rendered = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in chunk]
+        enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left").to(device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            out = model.generate(
+                **enc, do_sample=do_sample, temperature=args.temperature if do_sample else None, top_k=0 if do_sample else None,
+                top_p=1.0 if do_sample else None, max_new_tokens=args.response_length,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            )
+        resp = out[:, enc["input_ids"].shape[1] :]
+        mask, has_eos = response_mask(resp, tok.eos_token_id)
+        resp = resp.masked_fill(~mask, tok.pad_token_id)
+        texts += tok.batch_decode(resp.masked_fill(resp == tok.eos_token_id, tok.pad_token_id), skip_special_tokens=True)
+        lengths += mask.sum(1).tolist()
+        eos += has_eos.tolist()
+        batches.append((enc["input_ids"], enc["attention_mask"], resp, mask))
+    return texts, lengths, eos, batches
+
+
+def sequence_logprobs(model, batches, temperature: float):
+    """Summed log-prob of each sampled response under ``model`` (temperature-scaled, as sampled)."""
+    import torch
+
+    from pipeline.ppo.core import logprobs_from_logits
+    from pipeline.ppo.trainer import position_ids_from, response_logits
+
+    out = []
+    with torch.no_grad():
+        for ids, am, resp, mask in batches:
+            qr, full_am = torch.cat([ids, resp], 1), torch.cat([am, mask.long()], 1)
+            logits = model(input_ids=qr, attention_mask=full_am, position_ids=position_ids_from(full_am), use_cache=False).logits
+            lp = logprobs_from_logits(response_logits(logits, ids.shape[1], temperature), resp)
+            out += torch.where(mask, lp, 0.0).sum(1).tolist()
+    return out
+
+
+def main(args: EvalArguments) -> dict | None:
+    import json
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline import artifacts as art
+    from pipeline.data import load_for, prompt_text
+    from pipeline.embedded import resolve_model_path
+    from pipeline.eval_report import aggregate, summary_table, write_reports
+    from pipeline.modeling import load_tokenizer, reward_scores
+    from pipeline.ppo.checkpoint import list_checkpoints
+
+    sft_manifest = art.require_stage(args.artifact_dir, "sft", "eval")
+    art.require_stage(args.artifact_dir, "reward", "eval")
+    want_ppo = "ppo" in args.checkpoints
+    if want_ppo:
+        art.require_stage(args.artifact_dir, "ppo", "eval")
+    rows = load_for("prompt", args.dataset_name, args.dataset_split, limit=args.max_eval_samples)
+    prompts = [r["prompt"] for r in rows]
+    has_gold = args.dataset_name is None
+    judge = None
+    if has_gold:
+        from reward_models.gold_judge import score as judge
+
+    inputs = {s: art.input_record(art.stage_dir(args.artifact_dir, s)) for s in ("sft", "reward") + (("ppo",) if want_ppo else ())}
+    inputs["dataset"] = art.input_record(args.dataset_name or art.REPO_ROOT / "data/embedded/eval_prompts.jsonl")
+    config = {k: v for k, v in vars(args).items() if k != "force"}
+    fingerprint = art.config_fingerprint(config, inputs)
+    if not args.force and art.is_complete_for(args.artifact_dir, STAGE, fingerprint):
+        print(f"eval: {art.stage_dir(args.artifact_dir, STAGE)} is complete for these inputs; skipping (--force reruns)")
+        return None
+
+    torch.manual_seed(args.seed)
+    sft_path = str(art.model_dir(args.artifact_dir, "sft"))
+    tok = load_tokenizer(sft_path, padding_side="left")
+    rm_path = art.model_dir(args.artifact_dir, "reward")
+    rm_tok = AutoTokenizer.from_pretrained(rm_path)
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1).eval()
+    sft = AutoModelForCausalLM.from_pretrained(sft_path).eval()
+
+    # Which policies: (name, kind, iteration, adapter path or None, is the base model)
+    plan = []
+    if "base" in args.checkpoints:
+        plan.append(("base", "base", None, None))
+    if "sft" in args.checkpoints:
+        plan.append(("sft", "sft", None, None))
+    ppo_dir = art.stage_dir(args.artifact_dir, "ppo")
+    if want_ppo:
+        ckpts = list_checkpoints(ppo_dir / "checkpoints") if args.include_intermediate else []
+        final_iter = json.loads((ppo_dir / "manifest.json").read_text())["metrics"]["iterations"]
+        for c in ckpts:
+            it = int(c.name.split("-")[1])
+            if it < final_iter:
+                plan.append((f"ppo-{c.name}", "ppo_checkpoint", it, c / "policy_adapter"))
+        plan.append(("ppo", "ppo", final_iter, ppo_dir / "policy_adapter"))
+
+    peft_model = None
+    results = {"config": config, "prompts": [prompt_text(p) for p in prompts], "has_gold": has_gold, "checkpoints": {}}
+    for name, kind, iteration, adapter in plan:
+        if kind == "base":
+            base_rec = sft_manifest["inputs"]["base_model"]
+            base_path = resolve_model_path(None if base_rec.get("name") == "embedded" else base_rec.get("name", base_rec["path"]))
+            model = AutoModelForCausalLM.from_pretrained(base_path).eval()
+            if len(tok) > model.get_input_embeddings().weight.shape[0]:
+                model.resize_token_embeddings(len(tok))
+        elif kind == "sft":
+            model = sft
+        else:
+            if peft_model is None:
+                peft_model = PeftModel.from_pretrained(sft, str(adapter), adapter_name=name).eval()
+            else:
+                peft_model.load_adapter(str(adapter), adapter_name=name)
+            peft_model.set_adapter(name)
+            model = peft_model
+        entry = {"kind": kind, "iteration": iteration, "path": str(adapter or (sft_path if kind == "sft" else "base"))}
+        modes = [("sampled", True)] + ([("greedy", False)] if args.greedy and kind != "ppo_checkpoint" else [])
+        for mode, do_sample in modes:
+            texts, lengths, eos, batches = generate(model, tok, prompts, args, do_sample, f"{name} ({mode})")
+            part = {
+                "responses": texts, "length": lengths, "eos": eos,
+                "reward": reward_scores(rm, rm_tok, prompts, texts, args.batch_size).tolist(),
+                "gold": [judge(p, r) for p, r in zip(prompts, texts)] if judge else None,
+            }
+            if do_sample:
+                own = sequence_logprobs(model, batches, args.temperature)
+                if kind == "sft":
+                    part["kl_to_sft"] = [0.0] * len(texts)
+                else:
+                    if peft_model is not None and model is peft_model:
+                        with peft_model.disable_adapter():
+                            ref = sequence_logprobs(peft_model, batches, args.temperature)
+                    else:
+                        ref = sequence_logprobs(sft, batches, args.temperature)
+                    part["kl_to_sft"] = [a - b for a, b in zip(own, ref)]
+            entry[mode] = part
+        entry.setdefault("greedy", None)
+        results["checkpoints"][name] = entry
+        msg = f"eval: {name:<22} reward {sum(entry['sampled']['reward']) / len(prompts):+.3f}"
+        if judge:
+            msg += f"  gold {sum(entry['sampled']['gold']) / len(prompts):.3f}"
+        print(msg + f"  kl {sum(entry['sampled']['kl_to_sft']) / len(prompts):.2f}", flush=True)
+        if kind == "base":
+            del model
+
+    report = aggregate(results)
+    with art.stage_output(args.artifact_dir, STAGE, config, inputs) as out:
+        (out.path / "results.json").write_text(json.dumps(results))
+        write_reports(report, results, out.path)
+        out.write_manifest({k: report[k] for k in ("checkpoints", "pairwise")}, tok)
+    final = art.stage_dir(args.artifact_dir, STAGE)
+    print(summary_table(report))
+    print(f"eval: report at {final / 'report.html'} (also report.md, report.json)")
+    return report
+
+
+def make_parser():
+    from trl import TrlParser
+
+    return TrlParser((EvalArguments,), prog="rlhf eval")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    return run_cli(make_parser, main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
