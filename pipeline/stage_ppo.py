@@ -242,6 +242,7 @@ def main(stage_args: StageArguments, args: PPOArguments) -> dict | None:
         start_iter, cursor, history = state["iteration"], state["cursor"], state["history"]
         kl_ctl.load_state_dict(state["kl_controller"])
         moments.load_state_dict(state["score_moments"])
+        loop.nonfinite_in_a_row, loop.nonfinite_total = state.get("nonfinite_steps", [0, 0])
         accelerator.print(f"ppo: resumed from {path} at iteration {start_iter}")
     elif is_main:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -261,7 +262,8 @@ def main(stage_args: StageArguments, args: PPOArguments) -> dict | None:
 
     def save_checkpoint(iteration: int):
         state = {"iteration": iteration, "cursor": cursor, "history": history, "fingerprint": fingerprint,
-                 "kl_controller": kl_ctl.state_dict(), "score_moments": moments.state_dict()}
+                 "kl_controller": kl_ctl.state_dict(), "score_moments": moments.state_dict(),
+                 "nonfinite_steps": [loop.nonfinite_in_a_row, loop.nonfinite_total]}
         unwrapped = accelerator.unwrap_model(model)
         return ckpt.save(ckpt_root, iteration, accelerator, unwrapped, optimizer, scheduler, state, unwrapped.policy)
 

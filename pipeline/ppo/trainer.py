@@ -260,9 +260,10 @@ class PPOLoop:
 
     def _finite(self, loss: Tensor, grad_norm) -> bool:
         """Count and skip a non-finite step; stop the run after too many in a row."""
-        flag = torch.tensor(float(torch.isfinite(loss.detach()).all() and math.isfinite(float(grad_norm))),
-                            device=self.accelerator.device)
-        ok = bool(self.accelerator.reduce(flag, "min").item())  # every rank skips the same step
+        bad = torch.tensor(float(not (torch.isfinite(loss.detach()).all() and math.isfinite(float(grad_norm)))),
+                           device=self.accelerator.device)
+        # Every rank skips the same step. accelerate's reduce knows only mean/sum/max ("min" silently sums).
+        ok = self.accelerator.reduce(bad, "max").item() == 0
         if ok:
             self.nonfinite_in_a_row = 0
             return True
