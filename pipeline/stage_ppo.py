@@ -242,7 +242,7 @@ def main(stage_args: StageArguments, args: PPOArguments) -> dict | None:
         start_iter, cursor, history = state["iteration"], state["cursor"], state["history"]
         kl_ctl.load_state_dict(state["kl_controller"])
         moments.load_state_dict(state["score_moments"])
-        loop.nonfinite_in_a_row, loop.nonfinite_total = state.get("nonfinite_steps", [0, 0])
+        loop.nonfinite_in_a_row, loop.nonfinite_total = state["nonfinite_steps"]
         accelerator.print(f"ppo: resumed from {path} at iteration {start_iter}")
     elif is_main:
         shutil.rmtree(run_dir, ignore_errors=True)
