@@ -1,6 +1,6 @@
 """``rlhf demo``: SFT -> RM -> PPO -> evaluation on the embedded default, offline, on CPU.
 
-Each stage runs with its recipe under ``configs/`` and is skipped when its manifest shows it
+Each stage runs in its own process with its recipe under ``configs/`` and is skipped when its manifest shows it
 complete for the same inputs and config (``--force`` reruns every stage). Flags after the
 command apply to every stage that knows them, e.g. ``rlhf demo --artifact_dir runs/a``.
 """
@@ -22,7 +22,7 @@ STEPS = [  # (title, module, recipe)
 
 
 def cli(argv: list[str] | None = None) -> int:
-    import importlib
+    import subprocess
 
     parser = argparse.ArgumentParser(prog="rlhf demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact_dir", default="artifacts")
@@ -39,7 +39,8 @@ def cli(argv: list[str] | None = None) -> int:
         if args.force:
             stage_argv.append("--force")
         t = time.perf_counter()
-        rc = importlib.import_module(module).cli(stage_argv)
+        # A fresh process per stage: each sets up its own Accelerate state (precision, processes).
+        rc = subprocess.run([sys.executable, "-m", module, *stage_argv], check=False).returncode
         timings.append((title, time.perf_counter() - t))
         if rc != 0:
             print(f"demo: the {title} stage failed (exit {rc}); fix the error above and re-run `make demo` "

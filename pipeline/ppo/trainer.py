@@ -126,8 +126,13 @@ class PPOLoop:
         return self.accelerator.unwrap_model(self.model)
 
     # ------------------------------------------------------------------ rollout
-    @torch.no_grad()
     def rollout(self, prompts: list[list[dict]]) -> Rollout:
+        # Every rollout forward (generation, policy, reference, value, reward) runs under the same
+        # autocast as the update's forward, so policy and reference differ only by the adapter.
+        with torch.no_grad(), self.accelerator.autocast():
+            return self._rollout(prompts)
+
+    def _rollout(self, prompts: list[list[dict]]) -> Rollout:
         args, tok, device = self.args, self.tokenizer, self.accelerator.device
         net = self.unwrapped
         net.eval()
