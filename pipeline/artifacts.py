@@ -161,6 +161,14 @@ def is_complete_for(artifact_dir: str | os.PathLike, stage: str, fingerprint: st
     return bool(manifest) and manifest.get("fingerprint") == fingerprint
 
 
+def skip_if_complete(artifact_dir, stage: str, fingerprint: str, force: bool, say=print) -> bool:
+    """True (and says so) when the stage is already complete for this fingerprint and not forced."""
+    if force or not is_complete_for(artifact_dir, stage, fingerprint):
+        return False
+    say(f"{stage}: {stage_dir(artifact_dir, stage)} is complete for these inputs and config; skipping (--force reruns)")
+    return True
+
+
 class StageWriter:
     """Write one stage's artifact atomically. Use through :func:`stage_output`."""
 

@@ -125,3 +125,20 @@ def check_finite_training(trainer, stage: str) -> None:
             f"{stage}: the {what} became NaN/inf; lower --learning_rate, check the data and the start model; "
             "nothing was written"
         )
+
+
+def publish_lora(trainer, out_path, base_path: str, model_cls, tokenizer, **load_kwargs) -> None:
+    """Save a LoRA trainer's adapter (``adapter/``) and the merged model (``model/``) into a staging dir.
+
+    ``save_model`` gathers the adapter across processes; only the main process merges and
+    cleans up (the trainer's pickled ``training_args.bin`` goes: the config is in the manifest).
+    """
+    import shutil
+    from pathlib import Path
+
+    out_path = Path(out_path)
+    trainer.save_model(str(out_path / "adapter"))
+    if trainer.accelerator.is_main_process:
+        (out_path / "adapter" / "training_args.bin").unlink(missing_ok=True)
+        merge_adapter_to_disk(base_path, str(out_path / "adapter"), out_path / "model", model_cls, tokenizer, **load_kwargs)
+        shutil.rmtree(out_path / "trainer", ignore_errors=True)

@@ -122,8 +122,7 @@ def main(args: EvalArguments) -> dict | None:
     inputs["dataset"] = art.input_record(args.dataset_name or art.REPO_ROOT / "data/embedded/eval_prompts.jsonl")
     config = {k: v for k, v in vars(args).items() if k != "force"}
     fingerprint = art.config_fingerprint(config, inputs)
-    if not args.force and art.is_complete_for(args.artifact_dir, STAGE, fingerprint):
-        print(f"eval: {art.stage_dir(args.artifact_dir, STAGE)} is complete for these inputs; skipping (--force reruns)")
+    if art.skip_if_complete(args.artifact_dir, STAGE, fingerprint, args.force):
         return None
 
     torch.manual_seed(args.seed)

@@ -214,8 +214,8 @@ def main(stage_args: StageArguments, args: PPOArguments) -> dict | None:
     for k in ("resume_from_checkpoint", "stop_after_iterations", "report_to", "sample_every", "save_every"):
         config["ppo"].pop(k, None)
     fingerprint = art.config_fingerprint(config, inputs)
-    if not stage_args.force and args.resume_from_checkpoint is None and art.is_complete_for(stage_args.artifact_dir, STAGE, fingerprint):
-        accelerator.print(f"ppo: {art.stage_dir(stage_args.artifact_dir, STAGE)} is complete for these inputs; skipping (--force reruns)")
+    if args.resume_from_checkpoint is None and art.skip_if_complete(
+            stage_args.artifact_dir, STAGE, fingerprint, stage_args.force, accelerator.print):
         return None
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5)

@@ -46,14 +46,12 @@ def pairwise_accuracy(model, tokenizer, pairs, batch_size: int = 16) -> dict:
 
 
 def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
-    import shutil
-
     import torch
     from transformers import AutoModelForSequenceClassification
 
     from pipeline import artifacts as art
     from pipeline.data import load_for
-    from pipeline.modeling import check_finite_training, load_tokenizer, lora_config, merge_adapter_to_disk
+    from pipeline.modeling import check_finite_training, load_tokenizer, lora_config, publish_lora
 
     if not model_args.use_peft:
         raise art.PipelineError("the reward stage trains a LoRA adapter with a full score head; drop --use_peft false")
@@ -73,8 +71,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     inputs = {"start_model": start_record, "dataset": data_files}
     config = resolved_config(stage=stage_args, training=training_args, model=model_args)
     fingerprint = art.config_fingerprint(config, inputs)
-    if not stage_args.force and art.is_complete_for(stage_args.artifact_dir, STAGE, fingerprint):
-        print(f"rm: {art.stage_dir(stage_args.artifact_dir, STAGE)} is complete for these inputs; skipping (--force reruns)")
+    if art.skip_if_complete(stage_args.artifact_dir, STAGE, fingerprint, stage_args.force):
         return None
 
     tokenizer = load_tokenizer(start)
@@ -94,12 +91,8 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
         )
         result = trainer.train()
         check_finite_training(trainer, "reward model")
-        trainer.save_model(str(out.path / "adapter"))
+        publish_lora(trainer, out.path, start, AutoModelForSequenceClassification, tokenizer, num_labels=1)
         if trainer.accelerator.is_main_process:
-            (out.path / "adapter" / "training_args.bin").unlink(missing_ok=True)  # pickle; config is in the manifest
-            merge_adapter_to_disk(start, str(out.path / "adapter"), out.path / "model",
-                                  AutoModelForSequenceClassification, tokenizer, num_labels=1)
-            shutil.rmtree(out.path / "trainer", ignore_errors=True)
             # Score the held-out pairs with the merged model exactly as later stages will load it.
             scorer = AutoModelForSequenceClassification.from_pretrained(out.path / "model").eval()
             held_out = pairwise_accuracy(scorer, tokenizer, list(test), training_args.per_device_eval_batch_size)

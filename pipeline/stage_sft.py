@@ -39,15 +39,13 @@ DEFAULTS = dict(
 
 
 def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
-    import shutil
-
     import torch
     from transformers import AutoModelForCausalLM
 
     from pipeline import artifacts as art
     from pipeline.data import load_for
     from pipeline.embedded import is_embedded, resolve_model_path
-    from pipeline.modeling import check_finite_training, ensure_distinct_pad_token, load_tokenizer, lora_config, merge_adapter_to_disk
+    from pipeline.modeling import check_finite_training, ensure_distinct_pad_token, load_tokenizer, lora_config, publish_lora
 
     if not model_args.use_peft:
         raise art.PipelineError("the SFT stage trains a LoRA adapter; drop --use_peft false")
@@ -59,8 +57,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     inputs = {"base_model": {**art.input_record(model_path), "name": base_id}, "dataset": data_id}
     config = resolved_config(stage=stage_args, training=training_args, model=model_args)
     fingerprint = art.config_fingerprint(config, inputs)
-    if not stage_args.force and art.is_complete_for(stage_args.artifact_dir, STAGE, fingerprint):
-        print(f"sft: {art.stage_dir(stage_args.artifact_dir, STAGE)} is complete for these inputs; skipping (--force reruns)")
+    if art.skip_if_complete(stage_args.artifact_dir, STAGE, fingerprint, stage_args.force):
         return None
 
     tokenizer = load_tokenizer(model_path)
@@ -78,16 +75,13 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
         )
         result = trainer.train()
         check_finite_training(trainer, "SFT")
-        trainer.save_model(str(out.path / "adapter"))  # adapter only (PEFT), gathered across processes
+        publish_lora(trainer, out.path, model_path, AutoModelForCausalLM, tokenizer)
         metrics = {
             "train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),
             "train_steps": result.global_step, "train_rows": len(train),
             "log_history": trainer.state.log_history,
         }
         if trainer.accelerator.is_main_process:
-            (out.path / "adapter" / "training_args.bin").unlink(missing_ok=True)  # pickle; config is in the manifest
-            merge_adapter_to_disk(model_path, str(out.path / "adapter"), out.path / "model", AutoModelForCausalLM, tokenizer)
-            shutil.rmtree(out.path / "trainer", ignore_errors=True)
             out.write_manifest(metrics, tokenizer)
         trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
