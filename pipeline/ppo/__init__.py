@@ -1,5 +1,6 @@
 """PPO algorithm math (pure torch functions): GAE, losses, KL control, masked statistics."""
 
+from . import core
 from .core import (
     AdaptiveKLController,
     FixedKLController,
@@ -20,22 +21,4 @@ from .core import (
 )
 from .gae import compute_gae
 
-__all__ = [
-    "AdaptiveKLController",
-    "FixedKLController",
-    "PolicyLossOutput",
-    "RunningMoments",
-    "ValueLossOutput",
-    "compute_gae",
-    "entropy_from_logits",
-    "exact_div",
-    "kl_estimate",
-    "logprobs_from_logits",
-    "masked_mean",
-    "masked_var",
-    "masked_whiten",
-    "policy_loss",
-    "process_scores",
-    "token_rewards",
-    "value_loss",
-]
+__all__ = [*core.__all__, "compute_gae"]
