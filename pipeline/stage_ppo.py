@@ -101,7 +101,7 @@ def derive_sizes(args: PPOArguments, world_size: int) -> None:
 
 
 def build(args: PPOArguments, stage: StageArguments, accelerator):
-    """Load models and tokenizers; returns (model, policy tokenizer, reward_fn, inputs record)."""
+    """Load models and tokenizers; returns (model, policy tokenizer, reward_fn, inputs record, model paths)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -157,26 +157,41 @@ def build(args: PPOArguments, stage: StageArguments, accelerator):
     def reward_fn(prompts, responses):
         if reward_model is not None:
             return reward_scores(reward_model, reward_tok, prompts, responses, args.local_rollout_forward_batch_size)
-        unwrapped = accelerator.unwrap_model(model_holder[0])
-        with unwrapped.value.disable_adapter():
-            return reward_scores(unwrapped.value, reward_tok, prompts, responses, args.local_rollout_forward_batch_size)
+        # `model` is the module every Accelerate wrapper (DDP, DeepSpeed, FSDP) holds inside.
+        with model.value.disable_adapter():
+            return reward_scores(model.value, reward_tok, prompts, responses, args.local_rollout_forward_batch_size)
 
-    model_holder = [model]
     inputs = {
         "policy": art.input_record(art.stage_dir(stage.artifact_dir, "sft") if args.policy_model_path is None else policy_path),
         "reward": art.input_record(art.stage_dir(stage.artifact_dir, "reward") if args.reward_model_path is None else reward_path),
         "value_init": value_path,
     }
-    return model, model_holder, tok, reward_fn, inputs, {"policy_path": policy_path, "value_path": value_path,
+    return model, tok, reward_fn, inputs, {"policy_path": policy_path, "value_path": value_path,
                                                           "reward_path": reward_path, "same_tokenizer": same_tok}
 
 
 def main(stage_args: StageArguments, args: PPOArguments) -> dict | None:
-    import json
-    import shutil
-
     import torch
     from accelerate import Accelerator
+
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+    )
+    try:
+        return train(stage_args, args, accelerator)
+    finally:
+        # On every exit (done, stopped early, skipped, failed): close trackers and the process
+        # group, so no rank tears gloo/NCCL down under another (that aborts the process).
+        accelerator.end_training()
+
+
+def train(stage_args: StageArguments, args: PPOArguments, accelerator) -> dict | None:
+    import json
+    import shutil
+    import time
+
+    import torch
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -188,10 +203,6 @@ def main(stage_args: StageArguments, args: PPOArguments) -> dict | None:
     from pipeline.ppo.trainer import PPOLoop
     from pipeline.ppo_report import print_samples
 
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-    )
     derive_sizes(args, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps
     is_main = accelerator.is_main_process
@@ -199,7 +210,7 @@ def main(stage_args: StageArguments, args: PPOArguments) -> dict | None:
 
     prompts_ds = load_for("prompt", stage_args.dataset_name, stage_args.dataset_train_split,
                           stage_args.dataset_config, stage_args.max_train_samples)
-    model, holder, tok, reward_fn, inputs, paths = build(args, stage_args, accelerator)
+    model, tok, reward_fn, inputs, paths = build(args, stage_args, accelerator)
     inputs["dataset"] = art.input_record(stage_args.dataset_name or art.REPO_ROOT / "data/embedded/ppo_prompts.jsonl")
     lengths = [len(tok.apply_chat_template(r["prompt"], add_generation_prompt=True)) for r in prompts_ds]
     keep = [i for i, n in enumerate(lengths) if n <= args.max_prompt_length]
@@ -221,7 +232,6 @@ def main(stage_args: StageArguments, args: PPOArguments) -> dict | None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=args.num_iterations)
     model, optimizer = accelerator.prepare(model, optimizer)
-    holder[0] = model
     kl_ctl = (AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl
               else FixedKLController(args.kl_coef))
     moments = RunningMoments()
@@ -269,8 +279,6 @@ def main(stage_args: StageArguments, args: PPOArguments) -> dict | None:
 
     stop_at = args.num_iterations if args.stop_after_iterations is None else min(args.num_iterations, start_iter + args.stop_after_iterations)
     bar = tqdm(range(start_iter, stop_at), initial=start_iter, total=args.num_iterations, desc="ppo", disable=not is_main)
-    import time
-
     for iteration in bar:
         t0 = time.perf_counter()
         batch = next_batch(cursor)
@@ -302,7 +310,6 @@ def main(stage_args: StageArguments, args: PPOArguments) -> dict | None:
     if stop_at < args.num_iterations:
         accelerator.print(f"ppo: stopped after iteration {stop_at} of {args.num_iterations}; "
                           f"continue with --resume_from_checkpoint latest")
-        accelerator.end_training()
         return {"stopped_at": stop_at, "history": history}
 
     # Publish artifacts/ppo atomically: adapters, merged policy, value weights, checkpoints, metrics.
@@ -332,7 +339,6 @@ def main(stage_args: StageArguments, args: PPOArguments) -> dict | None:
         accelerator.print(f"ppo: wrote {art.stage_dir(stage_args.artifact_dir, STAGE)} "
                           f"(score {history[0]['objective/scores']:.3f} -> {history[-1]['objective/scores']:.3f}, "
                           f"kl {history[-1]['objective/kl']:.3f})")
-    accelerator.end_training()
     return {"history": history}
 
 

@@ -13,7 +13,6 @@ the EOS position does.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
@@ -290,8 +289,3 @@ class PPOLoop:
     def kl_update(self, stats: dict, n_episodes: int) -> None:
         self.kl_ctl.update(stats["objective/kl"], n_episodes)
 
-
-def timed(fn, *a, **kw):
-    t = time.perf_counter()
-    out = fn(*a, **kw)
-    return out, time.perf_counter() - t

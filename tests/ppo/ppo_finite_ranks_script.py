@@ -31,6 +31,7 @@ def main() -> None:
     result = {"rank": acc.process_index, "decisions": decisions, "in_a_row": loop.nonfinite_in_a_row,
               "total": loop.nonfinite_total}
     (Path(sys.argv[1]) / f"rank-{acc.process_index}.json").write_text(json.dumps(result))
+    acc.end_training()  # destroys the process group; exiting with it alive can abort a rank
 
 
 if __name__ == "__main__":

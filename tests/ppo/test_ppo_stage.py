@@ -65,7 +65,7 @@ def replace_reward(monkeypatch, reward_fn=None, wrap=None) -> None:
 
     def build(*a, **k):
         out = list(real_build(*a, **k))
-        out[3] = wrap(out[3]) if wrap is not None else reward_fn
+        out[2] = wrap(out[2]) if wrap is not None else reward_fn
         return tuple(out)
 
     monkeypatch.setattr(stage_ppo, "build", build)
@@ -88,11 +88,10 @@ def make_loop(art: Path, prompts: Path, reward_fn=None, **kw):
     derive_sizes(args, acc.num_processes)
     acc.gradient_accumulation_steps = args.gradient_accumulation_steps
     set_seed(args.seed)
-    model, holder, tok, rm_fn, _inputs, _paths = build(args, stage, acc)
+    model, tok, rm_fn, _inputs, _paths = build(args, stage, acc)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=args.num_iterations)
     model, optimizer = acc.prepare(model, optimizer)
-    holder[0] = model
     loop = PPOLoop(args, acc, model, optimizer, scheduler, tok, reward_fn or rm_fn,
                    FixedKLController(args.kl_coef), RunningMoments())
     batch = [r["prompt"] for r in prompt_rows(args.rollout_batch_size)]
