@@ -11,7 +11,7 @@ from typing import Callable
 VOLATILE_KEYS = {
     "output_dir", "logging_dir", "report_to", "run_name", "force", "disable_tqdm", "logging_steps",
     "push_to_hub", "hub_model_id", "hub_token", "local_rank", "dataloader_num_workers", "save_strategy",
-    "save_steps", "save_total_limit", "logging_first_step", "logging_strategy",
+    "save_steps", "save_total_limit", "logging_first_step", "logging_strategy", "use_cpu",
 }
 
 
@@ -35,6 +35,14 @@ class StageArguments:
     force: bool = field(
         default=False, metadata={"help": "Re-run even when the stage's manifest shows it complete for the same inputs."}
     )
+
+
+def cpu_only() -> bool:
+    """No GPU/MPS/XPU: tell TRL's config so (``use_cpu``), which lets ``--bf16 true`` autocast on the CPU."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available()))
 
 
 def resolved_config(**parts) -> dict:

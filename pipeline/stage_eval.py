@@ -40,7 +40,7 @@ class EvalArguments:
     response_length: int = field(default=64, metadata={"help": "Maximum new tokens."})
     batch_size: int = field(default=16, metadata={"help": "Generation and scoring batch size."})
     seed: int = field(default=1234, metadata={"help": "Sampling seed (the same for every checkpoint)."})
-    bf16: bool = field(default=False, metadata={"help": "Generate under bf16 autocast (faster on CPUs with AVX512-BF16 and on GPUs)."})
+    bf16: bool = field(default=False, metadata={"help": "Load every model in bfloat16 (2-2.5x faster generation and scoring on CPUs with AVX512-BF16, and on GPUs)."})
     force: bool = field(default=False, metadata={"help": "Re-run even when the eval manifest shows it complete for the same inputs."})
 
 
@@ -59,7 +59,7 @@ def generate(model, tok, prompts, args: EvalArguments, do_sample: bool, desc: st
         chunk = prompts[i : i + args.batch_size]
         rendered = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in chunk]
         enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left").to(device)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.no_grad():
             out = model.generate(
                 **enc, do_sample=do_sample, temperature=args.temperature if do_sample else None, top_k=0 if do_sample else None,
                 top_p=1.0 if do_sample else None, max_new_tokens=args.response_length,
@@ -130,8 +130,9 @@ def main(args: EvalArguments) -> dict | None:
     tok = load_tokenizer(sft_path, padding_side="left")
     rm_path = art.model_dir(args.artifact_dir, "reward")
     rm_tok = AutoTokenizer.from_pretrained(rm_path)
-    rm = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1).eval()
-    sft = AutoModelForCausalLM.from_pretrained(sft_path).eval()
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1, dtype=dtype).eval()
+    sft = AutoModelForCausalLM.from_pretrained(sft_path, dtype=dtype).eval()
 
     # Which policies: (name, kind, iteration, adapter path or None, is the base model)
     plan = []
@@ -149,24 +150,27 @@ def main(args: EvalArguments) -> dict | None:
                 plan.append((f"ppo-{c.name}", "ppo_checkpoint", it, c / "policy_adapter"))
         plan.append(("ppo", "ppo", final_iter, ppo_dir / "policy_adapter"))
 
-    peft_model = None
+    def merged_policy(adapter: Path):
+        """SFT + PPO adapter merged in float32, copied into a fresh SFT model of the eval dtype: as fast
+        to sample from as the SFT model (a merged PeftModel, even cast, sampled ~1.7x slower here)."""
+        full = AutoModelForCausalLM.from_pretrained(sft_path, dtype=torch.float32)
+        weights = PeftModel.from_pretrained(full, str(adapter)).merge_and_unload().state_dict()
+        model = AutoModelForCausalLM.from_pretrained(sft_path, dtype=dtype).eval()
+        model.load_state_dict(weights)
+        return model
+
     results = {"config": config, "prompts": [prompt_text(p) for p in prompts], "has_gold": has_gold, "checkpoints": {}}
     for name, kind, iteration, adapter in plan:
         if kind == "base":
             base_rec = sft_manifest["inputs"]["base_model"]
             base_path = resolve_model_path(None if base_rec.get("name") == "embedded" else base_rec.get("name", base_rec["path"]))
-            model = AutoModelForCausalLM.from_pretrained(base_path).eval()
+            model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).eval()
             if len(tok) > model.get_input_embeddings().weight.shape[0]:
                 model.resize_token_embeddings(len(tok))
         elif kind == "sft":
             model = sft
         else:
-            if peft_model is None:
-                peft_model = PeftModel.from_pretrained(sft, str(adapter), adapter_name=name).eval()
-            else:
-                peft_model.load_adapter(str(adapter), adapter_name=name)
-            peft_model.set_adapter(name)
-            model = peft_model
+            model = merged_policy(adapter)
         entry = {"kind": kind, "iteration": iteration, "path": str(adapter or (sft_path if kind == "sft" else "base"))}
         modes = [("sampled", True)] + ([("greedy", False)] if args.greedy and kind != "ppo_checkpoint" else [])
         for mode, do_sample in modes:
@@ -181,11 +185,7 @@ def main(args: EvalArguments) -> dict | None:
                 if kind == "sft":
                     part["kl_to_sft"] = [0.0] * len(texts)
                 else:
-                    if peft_model is not None and model is peft_model:
-                        with peft_model.disable_adapter():
-                            ref = sequence_logprobs(peft_model, batches, args.temperature)
-                    else:
-                        ref = sequence_logprobs(sft, batches, args.temperature)
+                    ref = sequence_logprobs(sft, batches, args.temperature)
                     part["kl_to_sft"] = [a - b for a, b in zip(own, ref)]
             entry[mode] = part
         entry.setdefault("greedy", None)
@@ -194,7 +194,7 @@ def main(args: EvalArguments) -> dict | None:
         if judge:
             msg += f"  gold {sum(entry['sampled']['gold']) / len(prompts):.3f}"
         print(msg + f"  kl {sum(entry['sampled']['kl_to_sft']) / len(prompts):.2f}", flush=True)
-        if kind == "base":
+        if model is not sft:
             del model
 
     report = aggregate(results)

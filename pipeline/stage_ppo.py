@@ -78,7 +78,11 @@ class PPOArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "PATH or 'latest' (under <artifact_dir>/ppo-run/checkpoints)."})
     stop_after_iterations: int | None = field(default=None, metadata={"help": "Stop this invocation after N iterations, leaving a checkpoint to resume (time-boxed runs)."})
     report_to: str = field(default="none", metadata={"help": "Trackers for accelerate: none, all, tensorboard, wandb, ..."})
-    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (accelerate)."})
+    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (accelerate autocast)."})
+    dtype: str = field(default="float32", metadata={
+        "help": "Weights of the frozen base models: float32, bfloat16 or float16 (trainable LoRA and head weights stay "
+                "float32). Half precision needs --mixed_precision bf16 or fp16.",
+        "choices": ["float32", "bfloat16", "float16"]})
     gold_judge: bool = field(default=True, metadata={"help": "Also log the programmatic gold judge's score of rollouts (embedded task; not used as reward)."})
 
 
@@ -132,10 +136,11 @@ def build(args: PPOArguments, stage: StageArguments, accelerator):
                           target_modules=args.lora_target_modules or "all-linear",
                           modules_to_save=["score"] if task == "SEQ_CLS" else None)
 
-    policy_base = AutoModelForCausalLM.from_pretrained(policy_path)
+    dtype = getattr(torch, args.dtype)
+    policy_base = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)
     policy_base.config.pad_token_id = tok.pad_token_id
     policy = get_peft_model(policy_base, lora("CAUSAL_LM"))
-    value_base = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1)
+    value_base = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=dtype)
     value_base.config.pad_token_id = tok.pad_token_id
     if args.value_full_finetune:
         value = value_base
@@ -145,13 +150,16 @@ def build(args: PPOArguments, stage: StageArguments, accelerator):
     if shares_reward:
         reward_model = None  # reward = value module with its adapter disabled
     else:
-        reward_model = AutoModelForSequenceClassification.from_pretrained(reward_path, num_labels=1).eval()
+        reward_model = AutoModelForSequenceClassification.from_pretrained(reward_path, num_labels=1, dtype=dtype).eval()
         reward_model.requires_grad_(False)
         reward_model.to(accelerator.device)
     for m in (policy, value):
         for mod in m.modules():  # [N+]: no dropout in RLHF
             if isinstance(mod, torch.nn.Dropout):
                 mod.p = 0.0
+        for p in m.parameters():  # half-precision bases: the optimizer updates float32 weights
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
     model = PolicyAndValue(policy, value)
 
     def reward_fn(prompts, responses):
@@ -174,6 +182,10 @@ def main(stage_args: StageArguments, args: PPOArguments) -> dict | None:
     import torch
     from accelerate import Accelerator
 
+    from pipeline.artifacts import PipelineError
+
+    if args.dtype != "float32" and args.mixed_precision == "no":
+        raise PipelineError(f"--dtype {args.dtype} needs autocast: add --mixed_precision {'bf16' if args.dtype == 'bfloat16' else 'fp16'}")
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,

@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python pipeline/stage_rm.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import StageArguments, resolved_config, run_cli
+from pipeline.config import StageArguments, cpu_only, resolved_config, run_cli
 
 STAGE = "reward"
 
@@ -112,7 +112,7 @@ def make_parser():
     from trl import ModelConfig, RewardConfig, TrlParser
 
     parser = TrlParser((StageArguments, RewardConfig, ModelConfig), prog="rlhf rm")
-    parser.set_defaults(**DEFAULTS)
+    parser.set_defaults(**DEFAULTS, use_cpu=cpu_only())
     return parser
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python pipeline/stage_sft.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import StageArguments, resolved_config, run_cli
+from pipeline.config import StageArguments, cpu_only, resolved_config, run_cli
 
 STAGE = "sft"
 
@@ -94,7 +94,7 @@ def make_parser():
     from trl import ModelConfig, SFTConfig, TrlParser
 
     parser = TrlParser((StageArguments, SFTConfig, ModelConfig), prog="rlhf sft")
-    parser.set_defaults(**DEFAULTS)
+    parser.set_defaults(**DEFAULTS, use_cpu=cpu_only())
     return parser
 
 

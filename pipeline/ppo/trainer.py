@@ -99,8 +99,13 @@ class Rollout:
 
 
 def response_logits(logits: Tensor, context_length: int, temperature: float) -> Tensor:
-    """Logits that predicted the response tokens, scaled by the sampling temperature ([N+] detail)."""
-    return logits[:, context_length - 1 : -1] / temperature
+    """Logits that predicted the response tokens, scaled by the sampling temperature ([N+] detail).
+
+    Upcast to float32 first: Accelerate's mixed-precision wrapper hands the policy's logits back in
+    float32 while the reference's (adapter off, called directly) stay bf16, and dividing bf16 by the
+    temperature rounds, so policy and reference would differ by ~1e-3 nats per token at the start.
+    """
+    return logits[:, context_length - 1 : -1].float() / temperature
 
 
 class PPOLoop:

@@ -84,7 +84,7 @@ def make_loop(art: Path, prompts: Path, reward_fn=None, **kw):
 
     stage = StageArguments(artifact_dir=str(art), dataset_name=str(prompts))
     args = PPOArguments(**{**BASE, **kw})
-    acc = Accelerator(cpu=True)
+    acc = Accelerator(cpu=True, mixed_precision=args.mixed_precision)
     derive_sizes(args, acc.num_processes)
     acc.gradient_accumulation_steps = args.gradient_accumulation_steps
     set_seed(args.seed)
@@ -111,6 +111,43 @@ def error_lines(err: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- 1. first step
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state; a test that changes mixed precision resets it after."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_bf16_bases_train_fp32_adapters(tiny_artifacts, prompts_file, fresh_accelerate_state):
+    """``--dtype bfloat16``: frozen bases in bf16, every trained weight in fp32 (the optimizer's
+    master copy), forwards under autocast; policy and reference still agree exactly at the start."""
+    loop, _, batch = make_loop(tiny_artifacts, prompts_file, dtype="bfloat16", mixed_precision="bf16",
+                               rollout_batch_size=8, local_rollout_forward_batch_size=8, learning_rate=1e-2)
+    net = loop.unwrapped
+    trained = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    frozen = [p for p in net.parameters() if not p.requires_grad]
+    assert trained and frozen
+    assert {p.dtype for p in trained.values()} == {torch.float32}
+    assert {p.dtype for p in frozen} == {torch.bfloat16}
+    assert any(".score." in n for n in trained)  # the value head is trained, in fp32 too
+    ro = loop.rollout(batch)
+    assert ro.stats["objective/kl"] == 0.0
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    upd = loop.update(ro)
+    assert math.isfinite(upd["loss/policy_avg"]) and math.isfinite(upd["loss/value_avg"])
+    moved = [n for n, p in trained.items() if not torch.equal(before[n], p.detach())]
+    assert any("lora_B" in n and "policy" in n for n in moved) and any(".score." in n for n in moved)
+
+
+def test_half_precision_bases_need_autocast(tiny_artifacts, prompts_file, capsys):
+    assert run_ppo(tiny_artifacts, prompts_file, dtype="bfloat16") == 2
+    err = capsys.readouterr().err
+    assert error_lines(err) == ["error: --dtype bfloat16 needs autocast: add --mixed_precision bf16"]
+    assert not (tiny_artifacts / "ppo").exists()
 
 
 def test_first_minibatch_ratio_one_and_zero_kl(tiny_artifacts, prompts_file):
