@@ -3,9 +3,10 @@
     make bench                      # or: .venv/bin/python benchmarks/bench_stages.py --repeats 3
 
 Prints one line per measurement (median of --repeats) and writes benchmarks/results.json:
-generation tokens/s (batch 16, sampled) in fp32 and under bf16 autocast; LoRA forward+backward
-seconds per SFT-sized batch in fp32 and bf16 autocast; and, when an artifact directory with
-sft/ and reward/ exists, seconds per PPO iteration with the demo recipe.
+generation tokens/s (sampled) in fp32 and under bf16 autocast at batch 16, and with bf16 weights
+at batch 16 and 64 (the evaluation's setting); LoRA forward+backward seconds per SFT-sized batch
+in fp32 and bf16 autocast; and, when an artifact directory with sft/ and reward/ exists, seconds
+per PPO iteration (and episodes/s) with the demo recipe.
 """
 
 from __future__ import annotations
@@ -47,21 +48,24 @@ def main() -> int:
 
     path = ensure_embedded_model()
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    prompts = [[{"role": "user", "content": f"Explain topic number {i} in two sentences."}] for i in range(16)]
-    enc = tok([tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts],
-              return_tensors="pt", padding=True, add_special_tokens=False)
+    prompts = [[{"role": "user", "content": f"Explain topic number {i} in two sentences."}] for i in range(64)]
     new = 48
+    models = {"fp32": AutoModelForCausalLM.from_pretrained(path).eval(),
+              "bf16": AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()}
+    for name, weights, autocast, batch in (("fp32", "fp32", False, 16), ("bf16_autocast", "fp32", True, 16),
+                                           ("bf16_weights", "bf16", False, 16), ("bf16_weights", "bf16", False, 64)):
+        enc = tok([tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts[:batch]],
+                  return_tensors="pt", padding=True, add_special_tokens=False)
 
-    for name, bf16 in (("fp32", False), ("bf16_autocast", True)):
         def gen():
             torch.manual_seed(0)
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                model.generate(**enc, do_sample=True, max_new_tokens=new, min_new_tokens=new, top_k=0,
-                               pad_token_id=tok.pad_token_id)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                models[weights].generate(**enc, do_sample=True, max_new_tokens=new, min_new_tokens=new, top_k=0,
+                                         pad_token_id=tok.pad_token_id)
         secs = timeit(gen, args.repeats)
-        out[f"generate_b16_tokens_per_s_{name}"] = 16 * new / secs
-        print(f"generation, batch 16 x {new} tokens, {name}: {16 * new / secs:.0f} tokens/s ({secs:.2f} s)", flush=True)
+        out[f"generate_b{batch}_tokens_per_s_{name}"] = batch * new / secs
+        print(f"generation, batch {batch} x {new} tokens, {name}: {batch * new / secs:.0f} tokens/s ({secs:.2f} s)", flush=True)
+    del models
 
     lm = get_peft_model(AutoModelForCausalLM.from_pretrained(path),
                         LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -87,8 +91,11 @@ def main() -> int:
             if rc == 0:
                 rows = [json.loads(l) for l in (Path(tmp) / "ppo" / "metrics.jsonl").read_text().splitlines()]
                 secs = statistics.median(r["time/iteration_s"] for r in rows)
+                episodes = rows[0]["episode"]  # after the first iteration = episodes per iteration
                 out["ppo_seconds_per_iteration_demo_recipe"] = secs
-                print(f"PPO demo recipe: {secs:.1f} s/iteration (median of {len(rows)})", flush=True)
+                out["ppo_episodes_per_s_demo_recipe"] = episodes / secs
+                print(f"PPO demo recipe: {secs:.1f} s/iteration, {episodes / secs:.2f} episodes/s "
+                      f"(median of {len(rows)})", flush=True)
     else:
         print(f"(no {art}/sft and {art}/reward: PPO timing skipped; run `make demo` first)")
     Path("benchmarks/results.json").write_text(json.dumps(out, indent=2) + "\n")

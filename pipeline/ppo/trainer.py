@@ -64,10 +64,12 @@ class PolicyAndValue(nn.Module):
     def value_backbone(self) -> nn.Module:
         return self.value.get_base_model() if hasattr(self.value, "get_base_model") else self.value
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0) -> tuple[Tensor, Tensor]:
+        """``logits_to_keep=n``: policy logits of the last ``n`` positions only (0 = all), which skips
+        the vocabulary projection of the prompt: half the logits memory and traffic here."""
         logits = self.policy(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
-            use_cache=False,
+            use_cache=False, logits_to_keep=logits_to_keep,
         ).logits
         return logits, token_values(self.value_backbone(), input_ids, attention_mask)
 
@@ -98,14 +100,16 @@ class Rollout:
     texts: list[tuple[str, str, float]]  # (prompt, response, score) for sample tables
 
 
-def response_logits(logits: Tensor, context_length: int, temperature: float) -> Tensor:
-    """Logits that predicted the response tokens, scaled by the sampling temperature ([N+] detail).
+def response_logits(logits: Tensor, response_length: int, temperature: float) -> Tensor:
+    """Logits that predicted the ``response_length`` response tokens (the sequence's last ones),
+    scaled by the sampling temperature ([N+] detail). ``logits`` may cover every position or only
+    the last ``response_length + 1`` (``logits_to_keep``).
 
     Upcast to float32 first: Accelerate's mixed-precision wrapper hands the policy's logits back in
     float32 while the reference's (adapter off, called directly) stay bf16, and dividing bf16 by the
     temperature rounds, so policy and reference would differ by ~1e-3 nats per token at the start.
     """
-    return logits[:, context_length - 1 : -1].float() / temperature
+    return logits[:, -response_length - 1 : -1].float() / temperature
 
 
 class PPOLoop:
@@ -165,14 +169,15 @@ class PPOLoop:
         for i in range(0, len(prompts), args.local_rollout_forward_batch_size):
             sl = slice(i, i + args.local_rollout_forward_batch_size)
             qr, am = query_response[sl], attention_mask[sl]
-            logits, v = net(qr, am)
-            rl = response_logits(logits, P, args.temperature)
+            logits, v = net(qr, am, logits_to_keep=R + 1)
+            rl = response_logits(logits, R, args.temperature)
             logprobs.append(logprobs_from_logits(rl, responses[sl]))
             entropies.append(entropy_from_logits(rl))
             values.append(v[:, P - 1 : -1])
             with net.policy.disable_adapter():  # the reference policy is the SFT model itself
-                ref = net.policy(input_ids=qr, attention_mask=am, position_ids=position_ids_from(am), use_cache=False)
-            ref_logprobs.append(logprobs_from_logits(response_logits(ref.logits, P, args.temperature), responses[sl]))
+                ref = net.policy(input_ids=qr, attention_mask=am, position_ids=position_ids_from(am), use_cache=False,
+                                 logits_to_keep=R + 1)
+            ref_logprobs.append(logprobs_from_logits(response_logits(ref.logits, R, args.temperature), responses[sl]))
         logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
         values, entropy = torch.cat(values), torch.cat(entropies)
 
@@ -220,7 +225,7 @@ class PPOLoop:
         args, acc = self.args, self.accelerator
         self.model.train()
         B = ro.mask.shape[0]
-        P = ro.context_length
+        P, R = ro.context_length, ro.mask.shape[1]
         per_mb: list[dict] = []
         for _epoch in range(args.num_ppo_epochs):
             order = torch.randperm(B, device=ro.mask.device)
@@ -230,8 +235,8 @@ class PPOLoop:
                 for micro_start in range(0, args.local_mini_batch_size, args.per_device_train_batch_size):
                     inds = mb_inds[micro_start : micro_start + args.per_device_train_batch_size]
                     with acc.accumulate(self.model):
-                        logits, values = self.model(ro.query_response[inds], ro.attention_mask[inds])
-                        rl = response_logits(logits, P, args.temperature)
+                        logits, values = self.model(ro.query_response[inds], ro.attention_mask[inds], logits_to_keep=R + 1)
+                        rl = response_logits(logits, R, args.temperature)
                         responses = ro.query_response[inds, P:]
                         new_logprobs = logprobs_from_logits(rl, responses)
                         mask = ro.mask[inds]
