@@ -86,6 +86,22 @@ class PPOArguments:
     gold_judge: bool = field(default=True, metadata={"help": "Also log the programmatic gold judge's score of rollouts (embedded task; not used as reward)."})
 
 
+def check_precision(args: PPOArguments, has_cuda: bool) -> None:
+    """``--dtype`` and ``--mixed_precision`` must name a pair that can run here (one-line errors)."""
+    from pipeline.artifacts import PipelineError
+
+    pairs = {"float32": None, "bfloat16": "bf16", "float16": "fp16"}
+    if args.dtype not in pairs:
+        raise PipelineError(f"--dtype {args.dtype!r}: use one of {', '.join(pairs)}")
+    if args.mixed_precision not in ("no", "bf16", "fp16"):
+        raise PipelineError(f"--mixed_precision {args.mixed_precision!r}: use no, bf16 or fp16")
+    if args.mixed_precision == "fp16" and not has_cuda:
+        raise PipelineError("--mixed_precision fp16 needs a CUDA GPU; on a CPU use --mixed_precision bf16")
+    want = pairs[args.dtype]
+    if want is not None and args.mixed_precision != want:
+        raise PipelineError(f"--dtype {args.dtype} needs autocast in the same precision: add --mixed_precision {want}")
+
+
 def derive_sizes(args: PPOArguments, world_size: int) -> None:
     """Batch bookkeeping, once, after parsing; an inexact division is an error."""
     from pipeline.artifacts import PipelineError
@@ -182,10 +198,7 @@ def main(stage_args: StageArguments, args: PPOArguments) -> dict | None:
     import torch
     from accelerate import Accelerator
 
-    from pipeline.artifacts import PipelineError
-
-    if args.dtype != "float32" and args.mixed_precision == "no":
-        raise PipelineError(f"--dtype {args.dtype} needs autocast: add --mixed_precision {'bf16' if args.dtype == 'bfloat16' else 'fp16'}")
+    check_precision(args, torch.cuda.is_available())
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,

@@ -115,9 +115,10 @@ def error_lines(err: str) -> list[str]:
 
 @pytest.fixture
 def fresh_accelerate_state():
-    """Accelerate keeps one process-wide state; a test that changes mixed precision resets it after."""
+    """Accelerate keeps one process-wide state; a test that changes mixed precision starts and ends clean."""
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
 
@@ -143,11 +144,55 @@ def test_bf16_bases_train_fp32_adapters(tiny_artifacts, prompts_file, fresh_acce
     assert any("lora_B" in n and "policy" in n for n in moved) and any(".score." in n for n in moved)
 
 
-def test_half_precision_bases_need_autocast(tiny_artifacts, prompts_file, capsys):
-    assert run_ppo(tiny_artifacts, prompts_file, dtype="bfloat16") == 2
-    err = capsys.readouterr().err
-    assert error_lines(err) == ["error: --dtype bfloat16 needs autocast: add --mixed_precision bf16"]
+@pytest.mark.parametrize("settings, message", [
+    (dict(dtype="bfloat16"), "--dtype bfloat16 needs autocast in the same precision: add --mixed_precision bf16"),
+    (dict(dtype="bfloat16", mixed_precision="fp16"), "--mixed_precision fp16 needs a CUDA GPU; on a CPU use --mixed_precision bf16"),
+    (dict(dtype="bf16"), "--dtype 'bf16': use one of float32, bfloat16, float16"),
+])
+def test_precision_settings_are_checked(tiny_artifacts, prompts_file, capsys, settings, message):
+    from pipeline.config import StageArguments
+    from pipeline.stage_ppo import PPOArguments, main
+
+    from pipeline.artifacts import PipelineError
+
+    # Through main(), as a YAML recipe would set them (argparse `choices` never sees YAML values).
+    with pytest.raises(PipelineError) as e:
+        main(StageArguments(artifact_dir=str(tiny_artifacts), dataset_name=str(prompts_file)), PPOArguments(**{**BASE, **settings}))
+    assert str(e.value) == message
     assert not (tiny_artifacts / "ppo").exists()
+
+
+def test_precision_error_is_one_line(tiny_artifacts, prompts_file, capsys):
+    assert run_ppo(tiny_artifacts, prompts_file, dtype="float16") == 2
+    assert error_lines(capsys.readouterr().err) == [
+        "error: --dtype float16 needs autocast in the same precision: add --mixed_precision fp16"]
+
+
+def test_response_logits_with_logits_to_keep_match_full_logits(tiny_artifacts):
+    """Computing logits only for the response positions selects exactly what slicing the full
+    logits would, and position t predicts token t+1 (checked against generate's own scores)."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.ppo.trainer import position_ids_from, response_logits
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_artifacts / "sft" / "model").eval()
+    prompt = torch.tensor([[0, 0, 5, 9, 14], [3, 7, 5, 9, 14]])  # left-padded (pad id 0)
+    am = (prompt != 0).long()
+    R = 4
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt, attention_mask=am, max_new_tokens=R, min_new_tokens=R, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+        qr = out.sequences
+        full_am = torch.cat([am, torch.ones(2, R, dtype=torch.long)], 1)
+        kw = dict(input_ids=qr, attention_mask=full_am, position_ids=position_ids_from(full_am), use_cache=False)
+        full = response_logits(model(**kw).logits, R, 0.5)
+        kept = response_logits(model(**kw, logits_to_keep=R + 1).logits, R, 0.5)
+    assert full.shape == kept.shape == (2, R, model.config.vocab_size)
+    torch.testing.assert_close(kept, full)
+    scores = torch.stack(out.scores, 1)
+    shown = torch.isfinite(scores)  # min_new_tokens sets EOS to -inf in generate's scores
+    assert shown.float().mean() > 0.99
+    torch.testing.assert_close((full * 0.5)[shown], scores[shown], atol=1e-4, rtol=1e-4)
 
 
 def test_first_minibatch_ratio_one_and_zero_kl(tiny_artifacts, prompts_file):
