@@ -147,8 +147,9 @@ def main(args: EvalArguments) -> dict | None:
     rm_path = art.model_dir(args.artifact_dir, "reward")
     rm_tok = AutoTokenizer.from_pretrained(rm_path)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    rm = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1, dtype=dtype).eval()
-    sft = AutoModelForCausalLM.from_pretrained(sft_path, dtype=dtype).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # one device; models follow it
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1, dtype=dtype).eval().to(device)
+    sft = AutoModelForCausalLM.from_pretrained(sft_path, dtype=dtype).eval().to(device)
 
     # Which policies: (name, kind, iteration, adapter path or None, is the base model)
     plan = []
@@ -171,13 +172,13 @@ def main(args: EvalArguments) -> dict | None:
         if kind == "base":
             base_rec = sft_manifest["inputs"]["base_model"]
             base_path = resolve_model_path(None if base_rec.get("name") == "embedded" else base_rec.get("name", base_rec["path"]))
-            model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).eval()
+            model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).eval().to(device)
             if len(tok) > model.get_input_embeddings().weight.shape[0]:
                 model.resize_token_embeddings(len(tok))
         elif kind == "sft":
             model = sft
         else:
-            model = load_merged_policy(sft_path, adapter, dtype)
+            model = load_merged_policy(sft_path, adapter, dtype).to(device)
         entry = {"kind": kind, "iteration": iteration, "path": str(adapter or (sft_path if kind == "sft" else "base"))}
         modes = [("sampled", True)] + ([("greedy", False)] if args.greedy and kind != "ppo_checkpoint" else [])
         for mode, do_sample in modes:

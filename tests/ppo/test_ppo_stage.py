@@ -472,11 +472,12 @@ def launch_two_processes(script: str, *script_args: str) -> subprocess.Completed
 
 
 @pytest.mark.slow
-def test_two_process_run(tiny_artifacts, prompts_file):
+@pytest.mark.parametrize("precision", [{}, {"dtype": "bfloat16", "mixed_precision": "bf16"}], ids=["fp32", "bf16"])
+def test_two_process_run(tiny_artifacts, prompts_file, precision):
     n_iter, rbs = 2, 4
     proc = launch_two_processes(
         "pipeline/stage_ppo.py", "--artifact_dir", str(tiny_artifacts), "--dataset_name", str(prompts_file),
-        *_flags({**BASE, "num_iterations": n_iter, "rollout_batch_size": rbs, "save_every": 1}))
+        *_flags({**BASE, "num_iterations": n_iter, "rollout_batch_size": rbs, "save_every": 1, **precision}))
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = tiny_artifacts / "ppo"
     assert (out / "manifest.json").exists()
