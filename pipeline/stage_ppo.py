@@ -28,6 +28,10 @@ from pipeline.config import StageArguments, run_cli
 STAGE = "ppo"
 
 
+# Base-weight dtype -> the autocast precision it needs (None: plain float32).
+PRECISION_PAIRS = {"float32": None, "bfloat16": "bf16", "float16": "fp16"}
+
+
 @dataclass
 class PPOArguments:
     """PPO hyper-parameters. Defaults follow the N+ study (Huang et al. 2024) unless noted."""
@@ -82,7 +86,7 @@ class PPOArguments:
     dtype: str = field(default="float32", metadata={
         "help": "Weights of the frozen base models: float32, bfloat16 or float16 (trainable LoRA and head weights stay "
                 "float32). Half precision needs --mixed_precision bf16 or fp16.",
-        "choices": ["float32", "bfloat16", "float16"]})
+        "choices": list(PRECISION_PAIRS)})
     gold_judge: bool = field(default=True, metadata={"help": "Also log the programmatic gold judge's score of rollouts (embedded task; not used as reward)."})
 
 
@@ -90,14 +94,13 @@ def check_precision(args: PPOArguments, has_cuda: bool) -> None:
     """``--dtype`` and ``--mixed_precision`` must name a pair that can run here (one-line errors)."""
     from pipeline.artifacts import PipelineError
 
-    pairs = {"float32": None, "bfloat16": "bf16", "float16": "fp16"}
-    if args.dtype not in pairs:
-        raise PipelineError(f"--dtype {args.dtype!r}: use one of {', '.join(pairs)}")
+    if args.dtype not in PRECISION_PAIRS:
+        raise PipelineError(f"--dtype {args.dtype!r}: use one of {', '.join(PRECISION_PAIRS)}")
     if args.mixed_precision not in ("no", "bf16", "fp16"):
         raise PipelineError(f"--mixed_precision {args.mixed_precision!r}: use no, bf16 or fp16")
     if args.mixed_precision == "fp16" and not has_cuda:
         raise PipelineError("--mixed_precision fp16 needs a CUDA GPU; on a CPU use --mixed_precision bf16")
-    want = pairs[args.dtype]
+    want = PRECISION_PAIRS[args.dtype]
     if want is not None and args.mixed_precision != want:
         raise PipelineError(f"--dtype {args.dtype} needs autocast in the same precision: add --mixed_precision {want}")
 
