@@ -93,6 +93,10 @@ def reward_scores(model, tokenizer, prompts, responses, batch_size: int = 16, ma
     import torch
 
     texts = chat_texts(tokenizer, prompts, responses)
+    if not texts:
+        return torch.zeros(0)
+    # Batches of similar length pad less; scores go back to the input order.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     side = tokenizer.padding_side
     tokenizer.padding_side = "right"
     device = next(model.parameters()).device
@@ -101,13 +105,15 @@ def reward_scores(model, tokenizer, prompts, responses, batch_size: int = 16, ma
         with torch.no_grad():
             for i in range(0, len(texts), batch_size):
                 enc = tokenizer(
-                    texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False,
-                    truncation=max_length is not None, max_length=max_length,
+                    [texts[j] for j in order[i : i + batch_size]], return_tensors="pt", padding=True,
+                    add_special_tokens=False, truncation=max_length is not None, max_length=max_length,
                 ).to(device)
                 out.append(model(**enc).logits[:, 0].float().cpu())
     finally:
         tokenizer.padding_side = side
-    return torch.cat(out) if out else torch.zeros(0)
+    scores = torch.empty(len(texts))
+    scores[torch.tensor(order)] = torch.cat(out)
+    return scores
 
 
 def check_finite_training(trainer, stage: str) -> None:

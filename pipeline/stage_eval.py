@@ -189,10 +189,10 @@ def main(args: EvalArguments) -> dict | None:
                 "gold": [judge(p, r) for p, r in zip(prompts, texts)] if judge else None,
             }
             if do_sample:
-                own = sequence_logprobs(model, batches, args.temperature)
                 if kind == "sft":
                     part["kl_to_sft"] = [0.0] * len(texts)
                 else:
+                    own = sequence_logprobs(model, batches, args.temperature)
                     ref = sequence_logprobs(sft, batches, args.temperature)
                     part["kl_to_sft"] = [a - b for a, b in zip(own, ref)]
             entry[mode] = part

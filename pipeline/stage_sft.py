@@ -38,6 +38,62 @@ DEFAULTS = dict(
 )
 
 
+def completion_trainer_class():
+    """TRL's ``SFTTrainer`` with a cheaper loss for plain completion-only training.
+
+    TRL projects every position onto the vocabulary in float32 (its fused LM head, which also
+    computes the entropy of each position). For a completion-only loss we ask the model for the
+    logits of the positions from the first completion token of the batch onwards only
+    (``logits_to_keep``), under the trainer's autocast, and take the token-mean cross-entropy as
+    TRL does. Anything else (packing, label smoothing, DFT, custom loss functions, MoE aux loss,
+    sequence parallelism) goes to TRL's own ``compute_loss``.
+    """
+    import torch
+    import torch.nn.functional as F
+    from trl import SFTTrainer
+
+    class CompletionSFTTrainer(SFTTrainer):
+        def _plain_completion_loss(self, inputs) -> bool:
+            args = self.args
+            sp = getattr(self.accelerator, "parallelism_config", None)
+            return (
+                "labels" in inputs and "attention_mask" in inputs and not args.packing and not args.padding_free
+                and args.loss_type == "nll" and self.compute_loss_func is None and self.label_smoother is None
+                and not self.aux_loss_enabled and not (sp is not None and getattr(sp, "sp_enabled", False))
+            )
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs or not self._plain_completion_loss(inputs):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            mode = "train" if self.model.training else "eval"
+            labels = inputs["labels"][:, 1:]  # logits at t predict the token at t + 1
+            valid = labels != -100
+            cols = valid.any(dim=0).nonzero()
+            first = int(cols[0]) if len(cols) else labels.shape[1] - 1
+            keep = labels.shape[1] + 1 - first  # logits of positions first .. end (the last one predicts nothing)
+            fwd = {k: v for k, v in inputs.items() if k != "labels"}
+            logits = model(**fwd, use_cache=False, logits_to_keep=keep).logits[:, :-1]
+            target = labels[:, first:]
+            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
+            num_tokens = valid.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = loss_sum / torch.as_tensor(num_tokens, device=loss_sum.device).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+
+            with torch.no_grad():  # the metrics TRL logs, minus the per-position entropy
+                m = target != -100
+                correct = ((logits.argmax(-1) == target) & m).sum()
+                n_valid = self.accelerator.gather_for_metrics(m.sum()).sum()
+                n_correct = self.accelerator.gather_for_metrics(correct).sum()
+                self._metrics[mode]["mean_token_accuracy"].append((n_correct / n_valid).item() if n_valid > 0 else 0.0)
+                if mode == "train":
+                    self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+                self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+    return CompletionSFTTrainer
+
+
 def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     import torch
     from transformers import AutoModelForCausalLM
@@ -65,11 +121,9 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=model_args.attn_implementation)
     ensure_distinct_pad_token(tokenizer, model)
 
-    from trl import SFTTrainer
-
     with art.stage_output(stage_args.artifact_dir, STAGE, config, inputs, training_args.process_index == 0) as out:
         training_args.output_dir = str(out.path / "trainer")
-        trainer = SFTTrainer(
+        trainer = completion_trainer_class()(
             model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
             peft_config=lora_config(model_args, "CAUSAL_LM"),
         )

@@ -117,3 +117,13 @@ def prompt_rows(n: int) -> list[dict]:
     topics = ["volcanoes", "coffee", "the ocean", "photosynthesis", "chess", "bread", "rain", "trains"]
     return [{"prompt": [{"role": "user", "content": f"Tell me about {topics[i % len(topics)]}, take {i}."}]}
             for i in range(n)]
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state; a test that sets it up itself starts and ends clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)

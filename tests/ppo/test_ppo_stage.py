@@ -113,16 +113,6 @@ def error_lines(err: str) -> list[str]:
 # ----------------------------------------------------------------------------- 1. first step
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """Accelerate keeps one process-wide state; a test that changes mixed precision starts and ends clean."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
-
 def test_bf16_bases_train_fp32_adapters(tiny_artifacts, prompts_file, fresh_accelerate_state):
     """``--dtype bfloat16``: frozen bases in bf16, every trained weight in fp32 (the optimizer's
     master copy), forwards under autocast; policy and reference still agree exactly at the start."""
