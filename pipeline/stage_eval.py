@@ -79,17 +79,12 @@ def sequence_logprobs(model, batches, temperature: float):
     """Summed log-prob of each sampled response under ``model`` (temperature-scaled, as sampled)."""
     import torch
 
-    from pipeline.ppo.core import logprobs_from_logits
-    from pipeline.ppo.trainer import position_ids_from, response_logits
+    from pipeline.ppo.trainer import response_logprobs
 
     out = []
     with torch.no_grad():
         for ids, am, resp, mask in batches:
-            qr, full_am = torch.cat([ids, resp], 1), torch.cat([am, mask.long()], 1)
-            R = resp.shape[1]
-            logits = model(input_ids=qr, attention_mask=full_am, position_ids=position_ids_from(full_am), use_cache=False,
-                           logits_to_keep=R + 1).logits
-            lp = logprobs_from_logits(response_logits(logits, R, temperature), resp)
+            lp = response_logprobs(model, torch.cat([ids, resp], 1), torch.cat([am, mask.long()], 1), resp, temperature)
             out += torch.where(mask, lp, 0.0).sum(1).tolist()
     return out
 

@@ -112,6 +112,15 @@ def response_logits(logits: Tensor, response_length: int, temperature: float) ->
     return logits[:, -response_length - 1 : -1].float() / temperature
 
 
+def response_logprobs(model, query_response: Tensor, attention_mask: Tensor, responses: Tensor, temperature: float) -> Tensor:
+    """Per-token log-probs of ``responses`` (the last tokens of ``query_response``) under a causal LM,
+    temperature-scaled as sampled; only the response positions are projected onto the vocabulary."""
+    R = responses.shape[1]
+    logits = model(input_ids=query_response, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
+                   use_cache=False, logits_to_keep=R + 1).logits
+    return logprobs_from_logits(response_logits(logits, R, temperature), responses)
+
+
 class PPOLoop:
     """Holds the prepared model/optimizer and runs rollouts and updates. Orchestration (data,
     checkpoints, logging) lives in ``pipeline/stage_ppo.py``."""
@@ -175,9 +184,7 @@ class PPOLoop:
             entropies.append(entropy_from_logits(rl))
             values.append(v[:, P - 1 : -1])
             with net.policy.disable_adapter():  # the reference policy is the SFT model itself
-                ref = net.policy(input_ids=qr, attention_mask=am, position_ids=position_ids_from(am), use_cache=False,
-                                 logits_to_keep=R + 1)
-            ref_logprobs.append(logprobs_from_logits(response_logits(ref.logits, R, args.temperature), responses[sl]))
+                ref_logprobs.append(response_logprobs(net.policy, qr, am, responses[sl], args.temperature))
         logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
         values, entropy = torch.cat(values), torch.cat(entropies)
 
