@@ -44,6 +44,9 @@ class PPOArguments:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank of the policy and value adapters."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": "LoRA targets (default: all-linear)."})
+    value_lora_layers: int | None = field(default=None, metadata={
+        "help": "Put the value adapter on the top N transformer layers only, so the value backward stops there "
+                "(default: every layer)."})
     # sizes
     num_iterations: int = field(default=40, metadata={"help": "PPO iterations (rollout + update)."})
     rollout_batch_size: int = field(default=8, metadata={"help": "Prompts per iteration per process."})
@@ -57,6 +60,9 @@ class PPOArguments:
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (log-probs use the same scaling)."})
     top_k: int = field(default=0, metadata={"help": "Top-k (0 = off)."})
     top_p: float = field(default=1.0, metadata={"help": "Top-p (1 = off)."})
+    merged_generation: bool = field(default=True, metadata={
+        "help": "Sample rollouts from a plain copy of the policy with the adapter merged in (one more set of base "
+                "weights; ~1.8x faster sampling here). Off, or under ZeRO-3/FSDP: sample through the PEFT model."})
     # optimisation
     learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate (LoRA usually wants ~1e-5..1e-4)."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name, stepped once per iteration."})
@@ -123,6 +129,26 @@ def derive_sizes(args: PPOArguments, world_size: int) -> None:
     args.batch_size = args.rollout_batch_size * world_size  # episodes per iteration
 
 
+def top_layers(model, n: int | None) -> list[int] | None:
+    """Indices of the top ``n`` transformer layers of ``model`` (None: all layers)."""
+    from pipeline.artifacts import PipelineError
+
+    if n is None:
+        return None
+    total = model.config.num_hidden_layers
+    if not 1 <= n <= total:
+        raise PipelineError(f"--value_lora_layers {n}: the value model has {total} layers; pass 1..{total}")
+    return list(range(total - n, total))
+
+
+def linear_leaf_names(model) -> list[str]:
+    """PEFT's "all-linear" spelled out as module names (it cannot be combined with a layer subset)."""
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                   if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in ("score", "lm_head")})
+
+
 def build(args: PPOArguments, stage: StageArguments, accelerator):
     """Load models and tokenizers; returns (model, policy tokenizer, reward_fn, inputs record, model paths)."""
     import torch
@@ -150,10 +176,12 @@ def build(args: PPOArguments, stage: StageArguments, accelerator):
     if reward_tok.chat_template is None:
         reward_tok.chat_template = tok.chat_template  # an encoder RM: score the same rendered conversation
 
-    def lora(task):
+    def lora(task, model=None, top_n=None):
+        layers = top_layers(model, top_n)
+        targets = args.lora_target_modules or ("all-linear" if layers is None else linear_leaf_names(model))
         return LoraConfig(task_type=task, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                          target_modules=args.lora_target_modules or "all-linear",
-                          modules_to_save=["score"] if task == "SEQ_CLS" else None)
+                          target_modules=targets, modules_to_save=["score"] if task == "SEQ_CLS" else None,
+                          layers_to_transform=layers)
 
     dtype = getattr(torch, args.dtype)
     policy_base = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)
@@ -164,7 +192,7 @@ def build(args: PPOArguments, stage: StageArguments, accelerator):
     if args.value_full_finetune:
         value = value_base
     else:
-        value = get_peft_model(value_base, lora("SEQ_CLS"))
+        value = get_peft_model(value_base, lora("SEQ_CLS", value_base, args.value_lora_layers))
     shares_reward = value_path == reward_path and not args.value_full_finetune
     if shares_reward:
         reward_model = None  # reward = value module with its adapter disabled
@@ -263,7 +291,16 @@ def train(stage_args: StageArguments, args: PPOArguments, accelerator) -> dict |
     kl_ctl = (AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl
               else FixedKLController(args.kl_coef))
     moments = RunningMoments()
-    loop = PPOLoop(args, accelerator, model, optimizer, scheduler, tok, reward_fn, kl_ctl, moments)
+    sampler = None
+    if args.merged_generation:
+        from pipeline.ppo.generation import MergedPolicy, unsupported_reason
+
+        reason = unsupported_reason(accelerator.unwrap_model(model).policy, accelerator)
+        if reason is None:
+            sampler = MergedPolicy(accelerator.unwrap_model(model).policy)
+        else:
+            accelerator.print(f"ppo: sampling through the PEFT model ({reason})")
+    loop = PPOLoop(args, accelerator, model, optimizer, scheduler, tok, reward_fn, kl_ctl, moments, sampler)
     judge = None
     if args.gold_judge and stage_args.dataset_name is None:
         from reward_models.gold_judge import score as judge

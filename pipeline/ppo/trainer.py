@@ -125,8 +125,10 @@ class PPOLoop:
     """Holds the prepared model/optimizer and runs rollouts and updates. Orchestration (data,
     checkpoints, logging) lives in ``pipeline/stage_ppo.py``."""
 
-    def __init__(self, args, accelerator, model, optimizer, scheduler, tokenizer, reward_fn, kl_ctl, score_moments):
+    def __init__(self, args, accelerator, model, optimizer, scheduler, tokenizer, reward_fn, kl_ctl, score_moments,
+                 sampler=None):
         self.args = args
+        self.sampler = sampler  # a ``MergedPolicy`` to sample rollouts from, or None (the PEFT policy samples)
         self.accelerator = accelerator
         self.model = model  # prepared PolicyAndValue
         self.optimizer = optimizer
@@ -160,10 +162,14 @@ class PPOLoop:
             do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             max_new_tokens=args.response_length, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         )
+        sampler = net.policy
+        if self.sampler is not None:
+            self.sampler.sync()  # the merged copy takes the adapter as the last update left it
+            sampler = self.sampler
         chunks = []
         for i in range(0, len(prompts), args.local_rollout_forward_batch_size):
             sl = slice(i, i + args.local_rollout_forward_batch_size)
-            out = net.policy.generate(input_ids=enc["input_ids"][sl], attention_mask=enc["attention_mask"][sl], **gen_kwargs)
+            out = sampler.generate(input_ids=enc["input_ids"][sl], attention_mask=enc["attention_mask"][sl], **gen_kwargs)
             chunks.append(out[:, P:])
         R = args.response_length
         responses = torch.cat(

@@ -1,0 +1,107 @@
+"""Rollout sampling from a merged copy of the LoRA policy.
+
+Sampling through PEFT's unmerged LoRA layers adds two small matmuls (and, under autocast, casts)
+to every adapted linear layer at every decoding step. For a small model that overhead is as large
+as the base matmuls: 32 prompts x 64 new tokens took 25-29 s through the PEFT model and 14-16 s
+from a plain model holding ``W + B A * scaling`` (SmolLM2-135M, bf16, 2-core CPU; see
+``benchmarks/bench_ppo_generation.py``). The same reason is why OpenRLHF and verl sample with a
+separate inference engine whose weights are synced from the trainer each step.
+
+``MergedPolicy`` keeps such a plain copy beside the training module (one more set of base weights)
+and re-merges the adapted weights before each rollout; the weights that LoRA does not touch are
+frozen and copied once. Merging in place in the training module is not an option: the base weights
+are also the reference policy, and ``merge`` followed by ``unmerge`` does not round-trip in bf16.
+
+The copy only samples tokens: the log-probs PPO uses are recomputed by the training forward, as
+before, so a rounding difference between merged and unmerged weights makes the rollout off-policy
+by that rounding only (the PPO ratio absorbs it).
+
+Sharded training (DeepSpeed ZeRO-3, FSDP) holds only a shard of each weight per process; there,
+and for adapter types other than plain LoRA, sampling goes through the PEFT model as before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
+    """``{name in the plain model: LoRA layer}`` for every LoRA-wrapped module of ``peft_model``."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: mod for name, mod in peft_model.get_base_model().named_modules() if isinstance(mod, LoraLayer)}
+
+
+def unsupported_reason(peft_model: nn.Module, accelerator=None) -> str | None:
+    """Why a merged copy cannot stand in for ``peft_model`` here, or None when it can."""
+    from peft.tuners.lora import Embedding as LoraEmbedding
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if accelerator is not None:
+        from accelerate.utils import DistributedType
+
+        if accelerator.distributed_type == DistributedType.FSDP:
+            return "FSDP shards the weights"
+        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3:
+            return "DeepSpeed ZeRO-3 shards the weights"
+    layers = lora_layers(peft_model)
+    if not layers:
+        return "the policy has no LoRA layers"
+    for name, mod in layers.items():
+        if type(mod) not in (LoraLinear, LoraEmbedding):
+            return f"{name} is a {type(mod).__name__} adapter layer (only LoRA Linear/Embedding merge here)"
+        if any(mod.use_dora.get(a, False) for a in mod.active_adapters):
+            return f"{name} uses DoRA"
+    return None
+
+
+def _plain_name(key: str) -> str:
+    """State-dict key of the PEFT-wrapped base model -> the same weight in a plain model."""
+    return key.replace(".base_layer.", ".")
+
+
+class MergedPolicy:
+    """A plain transformers model that samples like ``peft_model`` with its active adapter.
+
+    ``sync()`` writes ``W + delta`` into every adapted weight; call it after each optimizer update
+    (the rollout does, before generating).
+    """
+
+    def __init__(self, peft_model: nn.Module):
+        from accelerate import init_empty_weights
+        from transformers import AutoModelForCausalLM
+
+        self.peft_model = peft_model
+        base = peft_model.get_base_model()
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
+        plain = {
+            _plain_name(k): v.detach().clone()
+            for k, v in base.state_dict().items()
+            if "lora_" not in k and "modules_to_save" not in k and "original_module" not in k
+        }
+        missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
+        # The tied output embedding is the only weight a plain state dict may leave out.
+        tied = set(getattr(model, "_tied_weights_keys", None) or [])
+        if unexpected or any(k not in tied for k in missing):
+            raise RuntimeError(f"merged policy copy: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        model.tie_weights()
+        model.generation_config = base.generation_config
+        model.requires_grad_(False)
+        self.model = model.eval()
+        self.layers = lora_layers(peft_model)
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        for name, layer in self.layers.items():
+            target = self.model.get_submodule(name).weight
+            w = layer.get_base_layer().weight.float()
+            for adapter in layer.active_adapters:
+                if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}):
+                    w = w + layer.get_delta_weight(adapter).float()
+            target.copy_(w.to(target.dtype))
+
+    def generate(self, **kwargs):
+        return self.model.generate(**kwargs)

@@ -1,0 +1,124 @@
+"""The merged rollout sampler (``pipeline/ppo/generation.py``) and the top-layers value adapter, on tiny
+models built in the test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import make_causal_lm, make_tokenizer
+
+
+def _peft_policy(tmp_path, dtype=torch.float32, **lora_kw):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    tok = make_tokenizer(tmp_path / "tok")
+    make_causal_lm(tmp_path / "lm", tok, num_hidden_layers=3)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", dtype=dtype)
+    policy = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", **lora_kw))
+    for p in policy.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return policy, tok
+
+
+def _perturb_adapter(policy, seed: int) -> None:
+    """What an optimizer step does: change every LoRA weight (B starts at zero, so the delta is non-zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _batch(tok):
+    enc = tok(["Explain why volcanoes erupt.", "Plants turn sunlight into sugar"], return_tensors="pt",
+              padding=True, padding_side="left")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def test_merged_copy_matches_the_adapter_and_follows_updates(tmp_path):
+    from pipeline.ppo.generation import MergedPolicy, unsupported_reason
+
+    policy, tok = _peft_policy(tmp_path)
+    assert unsupported_reason(policy) is None
+    _perturb_adapter(policy, 0)
+    sampler = MergedPolicy(policy)
+    ids, am = _batch(tok)
+    ref_before = {k: v.clone() for k, v in policy.get_base_model().state_dict().items() if "lora_" not in k}
+
+    sampler.sync()
+    with torch.no_grad():
+        want = policy(input_ids=ids, attention_mask=am).logits
+        got = sampler.model(input_ids=ids, attention_mask=am).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        assert torch.equal(sampler.generate(input_ids=ids, attention_mask=am, **gen),
+                           policy.generate(input_ids=ids, attention_mask=am, **gen))
+
+    # An update changes the adapter: the copy is stale until the next sync, then matches again.
+    _perturb_adapter(policy, 1)
+    with torch.no_grad():
+        want = policy(input_ids=ids, attention_mask=am).logits
+        assert not torch.allclose(sampler.model(input_ids=ids, attention_mask=am).logits, want, atol=1e-3)
+        sampler.sync()
+        torch.testing.assert_close(sampler.model(input_ids=ids, attention_mask=am).logits, want, atol=1e-5, rtol=1e-5)
+
+    # The training module's base weights (the reference policy) are untouched, and nothing is shared with the copy.
+    for k, v in policy.get_base_model().state_dict().items():
+        if "lora_" not in k:
+            assert torch.equal(v, ref_before[k]), k
+    copy_ptrs = {p.data_ptr() for p in sampler.model.parameters()}
+    assert not copy_ptrs & {p.data_ptr() for p in policy.parameters()}
+    assert sampler.model.lm_head.weight is sampler.model.get_input_embeddings().weight  # still tied
+
+
+def test_merged_copy_in_bf16_rounds_once(tmp_path):
+    """bf16 bases: the copy holds ``round_bf16(W + delta)`` computed in float32 (one rounding, not two)."""
+    from pipeline.ppo.generation import MergedPolicy
+
+    policy, _ = _peft_policy(tmp_path, dtype=torch.bfloat16)
+    _perturb_adapter(policy, 2)
+    sampler = MergedPolicy(policy)
+    sampler.sync()
+    layer = policy.get_base_model().model.layers[0].self_attn.q_proj
+    want = (layer.base_layer.weight.float() + layer.get_delta_weight("default").float()).to(torch.bfloat16)
+    got = sampler.model.model.layers[0].self_attn.q_proj.weight
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+def test_unsupported_adapters_fall_back(tmp_path):
+    from pipeline.ppo.generation import unsupported_reason
+
+    policy, _ = _peft_policy(tmp_path, use_dora=True)
+    assert "DoRA" in unsupported_reason(policy)
+
+
+def test_value_adapter_on_top_layers_only(tiny_artifacts, tmp_path):
+    """``--value_lora_layers 1``: the value adapter has LoRA weights in the top layer only (plus the score head),
+    so the value backward stops there; out-of-range counts are a clean error."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.artifacts import PipelineError
+    from pipeline.stage_ppo import linear_leaf_names, top_layers
+    from tests.conftest import prompt_rows, write_jsonl
+    from tests.ppo.test_ppo_stage import run_ppo
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_artifacts / "reward" / "model", num_labels=1)
+    assert rm.config.num_hidden_layers == 2
+    assert top_layers(rm, None) is None and top_layers(rm, 1) == [1]
+    with pytest.raises(PipelineError, match="1..2"):
+        top_layers(rm, 3)
+    assert linear_leaf_names(rm) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(32))
+    assert run_ppo(tiny_artifacts, prompts, value_lora_layers=1) == 0
+    keys = load_file(str(tiny_artifacts / "ppo" / "value" / "adapter_model.safetensors")).keys()
+    lora = [k for k in keys if "lora_" in k]
+    assert lora and all(".layers.1." in k for k in lora)
+    assert len(lora) == 2 * len(linear_leaf_names(rm))  # A and B of every linear layer of the top layer
+    assert any("score" in k for k in keys)
