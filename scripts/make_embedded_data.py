@@ -265,6 +265,19 @@ def make_gate_failure(prompt: str, work: str, chosen: str, combo, kind: str, rng
             if r.gate_failures == ["off_topic"] and all(v for _, v in r.constraints):
                 return rejected
         return None
+    if kind in ("short", "generic"):
+        # Reward hacks seen in PPO samples: a stub that only carries the format (the end phrase alone,
+        # {"summary": "Noodles."}) or a filler sentence that never names the topic.
+        if kind == "short":
+            first = split_sentences(work)[0].rstrip(".!?").split()
+            stub = rng.choice([" ".join(first[: rng.randint(1, 3)]), topic[:1].upper() + topic[1:], rng.choice(SHORT_STUBS)])
+            rejected = C.comply_all(stub.rstrip(",;:") + ".", combo, rng)
+        else:
+            rejected = C.comply_all(rng.choice(GENERIC_FILLERS), combo, rng)
+        r = judge(prompt, rejected)
+        if r.passed_gates or (kind == "generic" and r.gate_failures != ["off_topic"]):
+            return None
+        return rejected
     if kind == "repetitive":
         sents = split_sentences(work)
         if rng.random() < 0.5 and len(sents) >= 1:
@@ -334,10 +347,21 @@ def build_sft(bases, target, rng, ntok):
     return rows
 
 
-GATE_KINDS = ["off_topic", "repetitive", "truncated"]
+GATE_KINDS = ["off_topic", "repetitive", "truncated", "short", "generic"]
+SHORT_STUBS = ["Sure", "Yes", "Of course", "Here it is", "Okay", "Good question"]
+GENERIC_FILLERS = [
+    "That is a great question to think about.",
+    "There is a lot that could be said about this subject.",
+    "Many people find this a really interesting thing to learn about.",
+    "It depends on many different factors and on who you ask.",
+    "This is something that a lot of people are curious about.",
+    "The answer is simpler than most people expect it to be.",
+    "It has a long history and it matters to many people today.",
+    "There are several important points to keep in mind here.",
+]
 
 
-def build_pref(bases, target, rng, ntok, p_gate=0.24):
+def build_pref(bases, target, rng, ntok, p_gate=0.3):
     sampler = ComboSampler(rng)
     violated: Counter = Counter({n: 0 for n in C.FAMILY_NAMES})
     gates: Counter = Counter({k: 0 for k in GATE_KINDS})
@@ -545,13 +569,16 @@ All files are JSON lines in TRL's conversational format.
    {MAX_COMPLETION_TOKENS} tokens.
 5. **Preferences** (`pref_train.jsonl`, `pref_test.jsonl`, `prompt` + `chosen` + `rejected`):
    chosen and rejected are built from the *same* base answer (no topic or length cue). Chosen
-   satisfies every constraint (judge 1.0). About 80% of the rejected answers violate exactly one
+   satisfies every constraint (judge 1.0). About 70% of the rejected answers violate exactly one
    constraint (a different end phrase / keyword / first word / JSON key, the plain instead of
    lowercased / comma-free / bulleted / quoted version, fenced JSON, one bullet or sentence
    too many or too few, a looser word limit) while satisfying the others and passing every
-   gate; about 20% fail a quality gate instead (off-topic: the compliant rewrite of an answer
+   gate; about 30% fail a quality gate instead (off-topic: the compliant rewrite of an answer
    to another topic; repetitive: a repeated sentence or looping tail; truncated: cut
-   mid-sentence). Every pair has judge(chosen) > judge(rejected).
+   mid-sentence; short: a 1-3 word stub dressed in the format, such as the end phrase alone
+   or `{{"summary": "Noodles."}}`; generic: a filler sentence that never names the topic).
+   The last two are the reward hacks PPO found against a reward model that had not seen
+   them. Every pair has judge(chosen) > judge(rejected).
    Split by base answer (by question): {n_train} base answers for train (also used by SFT),
    {n_test} held out for `pref_test`.
 6. **PPO prompts** (`ppo_prompts.jsonl`, training topics) and **evaluation prompts**

@@ -2,8 +2,9 @@
 
 Sampling through PEFT's unmerged LoRA layers adds two small matmuls (and, under autocast, casts)
 to every adapted linear layer at every decoding step. For a small model that overhead is as large
-as the base matmuls: 32 prompts x 64 new tokens took 25-29 s through the PEFT model and 14-16 s
-from a plain model holding ``W + B A * scaling`` (SmolLM2-135M, bf16, 2-core CPU; see
+as a good part of the base matmuls: 32 prompts x 64 new tokens took 25.7-25.9 s through the PEFT
+model and 19.9-20.0 s from a plain model holding ``W + B A * scaling`` in one sitting, 25-29 s
+against 14-16 s in another (SmolLM2-135M, bf16, 2-core shared CPU;
 ``benchmarks/bench_ppo_generation.py``). The same reason is why OpenRLHF and verl sample with a
 separate inference engine whose weights are synced from the trainer each step.
 
