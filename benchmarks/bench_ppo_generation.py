@@ -1,4 +1,6 @@
-"""A/B of rollout sampling: through PEFT's unmerged LoRA layers vs a merged copy (``MergedPolicy``).
+"""A/B of rollout sampling: through PEFT's unmerged LoRA layers vs a merged copy (``MergedPolicy``),
+each with ``torch.multinomial`` (``do_sample=True``), and the merged copy with inverse-CDF sampling
+(``pipeline/sampling.py``, what the PPO stage and the evaluation use).
 
     .venv/bin/python benchmarks/bench_ppo_generation.py [--policy PATH] [--adapter PATH] [--batch 32] [--repeats 2]
 
@@ -6,7 +8,7 @@ Loads the policy as the PPO stage does (bf16 base, float32 LoRA, bf16 autocast),
 ``--batch`` PPO prompts of the embedded task and samples ``--new_tokens`` tokens with each path,
 same seed. ``--adapter`` loads a trained policy adapter (e.g. ``<artifact_dir>/ppo/policy_adapter``);
 without it the LoRA weights are random, so that the merged copy has a non-zero delta to carry.
-Prints seconds per batch for each path and how many sampled tokens agree.
+Prints seconds per batch for each path.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
     from pipeline.embedded import resolve_model_path
     from pipeline.modeling import ensure_distinct_pad_token, load_tokenizer
     from pipeline.ppo.generation import MergedPolicy
+    from pipeline.sampling import sampling_kwargs
 
     acc = Accelerator(cpu=True, mixed_precision="bf16")
     path = resolve_model_path(args.policy)
@@ -63,21 +66,21 @@ def main() -> None:
     prompts = [r["prompt"] for r in load_for("prompt", None, "train", None, args.batch)]
     texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    gen = dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
-               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    paths = {"PEFT (unmerged LoRA)": policy, "merged copy": sampler}
-    outs = {}
+    common = dict(max_new_tokens=args.new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    multinomial = dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0)
+    paths = {
+        "PEFT, multinomial": (policy, multinomial),
+        "merged, multinomial": (sampler, multinomial),
+        "merged, inverse CDF": (sampler, sampling_kwargs(0.7)),
+    }
     for rep in range(args.repeats):
-        for name, model in paths.items():
+        for name, (model, how) in paths.items():
             torch.manual_seed(rep)
             t = time.perf_counter()
             with torch.no_grad(), acc.autocast():
-                outs[name] = model.generate(**enc, **gen)[:, enc["input_ids"].shape[1]:]
-            print(f"round {rep}  {name:22s} {time.perf_counter() - t:6.1f}s  ({args.batch} x {args.new_tokens} new tokens)",
+                out = model.generate(**enc, **how, **common)[:, enc["input_ids"].shape[1]:]
+            print(f"round {rep}  {name:20s} {time.perf_counter() - t:6.1f}s  ({args.batch} x {out.shape[1]} new tokens)",
                   flush=True)
-    a, b = outs.values()
-    n = min(a.shape[1], b.shape[1])
-    print(f"sampled tokens equal between paths (same seed): {(a[:, :n] == b[:, :n]).float().mean().item():.3f}")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,8 @@ class MergedPolicy:
         if unexpected or any(k not in tied for k in missing):
             raise RuntimeError(f"merged policy copy: missing {missing[:3]}, unexpected {unexpected[:3]}")
         model.tie_weights()
+        # Buffers (rotary frequencies) were built on the CPU outside ``init_empty_weights``: follow the weights.
+        model.to(next(base.parameters()).device)
         model.generation_config = base.generation_config
         model.requires_grad_(False)
         self.model = model.eval()

@@ -30,6 +30,7 @@ from pipeline.ppo.core import (
     value_loss,
 )
 from pipeline.ppo.gae import compute_gae
+from pipeline.sampling import sampling_kwargs
 
 
 def position_ids_from(attention_mask: Tensor) -> Tensor:
@@ -159,7 +160,7 @@ class PPOLoop:
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left").to(device)
         P = enc["input_ids"].shape[1]
         gen_kwargs = dict(
-            do_sample=True, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            **sampling_kwargs(args.temperature, args.top_k, args.top_p),  # softmax(logits / T), without torch.multinomial
             max_new_tokens=args.response_length, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         )
         sampler = net.policy

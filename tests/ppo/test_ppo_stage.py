@@ -269,8 +269,9 @@ def test_rollout_mask_padding_and_score_on_last_token(tiny_artifacts, prompts_fi
     pad, eos = tok.pad_token_id, tok.eos_token_id
     policy = loop.unwrapped.policy
     generate = policy.generate
-    monkeypatch.setattr(policy, "generate",
-                        lambda **kw: generate(**kw, logits_processor=LogitsProcessorList([_EosBoost(eos, 0.08)])))
+    # The EOS boost goes before the rollout's own processors (the last of which draws the token).
+    monkeypatch.setattr(policy, "generate", lambda **kw: generate(**{
+        **kw, "logits_processor": LogitsProcessorList([_EosBoost(eos, 0.08), *kw.get("logits_processor", [])])}))
 
     ro = loop.rollout(batch)
     P = ro.context_length

@@ -1,0 +1,72 @@
+"""Inverse-CDF sampling (``pipeline/sampling.py``): the draw follows the distribution, never picks a
+zero-probability token, and through ``generate`` samples softmax(logits / T) like ``do_sample=True``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.sampling import inverse_cdf_sample, sampling_kwargs
+from tests.conftest import make_causal_lm, make_tokenizer
+
+
+def test_frequencies_follow_the_probabilities():
+    torch.manual_seed(0)
+    p = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0])
+    draws = inverse_cdf_sample(p.repeat(40000, 1))
+    freq = torch.bincount(draws, minlength=5).float() / draws.numel()
+    assert freq[1] == 0 and freq[4] == 0  # zero-probability tokens are never drawn
+    torch.testing.assert_close(freq, p, atol=0.01, rtol=0)
+
+
+def test_unnormalised_rows_and_a_uniform_at_the_top(monkeypatch):
+    """Rows summing to slightly more or less than 1 are fine; a uniform that rounds to the row total
+    does not fall onto the zero-probability tail."""
+    probs = torch.tensor([[0.2, 0.7000001, 0.1, 0.0, 0.0], [0.0, 0.0, 0.3, 0.69999, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(*a[:2], dtype=k.get("dtype")))
+    out = inverse_cdf_sample(probs)
+    assert (probs.gather(1, out.unsqueeze(1)) > 0).all()
+
+
+def test_temperature_must_be_positive():
+    with pytest.raises(ValueError, match="temperature"):
+        sampling_kwargs(0.0)
+
+
+@pytest.fixture
+def tiny_lm(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tok = make_tokenizer(tmp_path / "tok")
+    make_causal_lm(tmp_path / "lm", tok, initializer_range=0.3)
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "lm").eval(), tok
+
+
+def test_generate_samples_softmax_of_scaled_logits(tiny_lm):
+    """The first generated token of many copies of one prompt is distributed as softmax(logits / T)."""
+    model, tok = tiny_lm
+    n, temperature = 6000, 0.7
+    enc = tok(["Explain why volcanoes erupt."], return_tensors="pt")
+    with torch.no_grad():
+        want = torch.softmax(model(**enc).logits[0, -1].float() / temperature, -1)
+        torch.manual_seed(1)
+        out = model.generate(input_ids=enc["input_ids"].repeat(n, 1), attention_mask=enc["attention_mask"].repeat(n, 1),
+                             max_new_tokens=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             **sampling_kwargs(temperature))
+    freq = torch.bincount(out[:, -1], minlength=want.numel()).float() / n
+    assert want.max() < 0.9  # the test distribution is not degenerate
+    assert 0.5 * (freq - want).abs().sum() < 0.05  # total variation distance
+
+
+def test_generate_top_k_one_is_greedy_and_seeds_reproduce(tiny_lm):
+    model, tok = tiny_lm
+    enc = tok(["Explain why volcanoes erupt.", "Plants turn sunlight"], return_tensors="pt", padding=True, padding_side="left")
+    common = dict(**enc, max_new_tokens=6, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    with torch.no_grad():
+        greedy = model.generate(**common, do_sample=False)
+        assert torch.equal(model.generate(**common, **sampling_kwargs(1.0, top_k=1)), greedy)
+        runs = []
+        for seed in (5, 5, 6):
+            torch.manual_seed(seed)
+            runs.append(model.generate(**common, **sampling_kwargs(1.0)))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
