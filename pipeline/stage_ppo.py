@@ -62,7 +62,7 @@ class PPOArguments:
     top_p: float = field(default=1.0, metadata={"help": "Top-p (1 = off)."})
     merged_generation: bool = field(default=True, metadata={
         "help": "Sample rollouts from a plain copy of the policy with the adapter merged in (one more set of base "
-                "weights; 1.3-1.8x faster sampling here). Off, or under ZeRO-3/FSDP: sample through the PEFT model."})
+                "weights; 1.1-1.4x faster sampling here). Off, or under ZeRO-3/FSDP: sample through the PEFT model."})
     # optimisation
     learning_rate: float = field(default=3e-5, metadata={"help": "AdamW learning rate (LoRA usually wants ~1e-5..1e-4)."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "transformers scheduler name, stepped once per iteration."})

@@ -47,7 +47,7 @@ def pairwise_accuracy(model, tokenizer, pairs, batch_size: int = 16) -> dict:
 
 def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, set_seed
 
     from pipeline import artifacts as art
     from pipeline.data import load_for
@@ -78,6 +78,9 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise art.PipelineError(f"{start}: pad token equals EOS; start from an SFT artifact (it fixes this)")
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
+    # The new score head is initialised here, before the trainer seeds itself: seed first, so one seed gives
+    # one reward model (two demo runs without this: held-out accuracy 0.837 and 0.770).
+    set_seed(training_args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(start, num_labels=1, dtype=dtype)
     model.config.pad_token_id = tokenizer.pad_token_id
 

@@ -220,3 +220,24 @@ def test_completion_loss_matches_trl_loss_and_gradients(setup, tiny_tok, fresh_a
     assert len(g_ours) > 0
     for a, b in zip(g_ours, g_trl):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_stage_is_reproducible_for_a_seed(setup, stage):
+    """Same inputs and seed -> the same adapter (and score head), whatever the process's random state before
+    the stage: new weights are initialised under the stage's seed."""
+    import torch
+    from safetensors.torch import load_file
+
+    s = setup
+    if stage == "reward":
+        assert run_sft(s) == 0
+    run = run_sft if stage == "sft" else run_rm
+    weights = []
+    for prior in (1, 2):
+        torch.manual_seed(prior)
+        assert run(s, "--force", "true") == 0
+        weights.append(load_file(str(s["artifacts"] / stage / "adapter" / "adapter_model.safetensors")))
+    assert weights[0].keys() == weights[1].keys() and weights[0]
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[1][k]), k

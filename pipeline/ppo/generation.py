@@ -1,11 +1,10 @@
 """Rollout sampling from a merged copy of the LoRA policy.
 
 Sampling through PEFT's unmerged LoRA layers adds two small matmuls (and, under autocast, casts)
-to every adapted linear layer at every decoding step. For a small model that overhead is as large
-as a good part of the base matmuls: 32 prompts x 64 new tokens took 25.7-25.9 s through the PEFT
-model and 19.9-20.0 s from a plain model holding ``W + B A * scaling`` in one sitting, 25-29 s
-against 14-16 s in another (SmolLM2-135M, bf16, 2-core shared CPU;
-``benchmarks/bench_ppo_generation.py``). The same reason is why OpenRLHF and verl sample with a
+to every adapted linear layer at every decoding step, a large share of each step for a small
+model: 32 prompts x 64 new tokens took 20.2-24.4 s through the PEFT model and 17.3-19.2 s from a
+plain model holding ``W + B A * scaling`` (SmolLM2-135M, bf16, 2-core shared CPU, both with
+``torch.multinomial``; ``benchmarks/bench_ppo_generation.py --batch 32 --repeats 3``). The same reason is why OpenRLHF and verl sample with a
 separate inference engine whose weights are synced from the trainer each step.
 
 ``MergedPolicy`` keeps such a plain copy beside the training module (one more set of base weights)
@@ -74,7 +73,6 @@ class MergedPolicy:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
-        self.peft_model = peft_model
         base = peft_model.get_base_model()
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(base.config, dtype=base.dtype)
