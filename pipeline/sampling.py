@@ -44,6 +44,10 @@ class InverseCDFSampler(LogitsProcessor):
         return out.scatter_(1, tokens.unsqueeze(1), 0.0)
 
 
+# Greedy decoding, whatever sampling defaults the model's generation config carries.
+GREEDY = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+
+
 def sampling_kwargs(temperature: float, top_k: int = 0, top_p: float = 1.0) -> dict:
     """``generate`` keyword arguments that sample at ``temperature`` (with optional top-k / top-p) through
     ``InverseCDFSampler``: HF's own warpers, then the draw, then greedy selection of the drawn token."""
@@ -54,5 +58,4 @@ def sampling_kwargs(temperature: float, top_k: int = 0, top_p: float = 1.0) -> d
         warpers.append(TopKLogitsWarper(top_k))
     if top_p is not None and top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p))
-    return dict(do_sample=False, temperature=None, top_k=None, top_p=None,
-                logits_processor=LogitsProcessorList([*warpers, InverseCDFSampler()]))
+    return dict(**GREEDY, logits_processor=LogitsProcessorList([*warpers, InverseCDFSampler()]))

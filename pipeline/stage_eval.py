@@ -50,7 +50,7 @@ def generate(model, tok, prompts, args: EvalArguments, do_sample: bool, desc: st
     from tqdm.auto import tqdm
 
     from pipeline.ppo.trainer import response_mask
-    from pipeline.sampling import sampling_kwargs
+    from pipeline.sampling import GREEDY, sampling_kwargs
 
     texts, lengths, eos, batches = [], [], [], []
     device = next(model.parameters()).device
@@ -60,7 +60,7 @@ def generate(model, tok, prompts, args: EvalArguments, do_sample: bool, desc: st
         chunk = prompts[i : i + args.batch_size]
         rendered = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in chunk]
         enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left").to(device)
-        mode = sampling_kwargs(args.temperature) if do_sample else dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+        mode = sampling_kwargs(args.temperature) if do_sample else GREEDY
         with torch.no_grad():
             out = model.generate(**enc, **mode, max_new_tokens=args.response_length,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

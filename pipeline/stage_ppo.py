@@ -190,6 +190,8 @@ def build(args: PPOArguments, stage: StageArguments, accelerator):
     value_base = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=dtype)
     value_base.config.pad_token_id = tok.pad_token_id
     if args.value_full_finetune:
+        if args.value_lora_layers is not None:
+            raise art.PipelineError("--value_lora_layers places the value adapter; drop it or --value_full_finetune")
         value = value_base
     else:
         value = get_peft_model(value_base, lora("SEQ_CLS", value_base, args.value_lora_layers))

@@ -122,3 +122,13 @@ def test_value_adapter_on_top_layers_only(tiny_artifacts, tmp_path):
     assert lora and all(".layers.1." in k for k in lora)
     assert len(lora) == 2 * len(linear_leaf_names(rm))  # A and B of every linear layer of the top layer
     assert any("score" in k for k in keys)
+
+
+def test_value_lora_layers_with_full_finetune_is_a_clean_error(tiny_artifacts, tmp_path, capsys):
+    from tests.conftest import prompt_rows, write_jsonl
+    from tests.ppo.test_ppo_stage import run_ppo
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(32))
+    assert run_ppo(tiny_artifacts, prompts, value_lora_layers=1, value_full_finetune=True) == 2
+    assert "--value_lora_layers" in capsys.readouterr().err
+    assert not (tiny_artifacts / "ppo").exists()
