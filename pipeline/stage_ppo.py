@@ -297,9 +297,10 @@ def train(stage_args: StageArguments, args: PPOArguments, accelerator) -> dict |
     if args.merged_generation:
         from pipeline.ppo.generation import MergedPolicy, unsupported_reason
 
-        reason = unsupported_reason(accelerator.unwrap_model(model).policy, accelerator)
+        policy = accelerator.unwrap_model(model).policy
+        reason = unsupported_reason(policy, accelerator)
         if reason is None:
-            sampler = MergedPolicy(accelerator.unwrap_model(model).policy)
+            sampler = MergedPolicy(policy)
         else:
             accelerator.print(f"ppo: sampling through the PEFT model ({reason})")
     loop = PPOLoop(args, accelerator, model, optimizer, scheduler, tok, reward_fn, kl_ctl, moments, sampler)
