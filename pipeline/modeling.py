@@ -44,18 +44,42 @@ def load_tokenizer(path: str, padding_side: str = "right"):
     return tokenizer
 
 
-def lora_config(model_args, task_type: str, modules_to_save: list[str] | None = None):
-    """A PEFT LoraConfig from TRL's ModelConfig fields (r, alpha, dropout, targets)."""
+def top_layers(model, n: int | None, flag: str = "--lora_layers") -> list[int] | None:
+    """Indices of the top ``n`` transformer layers of ``model`` (None: all layers)."""
+    from pipeline.artifacts import PipelineError
+
+    if n is None:
+        return None
+    total = model.config.num_hidden_layers
+    if not 1 <= n <= total:
+        raise PipelineError(f"{flag} {n}: the model has {total} layers; pass 1..{total}")
+    return list(range(total - n, total))
+
+
+def linear_leaf_names(model) -> list[str]:
+    """PEFT's "all-linear" spelled out as module names (it cannot be combined with a layer subset)."""
+    import torch
+
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                   if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in ("score", "lm_head")})
+
+
+def lora_config(model_args, task_type: str, modules_to_save: list[str] | None = None, model=None,
+                top_n: int | None = None, flag: str = "--lora_layers"):
+    """A PEFT LoraConfig from TRL's ModelConfig fields (r, alpha, dropout, targets); with ``top_n``, on the
+    top ``top_n`` transformer layers of ``model`` only, so the backward pass stops below them."""
     from peft import LoraConfig
 
+    layers = top_layers(model, top_n, flag)
     return LoraConfig(
         task_type=task_type,
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.lora_target_modules or "all-linear",
-        modules_to_save=modules_to_save if modules_to_save is not None else model_args.lora_modules_to_save,
-        use_rslora=model_args.use_rslora,
+        lora_dropout=getattr(model_args, "lora_dropout", 0.0),
+        target_modules=model_args.lora_target_modules or ("all-linear" if layers is None else linear_leaf_names(model)),
+        modules_to_save=modules_to_save if modules_to_save is not None else getattr(model_args, "lora_modules_to_save", None),
+        use_rslora=getattr(model_args, "use_rslora", False),
+        layers_to_transform=layers,
     )
 
 

@@ -129,34 +129,14 @@ def derive_sizes(args: PPOArguments, world_size: int) -> None:
     args.batch_size = args.rollout_batch_size * world_size  # episodes per iteration
 
 
-def top_layers(model, n: int | None) -> list[int] | None:
-    """Indices of the top ``n`` transformer layers of ``model`` (None: all layers)."""
-    from pipeline.artifacts import PipelineError
-
-    if n is None:
-        return None
-    total = model.config.num_hidden_layers
-    if not 1 <= n <= total:
-        raise PipelineError(f"--value_lora_layers {n}: the value model has {total} layers; pass 1..{total}")
-    return list(range(total - n, total))
-
-
-def linear_leaf_names(model) -> list[str]:
-    """PEFT's "all-linear" spelled out as module names (it cannot be combined with a layer subset)."""
-    import torch
-
-    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
-                   if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in ("score", "lm_head")})
-
-
 def build(args: PPOArguments, stage: StageArguments, accelerator):
     """Load models and tokenizers; returns (model, policy tokenizer, reward_fn, inputs record, model paths)."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from pipeline import artifacts as art
-    from pipeline.modeling import load_tokenizer, reward_scores
+    from pipeline.modeling import load_tokenizer, lora_config, reward_scores
     from pipeline.ppo.trainer import PolicyAndValue
 
     if args.policy_model_path is None:
@@ -177,11 +157,7 @@ def build(args: PPOArguments, stage: StageArguments, accelerator):
         reward_tok.chat_template = tok.chat_template  # an encoder RM: score the same rendered conversation
 
     def lora(task, model=None, top_n=None):
-        layers = top_layers(model, top_n)
-        targets = args.lora_target_modules or ("all-linear" if layers is None else linear_leaf_names(model))
-        return LoraConfig(task_type=task, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                          target_modules=targets, modules_to_save=["score"] if task == "SEQ_CLS" else None,
-                          layers_to_transform=layers)
+        return lora_config(args, task, ["score"] if task == "SEQ_CLS" else None, model, top_n, "--value_lora_layers")
 
     dtype = getattr(torch, args.dtype)
     policy_base = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)

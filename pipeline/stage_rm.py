@@ -90,7 +90,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
         training_args.output_dir = str(out.path / "trainer")
         trainer = RewardTrainer(
             model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
-            peft_config=lora_config(model_args, "SEQ_CLS", modules_to_save=["score"]),
+            peft_config=lora_config(model_args, "SEQ_CLS", ["score"], model, model_args.lora_layers),
         )
         result = trainer.train()
         check_finite_training(trainer, "reward model")
@@ -115,9 +115,11 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
 
 
 def make_parser():
-    from trl import ModelConfig, RewardConfig, TrlParser
+    from trl import RewardConfig, TrlParser
 
-    parser = TrlParser((StageArguments, RewardConfig, ModelConfig), prog="rlhf rm")
+    from pipeline.model_args import ModelArguments
+
+    parser = TrlParser((StageArguments, RewardConfig, ModelArguments), prog="rlhf rm")
     parser.set_defaults(**DEFAULTS, use_cpu=cpu_only())
     return parser
 

@@ -125,7 +125,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
         training_args.output_dir = str(out.path / "trainer")
         trainer = completion_trainer_class()(
             model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
-            peft_config=lora_config(model_args, "CAUSAL_LM"),
+            peft_config=lora_config(model_args, "CAUSAL_LM", model=model, top_n=model_args.lora_layers),
         )
         result = trainer.train()
         check_finite_training(trainer, "SFT")
@@ -145,9 +145,11 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
 
 
 def make_parser():
-    from trl import ModelConfig, SFTConfig, TrlParser
+    from trl import SFTConfig, TrlParser
 
-    parser = TrlParser((StageArguments, SFTConfig, ModelConfig), prog="rlhf sft")
+    from pipeline.model_args import ModelArguments
+
+    parser = TrlParser((StageArguments, SFTConfig, ModelArguments), prog="rlhf sft")
     parser.set_defaults(**DEFAULTS, use_cpu=cpu_only())
     return parser
 

@@ -31,11 +31,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from reward_models import constraints as C  # noqa: E402
-from reward_models.gold_judge import judge, split_sentences, word_count  # noqa: E402
+from reward_models.gold_judge import judge, parse_prompt, prompt_text, split_sentences, word_count  # noqa: E402
 from reward_models.topics import EVAL_TOPICS, QUESTION_TEMPLATES, TRAIN_TOPICS, make_question  # noqa: E402
 
 OUT_DIR = REPO / "data" / "embedded"
 BASE_FILE = "base_answers.jsonl"
+POLICY_FILE = "policy_samples.jsonl"
 SEED = 1234
 
 
@@ -100,6 +101,44 @@ def sample_base_answers(path: Path, n: int, batch_size: int, max_new_tokens: int
     with path.open("w") as f:
         for i, r in enumerate(rows):
             f.write(json.dumps({"id": i, **r}, ensure_ascii=False) + "\n")
+    return rows
+
+
+def sample_policy_answers(path: Path, policy: str, prompts: list[dict], n_per_prompt: int, batch_size: int,
+                          max_new_tokens: int, temperature: float, seed: int) -> list[dict]:
+    """``n_per_prompt`` sampled responses of ``policy`` (a model directory, e.g. ``artifacts/sft/model``) to each
+    prompt, through its chat template, cached in ``path`` with the policy and settings they came from."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.modeling import load_tokenizer
+    from pipeline.sampling import sampling_kwargs
+
+    tok = load_tokenizer(policy)
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.bfloat16).eval()
+    jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(n_per_prompt)]
+    torch.manual_seed(seed)
+    rows: list[dict] = []
+    t0 = time.time()
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start:start + batch_size]
+        texts = [tok.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True) for _, p in batch]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
+        with torch.no_grad():
+            out = model.generate(**enc, **sampling_kwargs(temperature), max_new_tokens=max_new_tokens,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        for (i, p), g in zip(batch, out[:, enc["input_ids"].shape[1]:]):
+            ids = g.tolist()
+            finished = tok.eos_token_id in ids
+            if finished:
+                ids = ids[:ids.index(tok.eos_token_id)]
+            rows.append({"prompt_id": i, "prompt": p["prompt"], "response": tok.decode(ids, skip_special_tokens=True),
+                         "finished": finished})
+        print(f"  sampled {len(rows)}/{len(jobs)}  {time.time() - t0:.0f}s", flush=True)
+    meta = {"policy": str(policy), "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps({**meta, **r}, ensure_ascii=False) + "\n")
     return rows
 
 
@@ -407,6 +446,36 @@ def build_pref(bases, target, rng, ntok, p_gate=0.3):
     return rows
 
 
+def build_onpolicy_pairs(samples: list[dict], rng: random.Random, pairs_per_prompt: int = 3) -> list[dict]:
+    """Preference pairs from a policy's own samples, labelled by the gold judge (which stands in for the
+    human labellers of InstructGPT-style RLHF, whose comparisons are of SFT-model outputs): for each prompt,
+    up to ``pairs_per_prompt`` pairs of distinct responses with different judge scores, drawn at random, the
+    higher-scored one chosen."""
+    by_prompt: dict[int, list[dict]] = {}
+    for r in samples:
+        by_prompt.setdefault(r["prompt_id"], []).append(r)
+    rows = []
+    for pid in sorted(by_prompt):
+        group = by_prompt[pid]
+        prompt = group[0]["prompt"]
+        scored, seen = [], set()
+        for r in group:
+            text = r["response"].strip()
+            if text in seen:
+                continue
+            seen.add(text)
+            scored.append((judge(prompt, text).score, text))
+        rng.shuffle(scored)
+        candidates = [(a, b) for i, a in enumerate(scored) for b in scored[i + 1:] if a[0] != b[0]]
+        rng.shuffle(candidates)
+        for a, b in candidates[:pairs_per_prompt]:
+            (hi, lo) = (a, b) if a[0] > b[0] else (b, a)
+            rows.append({"prompt": prompt, "chosen": assistant(hi[1]), "rejected": assistant(lo[1]),
+                         "_families": [n for n, _ in parse_prompt(prompt_text(prompt)).constraints],
+                         "_rejected_kind": "onpolicy"})
+    return rows
+
+
 def build_prompt_set(topics, target, rng):
     sampler = ComboSampler(rng)
     questions = [(t, make_question(tpl, t)) for t in topics for tpl in QUESTION_TEMPLATES]
@@ -452,11 +521,18 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--n_sft", type=int, default=1200)
-    ap.add_argument("--n_pref_train", type=int, default=2400)
+    ap.add_argument("--n_pref_train", type=int, default=1200, help="built pairs (the on-policy pairs come on top)")
     ap.add_argument("--n_pref_test", type=int, default=400)
     ap.add_argument("--n_ppo", type=int, default=600)
     ap.add_argument("--n_eval", type=int, default=250)
     ap.add_argument("--test_fraction", type=float, default=0.2, help="share of base answers held out for pref_test")
+    ap.add_argument("--policy", default=None,
+                    help="sample the on-policy preference pairs from this model (the SFT stage's model/ folder) "
+                         f"into {POLICY_FILE}; without it the cached samples are reused")
+    ap.add_argument("--n_onpolicy_prompts", type=int, default=640)
+    ap.add_argument("--onpolicy_samples", type=int, default=4, help="responses sampled per on-policy prompt")
+    ap.add_argument("--onpolicy_temperature", type=float, default=1.0)
+    ap.add_argument("--onpolicy_batch_size", type=int, default=64)
     args = ap.parse_args(argv)
 
     out = (REPO / args.out_dir).resolve()
@@ -494,6 +570,33 @@ def main(argv=None) -> int:
     pref_test = build_pref(list(test_bases), args.n_pref_test, random.Random(args.seed + 3), ntok)
     ppo = build_prompt_set(TRAIN_TOPICS, args.n_ppo, random.Random(args.seed + 4))
     evalp = build_prompt_set(EVAL_TOPICS, args.n_eval, random.Random(args.seed + 5))
+
+    # On-policy pairs: the SFT model's own samples on training-topic prompts, ranked by the judge.
+    policy_path = out / POLICY_FILE
+    onpolicy_prompts = build_prompt_set(TRAIN_TOPICS, args.n_onpolicy_prompts, random.Random(args.seed + 6))
+    if args.policy:
+        print(f"sampling {args.onpolicy_samples} responses to each of {len(onpolicy_prompts)} prompts from {args.policy} ...")
+        samples = sample_policy_answers(policy_path, args.policy, onpolicy_prompts, args.onpolicy_samples,
+                                        args.onpolicy_batch_size, args.max_new_tokens, args.onpolicy_temperature,
+                                        args.seed + 6)
+    elif policy_path.exists():
+        samples = load_jsonl(policy_path)
+        print(f"reusing {len(samples)} cached policy samples from {policy_path.relative_to(REPO)} (--policy to redo)")
+    else:
+        samples = []
+        print(f"warning: no {POLICY_FILE} and no --policy: the preference sets get no on-policy pairs")
+    onpolicy = build_onpolicy_pairs(samples, random.Random(args.seed + 7))
+    # Split by question, as the built pairs: the held-out questions, plus a share of the on-policy questions
+    # that no built pair or demonstration uses, so no held-out question is seen in training.
+    on_q = [parse_prompt(prompt_text(r["prompt"])).question for r in onpolicy]
+    seen_q = {b["question"] for b in train_bases}
+    fresh = sorted(set(on_q) - seen_q - test_q)
+    random.Random(args.seed + 8).shuffle(fresh)
+    test_on_q = test_q | set(fresh[: int(round(len(set(on_q)) * args.test_fraction))])
+    held_out = [q in test_on_q for q in on_q]
+    pref_train += [r for r, h in zip(onpolicy, held_out) if not h]
+    pref_test += [r for r, h in zip(onpolicy, held_out) if h]
+    random.Random(args.seed + 9).shuffle(pref_train)
 
     files = {
         "sft_train.jsonl": sft, "pref_train.jsonl": pref_train, "pref_test.jsonl": pref_test,
@@ -533,6 +636,14 @@ def main(argv=None) -> int:
         say(f"`{name}`: mean words chosen {mean(cw):.1f} / rejected {mean(rw):.1f} "
             f"(ratio {ratio:.3f}); rejected fails a gate in {n_gate} pairs ({n_gate / max(len(rows), 1):.0%}).")
         say("Rejected kind counts: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
+        say()
+    if samples:
+        scores = Counter(judge(r["prompt"], r["response"]).score for r in samples)
+        n_on = {name: sum(r["_rejected_kind"] == "onpolicy" for r in files[name]) for name in ("pref_train.jsonl", "pref_test.jsonl")}
+        say(f"Policy samples: {len(samples)} ({samples[0]['policy']}, temperature {samples[0]['temperature']}); "
+            "gold judge scores " + ", ".join(f"{k:g}: {v}" for k, v in sorted(scores.items())) + f"; "
+            f"mean {mean(judge(r['prompt'], r['response']).score for r in samples):.3f}. On-policy pairs: "
+            f"{n_on['pref_train.jsonl']} in `pref_train.jsonl`, {n_on['pref_test.jsonl']} in `pref_test.jsonl`.")
         say()
     sft_wc = [word_count(r["completion"][0]["content"]) for r in sft]
     sft_tok = [ntok(r["completion"][0]["content"]) for r in sft]
@@ -581,6 +692,15 @@ All files are JSON lines in TRL's conversational format.
    them. Every pair has judge(chosen) > judge(rejected).
    Split by base answer (by question): {n_train} base answers for train (also used by SFT),
    {n_test} held out for `pref_test`.
+   **On-policy pairs** (mixed into both files): the SFT model's own samples
+   (`{POLICY_FILE}`: {args.onpolicy_samples} responses at temperature {args.onpolicy_temperature} to each of
+   {args.n_onpolicy_prompts} further training-topic prompts, from the SFT stage of `make demo`; `--policy
+   artifacts/sft/model` resamples them, ~12 minutes on 2 CPU cores) ranked by the gold judge, which here plays
+   the human labeller of InstructGPT-style RLHF, whose comparisons are of SFT-model outputs. Per prompt, up
+   to 2 pairs of distinct responses with different scores; ties are dropped. Built pairs alone teach what
+   a rewrite of a good answer gets wrong; the sampled ones show the reward model the SFT model's own
+   failures (drifting off topic, losing the end phrase, running past the word limit), which is where PPO
+   starts. Held out by question, as above.
 6. **PPO prompts** (`ppo_prompts.jsonl`, training topics) and **evaluation prompts**
    (`eval_prompts.jsonl`, the {len(EVAL_TOPICS)} evaluation topics only, disjoint from the
    {len(TRAIN_TOPICS)} training topics): `prompt` only.

@@ -44,7 +44,7 @@ def text_of(messages: list[dict]) -> str:
 
 
 def test_files_exist():
-    for name in list(MIN_ROWS) + ["base_answers.jsonl", "README.md"]:
+    for name in list(MIN_ROWS) + ["base_answers.jsonl", "policy_samples.jsonl", "README.md"]:
         assert (DATA / name).is_file(), name
 
 
@@ -77,23 +77,49 @@ def test_sft_completions_score_one(data):
         assert word_count(text_of(r["completion"])) <= 70
 
 
+@pytest.fixture(scope="module")
+def policy_samples() -> dict[str, set[str]]:
+    """The cached SFT-model samples behind the on-policy pairs: prompt text -> responses."""
+    out: dict[str, set[str]] = {}
+    for r in load("policy_samples.jsonl"):
+        out.setdefault(text_of(r["prompt"]), set()).add(r["response"].strip())
+    return out
+
+
+def is_onpolicy(r: dict, policy_samples) -> bool:
+    return text_of(r["chosen"]) in policy_samples.get(text_of(r["prompt"]), ())
+
+
 @pytest.mark.parametrize("name", ["pref_train.jsonl", "pref_test.jsonl"])
-def test_pairs_are_ordered_by_the_judge(data, name):
-    n_gate = 0
+def test_pairs_are_ordered_by_the_judge(data, policy_samples, name):
+    n_gate = n_synthetic = 0
     for r in data[name]:
         c = judge(r["prompt"], text_of(r["chosen"]))
         rj = judge(r["prompt"], text_of(r["rejected"]))
-        assert c.score == 1.0, r
         assert c.score > rj.score, r
-        n_gate += not rj.passed_gates
-    share = n_gate / len(data[name])
+        if not is_onpolicy(r, policy_samples):  # built pairs: the chosen answer meets every constraint
+            assert c.score == 1.0, r
+            n_gate += not rj.passed_gates
+            n_synthetic += 1
+    share = n_gate / n_synthetic
     assert 0.1 <= share <= 0.3, share
 
 
 @pytest.mark.parametrize("name", ["pref_train.jsonl", "pref_test.jsonl"])
-def test_no_length_cue(data, name):
-    cw = sum(word_count(text_of(r["chosen"])) for r in data[name])
-    rw = sum(word_count(text_of(r["rejected"])) for r in data[name])
+def test_onpolicy_pairs_are_the_policy_samples(data, policy_samples, name):
+    onpolicy = [r for r in data[name] if is_onpolicy(r, policy_samples)]
+    assert len(onpolicy) >= 0.1 * len(data[name]), len(onpolicy)
+    for r in onpolicy:
+        assert text_of(r["rejected"]) in policy_samples[text_of(r["prompt"])], r
+        assert text_of(r["chosen"]) != text_of(r["rejected"])
+
+
+@pytest.mark.parametrize("name", ["pref_train.jsonl", "pref_test.jsonl"])
+def test_no_length_cue(data, policy_samples, name):
+    """In the built pairs chosen and rejected come from the same base answer; sampled pairs are as they came."""
+    built = [r for r in data[name] if not is_onpolicy(r, policy_samples)]
+    cw = sum(word_count(text_of(r["chosen"])) for r in built)
+    rw = sum(word_count(text_of(r["rejected"])) for r in built)
     assert 0.85 <= cw / rw <= 1.15
 
 
@@ -128,3 +154,36 @@ def test_pref_test_base_answers_not_in_train(data):
     train_q = {question(r) for r in data["pref_train.jsonl"]} | {question(r) for r in data["sft_train.jsonl"]}
     test_q = {question(r) for r in data["pref_test.jsonl"]}
     assert not train_q & test_q
+
+
+def _make_data_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_embedded_data.py"
+    spec = importlib.util.spec_from_file_location("make_embedded_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_onpolicy_pairs_rank_by_judge_and_drop_ties_and_repeats():
+    """Pairs of distinct responses (after stripping) with different judge scores, the better one chosen;
+    ties and a prompt with a single distinct response give none; at most ``pairs_per_prompt`` per prompt."""
+    import random
+
+    med = _make_data_module()
+    prompt = [{"role": "user", "content": "What are the key facts about volcanoes? Your entire response should be in lowercase letters."}]
+    good = "volcanoes are openings in the crust where molten rock reaches the surface."  # 1.0
+    good_too = "volcanoes form where tectonic plates meet and magma rises to the surface."  # 1.0: a tie with good
+    wrong = "Volcanoes are openings in the crust where molten rock reaches the surface."  # 0.0: not lowercase
+    stub = "volcanoes."  # 0.0: too short
+    assert [judge(prompt, x).score for x in (good, good_too, wrong, stub)] == [1.0, 1.0, 0.0, 0.0]
+    samples = [{"prompt_id": 0, "prompt": prompt, "response": x} for x in (good, good + " ", good_too, wrong, stub)]
+    samples.append({"prompt_id": 1, "prompt": prompt, "response": good})  # one distinct response: no pair
+    for seed in range(5):
+        rows = med.build_onpolicy_pairs(samples, random.Random(seed), pairs_per_prompt=10)
+        pairs = {(text_of(r["chosen"]), text_of(r["rejected"])) for r in rows}
+        assert len(rows) == 4 and pairs == {(c, x) for c in (good, good_too) for x in (wrong, stub)}
+        assert all(r["prompt"] == prompt for r in rows)
+        capped = med.build_onpolicy_pairs(samples, random.Random(seed), pairs_per_prompt=3)
+        assert len(capped) == 3 and {(text_of(r["chosen"]), text_of(r["rejected"])) for r in capped} < pairs

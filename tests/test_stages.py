@@ -241,3 +241,29 @@ def test_stage_is_reproducible_for_a_seed(setup, stage):
     assert weights[0].keys() == weights[1].keys() and weights[0]
     for k in weights[0]:
         assert torch.equal(weights[0][k], weights[1][k]), k
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_lora_layers_puts_the_adapter_on_the_top_layers(setup, capsys, stage):
+    """``--lora_layers 1`` on the 2-layer tiny model: LoRA weights in layer 1 only (plus the reward stage's
+    score head); an out-of-range count is a one-line error that writes nothing."""
+    from safetensors.torch import load_file
+
+    s = setup
+    if stage == "reward":
+        assert run_sft(s) == 0
+    run = run_sft if stage == "sft" else run_rm
+    assert run(s, "--lora_layers", "1") == 0
+    keys = load_file(str(s["artifacts"] / stage / "adapter" / "adapter_model.safetensors")).keys()
+    lora = [k for k in keys if "lora_" in k]
+    assert lora and all(".layers.1." in k for k in lora), lora
+    assert len(lora) == 2 * 7  # A and B of q, k, v, o, gate, up, down
+    assert ("score" in " ".join(keys)) == (stage == "reward")
+    manifest = json.loads((s["artifacts"] / stage / "manifest.json").read_text())
+    assert manifest["config"]["model"]["lora_layers"] == 1
+
+    before = (s["artifacts"] / stage / "manifest.json").read_text()
+    capsys.readouterr()
+    assert run(s, "--lora_layers", "3", "--force", "true") == 2
+    assert "--lora_layers 3: the model has 2 layers; pass 1..2" in error_line(capsys)
+    assert (s["artifacts"] / stage / "manifest.json").read_text() == before

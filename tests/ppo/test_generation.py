@@ -104,7 +104,7 @@ def test_value_adapter_on_top_layers_only(tiny_artifacts, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from pipeline.artifacts import PipelineError
-    from pipeline.stage_ppo import linear_leaf_names, top_layers
+    from pipeline.modeling import linear_leaf_names, top_layers
     from tests.conftest import prompt_rows, write_jsonl
     from tests.ppo.test_ppo_stage import run_ppo
 
