@@ -597,6 +597,7 @@ def main(argv=None) -> int:
     pref_train += [r for r, h in zip(onpolicy, held_out) if not h]
     pref_test += [r for r, h in zip(onpolicy, held_out) if h]
     random.Random(args.seed + 9).shuffle(pref_train)
+    random.Random(args.seed + 10).shuffle(pref_test)  # any prefix (--max_eval_samples) mixes both kinds
 
     files = {
         "sft_train.jsonl": sft, "pref_train.jsonl": pref_train, "pref_test.jsonl": pref_test,
