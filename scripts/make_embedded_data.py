@@ -695,13 +695,15 @@ All files are JSON lines in TRL's conversational format.
    {n_test} held out for `pref_test`.
    **On-policy pairs** (mixed into both files): the SFT model's own samples
    (`{POLICY_FILE}`: {args.onpolicy_samples} responses at temperature {args.onpolicy_temperature} to each of
-   {args.n_onpolicy_prompts} further training-topic prompts, from the SFT stage of `make demo`; `--policy
-   artifacts/sft/model` resamples them, ~12 minutes on 2 CPU cores) ranked by the gold judge, which here plays
-   the human labeller of InstructGPT-style RLHF, whose comparisons are of SFT-model outputs. Per prompt, up
-   to 2 pairs of distinct responses with different scores; ties are dropped. Built pairs alone teach what
-   a rewrite of a good answer gets wrong; the sampled ones show the reward model the SFT model's own
-   failures (drifting off topic, losing the end phrase, running past the word limit), which is where PPO
-   starts. Held out by question, as above.
+   {args.n_onpolicy_prompts} further training-topic prompts, from the model the SFT stage of `make demo`
+   trains; `--policy artifacts/sft/model` resamples them, ~11 minutes on 2 CPU cores), ranked by the gold
+   judge, which here plays the human labeller of InstructGPT-style RLHF, whose comparisons are of
+   SFT-model outputs. Per prompt, up to 3 pairs of distinct responses with different scores, drawn at
+   random; ties are dropped. The built pairs teach what a rewrite of a good answer gets wrong; the
+   sampled ones show the reward model the SFT model's own failures (drifting off topic, cut off at the
+   token limit, a dropped end phrase or bullet), which is where PPO starts. Held out by question: the
+   held-out questions above, plus on-policy questions that no built pair or demonstration uses,
+   as many as {args.test_fraction:.0%} of all on-policy questions.
 6. **PPO prompts** (`ppo_prompts.jsonl`, training topics) and **evaluation prompts**
    (`eval_prompts.jsonl`, the {len(EVAL_TOPICS)} evaluation topics only, disjoint from the
    {len(TRAIN_TOPICS)} training topics): `prompt` only.
