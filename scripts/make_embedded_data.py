@@ -470,8 +470,9 @@ def build_onpolicy_pairs(samples: list[dict], rng: random.Random, pairs_per_prom
         rng.shuffle(candidates)
         for a, b in candidates[:pairs_per_prompt]:
             (hi, lo) = (a, b) if a[0] > b[0] else (b, a)
+            parsed = parse_prompt(prompt_text(prompt))
             rows.append({"prompt": prompt, "chosen": assistant(hi[1]), "rejected": assistant(lo[1]),
-                         "_families": [n for n, _ in parse_prompt(prompt_text(prompt)).constraints],
+                         "_families": [n for n, _ in parsed.constraints], "_question": parsed.question,
                          "_rejected_kind": "onpolicy"})
     return rows
 
@@ -588,7 +589,7 @@ def main(argv=None) -> int:
     onpolicy = build_onpolicy_pairs(samples, random.Random(args.seed + 7))
     # Split by question, as the built pairs: the held-out questions, plus a share of the on-policy questions
     # that no built pair or demonstration uses, so no held-out question is seen in training.
-    on_q = [parse_prompt(prompt_text(r["prompt"])).question for r in onpolicy]
+    on_q = [r["_question"] for r in onpolicy]
     seen_q = {b["question"] for b in train_bases}
     fresh = sorted(set(on_q) - seen_q - test_q)
     random.Random(args.seed + 8).shuffle(fresh)
@@ -639,11 +640,12 @@ def main(argv=None) -> int:
         say("Rejected kind counts: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
         say()
     if samples:
-        scores = Counter(judge(r["prompt"], r["response"]).score for r in samples)
+        sample_scores = [judge(r["prompt"], r["response"]).score for r in samples]
+        scores = Counter(sample_scores)
         n_on = {name: sum(r["_rejected_kind"] == "onpolicy" for r in files[name]) for name in ("pref_train.jsonl", "pref_test.jsonl")}
         say(f"Policy samples: {len(samples)} ({samples[0]['policy']}, temperature {samples[0]['temperature']}); "
             "gold judge scores " + ", ".join(f"{k:g}: {v}" for k, v in sorted(scores.items())) + f"; "
-            f"mean {mean(judge(r['prompt'], r['response']).score for r in samples):.3f}. On-policy pairs: "
+            f"mean {mean(sample_scores):.3f}. On-policy pairs: "
             f"{n_on['pref_train.jsonl']} in `pref_train.jsonl`, {n_on['pref_test.jsonl']} in `pref_test.jsonl`.")
         say()
     sft_wc = [word_count(r["completion"][0]["content"]) for r in sft]
