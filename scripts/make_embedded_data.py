@@ -468,9 +468,9 @@ def build_onpolicy_pairs(samples: list[dict], rng: random.Random, pairs_per_prom
         rng.shuffle(scored)
         candidates = [(a, b) for i, a in enumerate(scored) for b in scored[i + 1:] if a[0] != b[0]]
         rng.shuffle(candidates)
+        parsed = parse_prompt(prompt_text(prompt))
         for a, b in candidates[:pairs_per_prompt]:
             (hi, lo) = (a, b) if a[0] > b[0] else (b, a)
-            parsed = parse_prompt(prompt_text(prompt))
             rows.append({"prompt": prompt, "chosen": assistant(hi[1]), "rejected": assistant(lo[1]),
                          "_families": [n for n, _ in parsed.constraints], "_question": parsed.question,
                          "_rejected_kind": "onpolicy"})
