@@ -35,22 +35,44 @@ def inverse_cdf_sample(probs: torch.Tensor) -> torch.Tensor:
 
 
 class InverseCDFSampler(LogitsProcessor):
-    """Draws the next token from ``softmax(scores)`` and returns scores with only that token finite."""
+    """Draws the next token from ``softmax(scores)`` and returns scores with only that token finite.
+
+    With ``record_logprobs=True`` it also keeps, step by step, the log-probability of each drawn token
+    under the distribution it was drawn from (after temperature, top-k and top-p): ``take_logprobs()``
+    returns them as ``[B, steps]``, aligned with the generated tokens. That is the sampling policy's own
+    log-prob of its sample at no extra forward pass (the evaluation's Monte-Carlo KL uses it). Rows that
+    already finished keep drawing; mask them with the response mask.
+    """
+
+    def __init__(self, record_logprobs: bool = False):
+        self.record_logprobs = record_logprobs
+        self._logprobs: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = torch.softmax(scores.float(), dim=-1)
         tokens = inverse_cdf_sample(probs)
+        if self.record_logprobs:
+            logp = torch.log_softmax(scores.float(), dim=-1)
+            self._logprobs.append(logp.gather(1, tokens.unsqueeze(1)).squeeze(1))
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, tokens.unsqueeze(1), 0.0)
+
+    def take_logprobs(self) -> torch.Tensor:
+        """The recorded log-probs since the last call, ``[B, steps]``; clears the record."""
+        if not self._logprobs:
+            raise RuntimeError("no log-probs recorded: create the sampler with record_logprobs=True and generate first")
+        out, self._logprobs = torch.stack(self._logprobs, 1), []
+        return out
 
 
 # Greedy decoding, whatever sampling defaults the model's generation config carries.
 GREEDY = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
 
 
-def sampling_kwargs(temperature: float, top_k: int = 0, top_p: float = 1.0) -> dict:
+def sampling_kwargs(temperature: float, top_k: int = 0, top_p: float = 1.0, sampler: InverseCDFSampler | None = None) -> dict:
     """``generate`` keyword arguments that sample at ``temperature`` (with optional top-k / top-p) through
-    ``InverseCDFSampler``: HF's own warpers, then the draw, then greedy selection of the drawn token."""
+    ``InverseCDFSampler``: HF's own warpers, then the draw, then greedy selection of the drawn token.
+    Pass your own ``sampler`` (e.g. one that records log-probs) to keep a handle on it."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
     warpers = [TemperatureLogitsWarper(temperature)]
@@ -58,4 +80,4 @@ def sampling_kwargs(temperature: float, top_k: int = 0, top_p: float = 1.0) -> d
         warpers.append(TopKLogitsWarper(top_k))
     if top_p is not None and top_p < 1.0:
         warpers.append(TopPLogitsWarper(top_p))
-    return dict(**GREEDY, logits_processor=LogitsProcessorList([*warpers, InverseCDFSampler()]))
+    return dict(**GREEDY, logits_processor=LogitsProcessorList([*warpers, sampler or InverseCDFSampler()]))

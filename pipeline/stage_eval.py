@@ -45,33 +45,42 @@ class EvalArguments:
 
 
 def generate(model, tok, prompts, args: EvalArguments, do_sample: bool, desc: str):
-    """Batched generation -> (response texts, lengths, has_eos, prompt ids, response ids, masks)."""
+    """Batched generation -> (response texts, lengths, has_eos, batches, own log-probs).
+
+    ``batches`` holds (prompt ids, prompt mask, response ids, response mask) per batch, for scoring the
+    samples under another model. Sampled responses also come with their summed log-prob under the
+    sampling distribution (temperature-scaled), recorded while drawing, so the KL to SFT needs no second
+    forward pass of the sampled model; greedy ones with None.
+    """
     import torch
     from tqdm.auto import tqdm
 
     from pipeline.ppo.trainer import response_mask
-    from pipeline.sampling import GREEDY, sampling_kwargs
+    from pipeline.sampling import GREEDY, InverseCDFSampler, sampling_kwargs
 
-    texts, lengths, eos, batches = [], [], [], []
+    texts, lengths, eos, batches, own = [], [], [], [], []
     device = next(model.parameters()).device
+    sampler = InverseCDFSampler(record_logprobs=True)
     if do_sample:
         torch.manual_seed(args.seed)
     for i in tqdm(range(0, len(prompts), args.batch_size), desc=desc, leave=False):
         chunk = prompts[i : i + args.batch_size]
         rendered = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in chunk]
         enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left").to(device)
-        mode = sampling_kwargs(args.temperature) if do_sample else GREEDY
+        mode = sampling_kwargs(args.temperature, sampler=sampler) if do_sample else GREEDY
         with torch.no_grad():
             out = model.generate(**enc, **mode, max_new_tokens=args.response_length,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         resp = out[:, enc["input_ids"].shape[1] :]
         mask, has_eos = response_mask(resp, tok.eos_token_id)
+        if do_sample:
+            own += torch.where(mask, sampler.take_logprobs().to(mask.device), 0.0).sum(1).tolist()
         resp = resp.masked_fill(~mask, tok.pad_token_id)
         texts += tok.batch_decode(resp.masked_fill(resp == tok.eos_token_id, tok.pad_token_id), skip_special_tokens=True)
         lengths += mask.sum(1).tolist()
         eos += has_eos.tolist()
         batches.append((enc["input_ids"], enc["attention_mask"], resp, mask))
-    return texts, lengths, eos, batches
+    return texts, lengths, eos, batches, (own if do_sample else None)
 
 
 def sequence_logprobs(model, batches, temperature: float):
@@ -176,7 +185,7 @@ def main(args: EvalArguments) -> dict | None:
         entry = {"kind": kind, "iteration": iteration, "path": str(adapter or (sft_path if kind == "sft" else "base"))}
         modes = [("sampled", True)] + ([("greedy", False)] if args.greedy and kind != "ppo_checkpoint" else [])
         for mode, do_sample in modes:
-            texts, lengths, eos, batches = generate(model, tok, prompts, args, do_sample, f"{name} ({mode})")
+            texts, lengths, eos, batches, own = generate(model, tok, prompts, args, do_sample, f"{name} ({mode})")
             part = {
                 "responses": texts, "length": lengths, "eos": eos,
                 "reward": reward_scores(rm, rm_tok, prompts, texts, args.batch_size).tolist(),
@@ -186,7 +195,6 @@ def main(args: EvalArguments) -> dict | None:
                 if kind == "sft":
                     part["kl_to_sft"] = [0.0] * len(texts)
                 else:
-                    own = sequence_logprobs(model, batches, args.temperature)
                     ref = sequence_logprobs(sft, batches, args.temperature)
                     part["kl_to_sft"] = [a - b for a, b in zip(own, ref)]
             entry[mode] = part

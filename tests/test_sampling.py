@@ -70,3 +70,50 @@ def test_generate_top_k_one_is_greedy_and_seeds_reproduce(tiny_lm):
             torch.manual_seed(seed)
             runs.append(model.generate(**common, **sampling_kwargs(1.0)))
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+
+def test_recorded_logprobs_equal_a_forward_pass(tiny_lm):
+    """The sampler's recorded log-probs are those of the sampled tokens under softmax(logits / T), as a
+    fresh forward pass over prompt + response computes them (left padding, rows ending early)."""
+    from pipeline.ppo.trainer import response_logprobs, response_mask
+    from pipeline.sampling import InverseCDFSampler
+
+    model, tok = tiny_lm
+    temperature = 0.7
+    enc = tok(["Explain why volcanoes erupt.", "Plants", "Name three rivers in Europe, please"], return_tensors="pt",
+              padding=True, padding_side="left")
+    sampler = InverseCDFSampler(record_logprobs=True)
+
+    def sample(eos_id):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=12, pad_token_id=tok.pad_token_id, eos_token_id=eos_id,
+                                 **sampling_kwargs(temperature, sampler=sampler))
+        return out, out[:, enc["input_ids"].shape[1]:]
+
+    _, first = sample(tok.eos_token_id)
+    sampler.take_logprobs()
+    eos_id = int(first[0, 4])  # a token the first row draws: with it as EOS, that row stops early
+    out, resp = sample(eos_id)
+    mask, _ = response_mask(resp, eos_id)
+    got = sampler.take_logprobs()
+    with torch.no_grad():
+        want = response_logprobs(model, out, torch.cat([enc["attention_mask"], mask.long()], 1), resp, temperature)
+    assert got.shape == resp.shape and not mask.all()
+    torch.testing.assert_close(torch.where(mask, got, 0.0), torch.where(mask, want, 0.0), atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="no log-probs recorded"):
+        sampler.take_logprobs()  # cleared by the first call
+
+
+def test_recording_does_not_change_the_draw(tiny_lm):
+    from pipeline.sampling import InverseCDFSampler
+
+    model, tok = tiny_lm
+    enc = tok(["Explain why volcanoes erupt."], return_tensors="pt")
+    runs = []
+    for record in (False, True):
+        torch.manual_seed(9)
+        with torch.no_grad():
+            runs.append(model.generate(**enc, max_new_tokens=8, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                       **sampling_kwargs(1.0, sampler=InverseCDFSampler(record_logprobs=record))))
+    assert torch.equal(*runs)
