@@ -60,7 +60,7 @@ def generate(model, tok, prompts, args: EvalArguments, do_sample: bool, desc: st
 
     texts, lengths, eos, batches, own = [], [], [], [], []
     device = next(model.parameters()).device
-    sampler = InverseCDFSampler(record_logprobs=True)
+    sampler = InverseCDFSampler(record_logprobs=True) if do_sample else None
     if do_sample:
         torch.manual_seed(args.seed)
     for i in tqdm(range(0, len(prompts), args.batch_size), desc=desc, leave=False):
