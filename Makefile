@@ -11,11 +11,12 @@ ARTIFACTS ?= artifacts
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast data bench clean help
+.PHONY: setup demo test test-fast lint format data bench clean help
 
 help:
 	@echo "make demo   - whole pipeline (SFT -> RM -> PPO -> eval) on the embedded default, offline, CPU"
 	@echo "make test   - the test suite"
+	@echo "make lint   - ruff format --check and ruff check (line length 119); make format rewrites"
 	@echo "make data   - regenerate the embedded task data (data/embedded/)"
 	@echo "make bench  - benchmarks (benchmarks/)"
 
@@ -37,6 +38,14 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 data: setup
 	$(BIN)/python scripts/make_embedded_data.py

@@ -49,7 +49,9 @@ def main() -> None:
     if args.adapter:
         policy = PeftModel.from_pretrained(base, args.adapter)
     else:
-        policy = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules="all-linear"))
+        policy = get_peft_model(
+            base, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, target_modules="all-linear")
+        )
         with torch.no_grad():
             for n, p in policy.named_parameters():
                 if "lora_B" in n:
@@ -78,9 +80,11 @@ def main() -> None:
             torch.manual_seed(rep)
             t = time.perf_counter()
             with torch.no_grad(), acc.autocast():
-                out = model.generate(**enc, **how, **common)[:, enc["input_ids"].shape[1]:]
-            print(f"round {rep}  {name:20s} {time.perf_counter() - t:6.1f}s  ({args.batch} x {out.shape[1]} new tokens)",
-                  flush=True)
+                out = model.generate(**enc, **how, **common)[:, enc["input_ids"].shape[1] :]
+            print(
+                f"round {rep}  {name:20s} {time.perf_counter() - t:6.1f}s  ({args.batch} x {out.shape[1]} new tokens)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -36,17 +36,31 @@ def main() -> None:
     tok = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     ensure_distinct_pad_token(tok, model)
-    targs = SFTConfig(output_dir=str(Path("/tmp") / "bench_sft_loss"), per_device_train_batch_size=8, report_to="none",
-                      use_cpu=True, bf16=args.bf16 == "true", completion_only_loss=True, max_length=256)
+    targs = SFTConfig(
+        output_dir=str(Path("/tmp") / "bench_sft_loss"),
+        per_device_train_batch_size=8,
+        report_to="none",
+        use_cpu=True,
+        bf16=args.bf16 == "true",
+        completion_only_loss=True,
+        max_length=256,
+    )
     peft = lora_config(ModelConfig(use_peft=True, lora_r=16, lora_alpha=32), "CAUSAL_LM")
-    trainer = completion_trainer_class()(model=model, args=targs, processing_class=tok, peft_config=peft,
-                                         train_dataset=load_for("sft", None, "train", None, 8 * args.batches))
+    trainer = completion_trainer_class()(
+        model=model,
+        args=targs,
+        processing_class=tok,
+        peft_config=peft,
+        train_dataset=load_for("sft", None, "train", None, 8 * args.batches),
+    )
     it = iter(trainer.get_train_dataloader())
     batches = [next(it) for _ in range(args.batches)]
     for b in batches:
         print(f"batch {tuple(b['input_ids'].shape)}, {int((b['labels'] != -100).sum())} completion tokens")
-    paths = {"completion positions (ours)": lambda m, b: trainer.compute_loss(m, b),
-             "TRL fused head": lambda m, b: super(type(trainer), trainer).compute_loss(m, b)}
+    paths = {
+        "completion positions (ours)": lambda m, b: trainer.compute_loss(m, b),
+        "TRL fused head": lambda m, b: super(type(trainer), trainer).compute_loss(m, b),
+    }
     for rep in range(args.repeats):
         for name, fn in paths.items():
             times = []
@@ -57,8 +71,11 @@ def main() -> None:
                     loss = fn(trainer.model, dict(b))
                 loss.backward()
                 times.append(time.perf_counter() - t)
-            print(f"round {rep}  {name:28s} " + " ".join(f"{x:.2f}" for x in times)
-                  + f"  mean {sum(times) / len(times):.2f} s  (last loss {loss.item():.4f})")
+            print(
+                f"round {rep}  {name:28s} "
+                + " ".join(f"{x:.2f}" for x in times)
+                + f"  mean {sum(times) / len(times):.2f} s  (last loss {loss.item():.4f})"
+            )
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
-"""The artifact directory: one place that knows where each stage reads and writes.
+"""The artifact directory: the one place that knows where each stage reads and writes.
 
-Layout (``--artifact_dir``, default ``artifacts/``)::
+Layout (``--artifact_dir``, default ``artifacts/``), spelled out by :class:`Layout`::
 
     sft/      manifest.json, adapter/, model/            (merged policy + tokenizer)
     reward/   manifest.json, adapter/, model/            (merged scorer + tokenizer)
     ppo/      manifest.json, policy_adapter/, policy/, value/, metrics.jsonl, checkpoints/
-    eval/     manifest.json, report.json, report.md, report.html
+    eval/     manifest.json, report.json, report.md, report.html, results.json
+    ppo-run/  checkpoints/, metrics.jsonl                (a PPO run in progress)
 
 A stage writes into a hidden staging sibling (``.<stage>.staging``), writes ``manifest.json``
 last, and renames the staging directory into place; a manifest therefore means "complete",
 and a crash or a rejected input never leaves a half-written or overwritten artifact.
+
+Every stage identifies its output by :func:`fingerprint` of :func:`resolved_config` and its
+inputs' :func:`input_record`: the same config and inputs give the same fingerprint, and a stage
+whose manifest carries it is skipped.
 """
 
 from __future__ import annotations
@@ -21,32 +26,98 @@ import os
 import platform
 import shutil
 import subprocess
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from pipeline.errors import PipelineError
 
 STAGES = ("sft", "reward", "ppo", "eval")
-# Stage -> the stages whose artifacts it consumes, and the command that makes each.
-REQUIRES = {"sft": (), "reward": ("sft",), "ppo": ("sft", "reward"), "eval": ("sft",)}
-MAKES = {"sft": "rlhf sft", "reward": "rlhf rm", "ppo": "accelerate launch pipeline/stage_ppo.py", "eval": "rlhf eval"}
+# Stage -> the command that makes it (named in "run this first" errors).
+MAKES = {
+    "sft": "rlhf sft",
+    "reward": "rlhf reward",
+    "ppo": "accelerate launch pipeline/stage_ppo.py",
+    "eval": "rlhf eval",
+}
 MANIFEST = "manifest.json"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Names inside a stage directory (and, for the PPO policy adapter, inside each PPO checkpoint).
+ADAPTER = "adapter"
+MODEL = "model"
+POLICY_ADAPTER = "policy_adapter"
+POLICY = "policy"
+VALUE = "value"
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
 
-class PipelineError(Exception):
-    """A user-facing error: printed as one line, exit status 2, no artifact touched."""
+# The embedded task's data: (kind, split) -> file under data/embedded/.
+EMBEDDED_DATA = REPO_ROOT / "data" / "embedded"
+EMBEDDED_FILES = {
+    ("sft", "train"): "sft_train.jsonl",
+    ("preference", "train"): "pref_train.jsonl",
+    ("preference", "test"): "pref_test.jsonl",
+    ("prompt", "train"): "ppo_prompts.jsonl",
+    ("prompt", "test"): "eval_prompts.jsonl",
+}
+
+
+def embedded_data(kind: str, split: str) -> Path:
+    """The embedded file holding ``kind`` rows (sft, preference, prompt) of ``split``."""
+    try:
+        return EMBEDDED_DATA / EMBEDDED_FILES[(kind, split)]
+    except KeyError:
+        raise PipelineError(f"the embedded data has no {kind!r} split {split!r}") from None
+
+
+class Layout:
+    """Every path under one artifact directory."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def stage(self, stage: str) -> Path:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        return self.root / stage
+
+    def staging(self, stage: str) -> Path:
+        return self.root / f".{stage}.staging"
+
+    def old(self, stage: str) -> Path:
+        return self.root / f".{stage}.old"
+
+    def model(self, stage: str) -> Path:
+        """The merged model a later stage loads (``sft/model``, ``reward/model``, ``ppo/policy``)."""
+        return self.stage(stage) / (POLICY if stage == "ppo" else MODEL)
+
+    @property
+    def ppo_checkpoints(self) -> Path:
+        return self.stage("ppo") / CHECKPOINTS
+
+    @property
+    def ppo_run(self) -> Path:
+        """A PPO run in progress: its checkpoints and live metrics, until the stage publishes."""
+        return self.root / "ppo-run"
+
+    @property
+    def run_checkpoints(self) -> Path:
+        return self.ppo_run / CHECKPOINTS
+
+    @property
+    def run_metrics(self) -> Path:
+        return self.ppo_run / METRICS
 
 
 def stage_dir(artifact_dir: str | os.PathLike, stage: str) -> Path:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}")
-    return Path(artifact_dir) / stage
+    return Layout(artifact_dir).stage(stage)
 
 
 def model_dir(artifact_dir: str | os.PathLike, stage: str) -> Path:
-    """The merged model a later stage loads (``sft/model``, ``reward/model``, ``ppo/policy``)."""
-    return stage_dir(artifact_dir, stage) / ("policy" if stage == "ppo" else "model")
+    return Layout(artifact_dir).model(stage)
 
 
 def read_manifest(path: str | os.PathLike) -> dict | None:
@@ -109,7 +180,25 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-def config_fingerprint(config: dict, inputs: dict) -> str:
+# Settings that do not change what a stage produces (left out of its config and fingerprint).
+VOLATILE_KEYS = {
+    "output_dir", "logging_dir", "report_to", "run_name", "force", "disable_tqdm", "logging_steps",
+    "push_to_hub", "hub_model_id", "hub_token", "local_rank", "dataloader_num_workers", "save_strategy",
+    "save_steps", "save_total_limit", "logging_first_step", "logging_strategy", "use_cpu",
+    "resume_from_checkpoint", "stop_after_iterations", "save_every", "sample_every",
+}  # fmt: skip
+
+
+def resolved_config(**parts) -> dict:
+    """One JSON-able dict of every parsed dataclass (or dict), without the volatile settings."""
+    out = {}
+    for name, obj in parts.items():
+        d = obj if isinstance(obj, dict) else obj.to_dict() if hasattr(obj, "to_dict") else asdict(obj)
+        out[name] = {k: v for k, v in d.items() if k not in VOLATILE_KEYS}
+    return out
+
+
+def fingerprint(config: dict, inputs: dict) -> str:
     """Hash of what determines a stage's output: its resolved config and its inputs' hashes."""
     payload = json.dumps({"config": _jsonable(config), "inputs": _jsonable(inputs)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -155,17 +244,19 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def is_complete_for(artifact_dir: str | os.PathLike, stage: str, fingerprint: str) -> bool:
+def is_complete_for(artifact_dir: str | os.PathLike, stage: str, fingerprint_: str) -> bool:
     """True when the stage's manifest shows it complete for the same config and inputs."""
     manifest = read_manifest(stage_dir(artifact_dir, stage))
-    return bool(manifest) and manifest.get("fingerprint") == fingerprint
+    return bool(manifest) and manifest.get("fingerprint") == fingerprint_
 
 
-def skip_if_complete(artifact_dir, stage: str, fingerprint: str, force: bool, say=print) -> bool:
+def skip_if_complete(artifact_dir, stage: str, fingerprint_: str, force: bool, say=print) -> bool:
     """True (and says so) when the stage is already complete for this fingerprint and not forced."""
-    if force or not is_complete_for(artifact_dir, stage, fingerprint):
+    if force or not is_complete_for(artifact_dir, stage, fingerprint_):
         return False
-    say(f"{stage}: {stage_dir(artifact_dir, stage)} is complete for these inputs and config; skipping (--force reruns)")
+    say(
+        f"{stage}: {stage_dir(artifact_dir, stage)} is complete for these inputs and config; skipping (--force reruns)"
+    )
     return True
 
 
@@ -173,12 +264,14 @@ class StageWriter:
     """Write one stage's artifact atomically. Use through :func:`stage_output`."""
 
     def __init__(self, artifact_dir: str | os.PathLike, stage: str, config: dict, inputs: dict):
-        self.final = stage_dir(artifact_dir, stage)
-        self.path = self.final.parent / f".{stage}.staging"
+        layout = Layout(artifact_dir)
+        self.final = layout.stage(stage)
+        self.path = layout.staging(stage)
+        self.old = layout.old(stage)
         self.stage = stage
         self.config = _jsonable(config)
         self.inputs = _jsonable(inputs)
-        self.fingerprint = config_fingerprint(self.config, self.inputs)
+        self.fingerprint = fingerprint(self.config, self.inputs)
         self.started_at = now()
         self.extra: dict[str, Any] = {}
 
@@ -206,7 +299,7 @@ class StageWriter:
             raise RuntimeError(f"{self.stage}: refusing to publish an artifact without a manifest")
         old = None
         if self.final.exists():
-            old = self.final.parent / f".{self.stage}.old"
+            old = self.old
             if old.exists():
                 shutil.rmtree(old)
             os.replace(self.final, old)

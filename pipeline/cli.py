@@ -7,7 +7,7 @@ import sys
 
 COMMANDS = {
     "sft": ("pipeline.stage_sft", "supervised fine-tuning with LoRA -> artifacts/sft"),
-    "rm": ("pipeline.stage_rm", "reward-model training with LoRA -> artifacts/reward"),
+    "reward": ("pipeline.stage_reward", "reward-model training with LoRA -> artifacts/reward"),
     "ppo": ("pipeline.stage_ppo", "PPO with GAE (single process; use `accelerate launch` for more) -> artifacts/ppo"),
     "eval": ("pipeline.stage_eval", "side-by-side evaluation of base, SFT and PPO -> artifacts/eval"),
     "demo": ("pipeline.demo", "the whole chain on the embedded default"),

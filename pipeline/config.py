@@ -1,39 +1,42 @@
-"""Arguments every stage shares, and the glue that turns parsed dataclasses into a run."""
+"""Arguments every stage shares, and the glue that turns parsed dataclasses into a run.
+
+The model arguments (TRL's ``ModelConfig`` plus adapter placement) are in :mod:`pipeline.model_args`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-# Training-argument keys that do not change what a stage produces (left out of its fingerprint).
-VOLATILE_KEYS = {
-    "output_dir", "logging_dir", "report_to", "run_name", "force", "disable_tqdm", "logging_steps",
-    "push_to_hub", "hub_model_id", "hub_token", "local_rank", "dataloader_num_workers", "save_strategy",
-    "save_steps", "save_total_limit", "logging_first_step", "logging_strategy", "use_cpu",
-}
+from pipeline.errors import PipelineError
 
 
 @dataclass
 class StageArguments:
     """Where artifacts live and which data a stage reads."""
 
-    artifact_dir: str = field(default="artifacts", metadata={"help": "Shared artifact directory of this pipeline run."})
+    artifact_dir: str = field(
+        default="artifacts", metadata={"help": "Shared artifact directory of this pipeline run."}
+    )
     dataset_name: str | None = field(
         default=None,
         metadata={"help": "Hub id or local .json/.jsonl/.parquet/.csv file. Default: the embedded task's data."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on (when the stage evaluates)."})
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "Split to evaluate on (when the stage evaluates)."}
+    )
     eval_dataset_name: str | None = field(
         default=None, metadata={"help": "Separate file or hub id for the held-out split (default: dataset_name)."}
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many held-out rows."})
     force: bool = field(
-        default=False, metadata={"help": "Re-run even when the stage's manifest shows it complete for the same inputs."}
+        default=False,
+        metadata={"help": "Re-run even when the stage's manifest shows it complete for the same inputs."},
     )
 
 
@@ -42,22 +45,13 @@ def cpu_only() -> bool:
     import torch
 
     xpu = getattr(torch, "xpu", None)
-    return not (torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available()))
-
-
-def resolved_config(**parts) -> dict:
-    """One JSON-able dict of every parsed dataclass, for manifests and fingerprints."""
-    out = {}
-    for name, obj in parts.items():
-        d = obj.to_dict() if hasattr(obj, "to_dict") else asdict(obj)
-        out[name] = {k: v for k, v in d.items() if k not in VOLATILE_KEYS}
-    return out
+    return not (
+        torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu is not None and xpu.is_available())
+    )
 
 
 def run_cli(make_parser: Callable, main: Callable, argv: list[str] | None = None) -> int:
     """Parse (``--config file.yaml`` and flags), run ``main``, turn PipelineError into one line + exit 2."""
-    from pipeline.artifacts import PipelineError
-
     parser = make_parser()
     try:
         try:

@@ -23,31 +23,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
-from pipeline.artifacts import REPO_ROOT, PipelineError
+from pipeline.artifacts import embedded_data, input_record
+from pipeline.errors import PipelineError
 
 Kind = Literal["sft", "preference", "prompt"]
 
-EMBEDDED_DATA = REPO_ROOT / "data" / "embedded"
-EMBEDDED_FILES = {
-    ("sft", "train"): "sft_train.jsonl",
-    ("preference", "train"): "pref_train.jsonl",
-    ("preference", "test"): "pref_test.jsonl",
-    ("prompt", "train"): "ppo_prompts.jsonl",
-    ("prompt", "test"): "eval_prompts.jsonl",
-}
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 _ROLES = {"system", "user", "assistant"}
-
-
-def embedded_path(kind: Kind, split: str) -> Path:
-    try:
-        return EMBEDDED_DATA / EMBEDDED_FILES[(kind, split)]
-    except KeyError:
-        raise PipelineError(f"the embedded data has no {kind!r} split {split!r}") from None
 
 
 # --------------------------------------------------------------------------- raw loading
@@ -60,7 +47,9 @@ def _check_jsonl(path: Path) -> None:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise PipelineError(f"{path}: line {i}: invalid JSON ({e.msg}); expected one JSON object per line") from None
+                raise PipelineError(
+                    f"{path}: line {i}: invalid JSON ({e.msg}); expected one JSON object per line"
+                ) from None
             if not isinstance(obj, dict):
                 raise PipelineError(f"{path}: line {i}: expected a JSON object, got {type(obj).__name__}")
 
@@ -77,7 +66,9 @@ def load_rows(name: str, split: str = "train", config: str | None = None):
         if builder is None:
             raise PipelineError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl, .parquet or .csv")
         if path.stat().st_size == 0:
-            raise PipelineError(f"{path}: the file is empty; expected rows in one of the formats in `pipeline/data.py`")
+            raise PipelineError(
+                f"{path}: the file is empty; expected rows in one of the formats in `pipeline/data.py`"
+            )
         if path.suffix.lower() == ".jsonl":
             _check_jsonl(path)
         try:
@@ -206,7 +197,7 @@ def load_for(kind: Kind, name: str | None, split: str = "train", config: str | N
     """Load ``name`` (or the embedded data when None) and convert every row for ``kind``."""
     from datasets import Dataset
 
-    source = str(embedded_path(kind, split)) if name is None else name
+    source = str(embedded_data(kind, split)) if name is None else name
     ds = load_rows(source, split=split, config=config)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
@@ -231,3 +222,8 @@ def prompt_text(prompt: list[dict] | str) -> str:
         if m["role"] == "user":
             return m["content"]
     return ""
+
+
+def source_record(kind: Kind, name: str | None, split: str = "train") -> dict:
+    """The input record (path and content hash) of the data ``load_for(kind, name, split)`` reads."""
+    return input_record(name if name is not None else embedded_data(kind, split))

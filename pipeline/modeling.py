@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pipeline.errors import PipelineError
+
 PAD_TOKEN = "<|pad|>"
 
 
@@ -32,8 +34,6 @@ def ensure_distinct_pad_token(tokenizer, model=None) -> None:
 def load_tokenizer(path: str, padding_side: str = "right"):
     from transformers import AutoTokenizer
 
-    from pipeline.artifacts import PipelineError
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -46,8 +46,6 @@ def load_tokenizer(path: str, padding_side: str = "right"):
 
 def top_layers(model, n: int | None, flag: str = "--lora_layers") -> list[int] | None:
     """Indices of the top ``n`` transformer layers of ``model`` (None: all layers)."""
-    from pipeline.artifacts import PipelineError
-
     if n is None:
         return None
     total = model.config.num_hidden_layers
@@ -60,12 +58,23 @@ def linear_leaf_names(model) -> list[str]:
     """PEFT's "all-linear" spelled out as module names (it cannot be combined with a layer subset)."""
     import torch
 
-    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
-                   if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in ("score", "lm_head")})
+    return sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] not in ("score", "lm_head")
+        }
+    )
 
 
-def lora_config(model_args, task_type: str, modules_to_save: list[str] | None = None, model=None,
-                top_n: int | None = None, flag: str = "--lora_layers"):
+def lora_config(
+    model_args,
+    task_type: str,
+    modules_to_save: list[str] | None = None,
+    model=None,
+    top_n: int | None = None,
+    flag: str = "--lora_layers",
+):
     """A PEFT LoraConfig from TRL's ModelConfig fields (r, alpha, dropout, targets); with ``top_n``, on the
     top ``top_n`` transformer layers of ``model`` only, so the backward pass stops below them."""
     from peft import LoraConfig
@@ -76,8 +85,11 @@ def lora_config(model_args, task_type: str, modules_to_save: list[str] | None = 
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=getattr(model_args, "lora_dropout", 0.0),
-        target_modules=model_args.lora_target_modules or ("all-linear" if layers is None else linear_leaf_names(model)),
-        modules_to_save=modules_to_save if modules_to_save is not None else getattr(model_args, "lora_modules_to_save", None),
+        target_modules=model_args.lora_target_modules
+        or ("all-linear" if layers is None else linear_leaf_names(model)),
+        modules_to_save=modules_to_save
+        if modules_to_save is not None
+        else getattr(model_args, "lora_modules_to_save", None),
         use_rslora=getattr(model_args, "use_rslora", False),
         layers_to_transform=layers,
     )
@@ -100,51 +112,9 @@ def merge_adapter_to_disk(base_path: str, adapter_path: str, out_path, model_cls
     tokenizer.save_pretrained(out_path)
 
 
-def chat_texts(tokenizer, prompts: list[list[dict]], responses: list[str]) -> list[str]:
-    """Render (prompt, response) pairs with the chat template exactly as the reward trainer did."""
-    return [
-        tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
-        for p, r in zip(prompts, responses)
-    ]
-
-
-def reward_scores(model, tokenizer, prompts, responses, batch_size: int = 16, max_length: int | None = None):
-    """Score (prompt, response) pairs with a sequence-classification reward model -> float tensor [N].
-
-    Text goes through the reward model's own tokenizer and chat template, so a reward model
-    whose tokenizer differs from the policy's scores the same decoded text.
-    """
-    import torch
-
-    texts = chat_texts(tokenizer, prompts, responses)
-    if not texts:
-        return torch.zeros(0)
-    # Batches of similar length pad less; scores go back to the input order.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    device = next(model.parameters()).device
-    out = []
-    try:
-        with torch.no_grad():
-            for i in range(0, len(texts), batch_size):
-                enc = tokenizer(
-                    [texts[j] for j in order[i : i + batch_size]], return_tensors="pt", padding=True,
-                    add_special_tokens=False, truncation=max_length is not None, max_length=max_length,
-                ).to(device)
-                out.append(model(**enc).logits[:, 0].float().cpu())
-    finally:
-        tokenizer.padding_side = side
-    scores = torch.empty(len(texts))
-    scores[torch.tensor(order)] = torch.cat(out)
-    return scores
-
-
 def check_finite_training(trainer, stage: str) -> None:
     """Refuse to publish a stage whose loss or trainable weights went non-finite."""
     import math
-
-    from pipeline.artifacts import PipelineError
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     bad_loss = any(not math.isfinite(float(x)) for x in losses)
@@ -170,5 +140,7 @@ def publish_lora(trainer, out_path, base_path: str, model_cls, tokenizer, **load
     trainer.save_model(str(out_path / "adapter"))
     if trainer.accelerator.is_main_process:
         (out_path / "adapter" / "training_args.bin").unlink(missing_ok=True)
-        merge_adapter_to_disk(base_path, str(out_path / "adapter"), out_path / "model", model_cls, tokenizer, **load_kwargs)
+        merge_adapter_to_disk(
+            base_path, str(out_path / "adapter"), out_path / "model", model_cls, tokenizer, **load_kwargs
+        )
         shutil.rmtree(out_path / "trainer", ignore_errors=True)

@@ -1,18 +1,15 @@
 """Sampling for ``generate`` without ``torch.multinomial``.
 
 On the CPU, ``torch.multinomial`` draws one exponential random number per vocabulary entry and
-row at every step: 130 ms of a ~0.38 s decoding step for 64 rows over SmolLM2's 49,152 tokens
-(``torch.profiler``, bf16 weights, 2-core CPU), a third of the sampling time. Inverse-CDF
+row at every step, a large share of each decoding step over a 49k-token vocabulary. Inverse-CDF
 sampling needs one uniform number per row: a cumulative sum and a binary search. The draw comes
 from the same distribution (softmax of the temperature-scaled, top-k/top-p-filtered logits); only
 the random stream differs.
 
 ``generate`` has no hook for the sampling step itself, so the draw is a logits processor, run
 after HF's own temperature / top-k / top-p warpers, that leaves the sampled token the only one
-with a finite score; ``generate`` then runs in greedy mode and takes it. 32 prompts x 64 new tokens
-from a merged bf16 policy took 17.3-19.2 s with ``torch.multinomial`` and 14.3-15.2 s with this draw
-(``benchmarks/bench_ppo_generation.py --batch 32 --repeats 3``); the demo's evaluation went from 8.7
-to 6.6 minutes.
+with a finite score; ``generate`` then runs in greedy mode and takes it. The speed-up is measured
+by ``benchmarks/bench_ppo_generation.py`` (figures in ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -60,7 +57,9 @@ class InverseCDFSampler(LogitsProcessor):
     def take_logprobs(self) -> torch.Tensor:
         """The recorded log-probs since the last call, ``[B, steps]``; clears the record."""
         if not self._logprobs:
-            raise RuntimeError("no log-probs recorded: create the sampler with record_logprobs=True and generate first")
+            raise RuntimeError(
+                "no log-probs recorded: create the sampler with record_logprobs=True and generate first"
+            )
         out, self._logprobs = torch.stack(self._logprobs, 1), []
         return out
 
@@ -69,7 +68,9 @@ class InverseCDFSampler(LogitsProcessor):
 GREEDY = dict(do_sample=False, temperature=None, top_k=None, top_p=None)
 
 
-def sampling_kwargs(temperature: float, top_k: int = 0, top_p: float = 1.0, sampler: InverseCDFSampler | None = None) -> dict:
+def sampling_kwargs(
+    temperature: float, top_k: int = 0, top_p: float = 1.0, sampler: InverseCDFSampler | None = None
+) -> dict:
     """``generate`` keyword arguments that sample at ``temperature`` (with optional top-k / top-p) through
     ``InverseCDFSampler``: HF's own warpers, then the draw, then greedy selection of the drawn token.
     Pass your own ``sampler`` (e.g. one that records log-probs) to keep a handle on it."""

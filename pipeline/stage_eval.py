@@ -22,26 +22,36 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import run_cli
+from pipeline.config import StageArguments, run_cli
+from pipeline.errors import PipelineError
 
-STAGE = "eval"
+CHECKPOINT_KINDS = ("base", "sft", "ppo")
 
 
 @dataclass
 class EvalArguments:
-    artifact_dir: str = field(default="artifacts", metadata={"help": "Shared artifact directory of this pipeline run."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Prompt file or hub id (default: the embedded held-out evaluation prompts)."})
-    dataset_split: str = field(default="test", metadata={"help": "Split of dataset_name."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many prompts."})
-    checkpoints: list[str] = field(default_factory=lambda: ["base", "sft", "ppo"], metadata={"help": "Which of base, sft, ppo to compare."})
-    include_intermediate: bool = field(default=True, metadata={"help": "Also evaluate intermediate PPO checkpoints (sampled decoding) for the curves."})
+    """What to compare and how to decode. Data and artifact paths are the shared ``StageArguments``
+    (``--dataset_name``, ``--dataset_test_split``, ``--max_eval_samples``, ``--artifact_dir``, ``--force``)."""
+
+    checkpoints: list[str] = field(
+        default_factory=lambda: list(CHECKPOINT_KINDS), metadata={"help": "Which of base, sft, ppo to compare."}
+    )
+    include_intermediate: bool = field(
+        default=True,
+        metadata={"help": "Also evaluate intermediate PPO checkpoints (sampled decoding) for the curves."},
+    )
     greedy: bool = field(default=True, metadata={"help": "Also generate greedily for base, sft and ppo."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (the PPO default)."})
     response_length: int = field(default=64, metadata={"help": "Maximum new tokens."})
     batch_size: int = field(default=16, metadata={"help": "Generation and scoring batch size."})
     seed: int = field(default=1234, metadata={"help": "Sampling seed (the same for every checkpoint)."})
-    bf16: bool = field(default=False, metadata={"help": "Load every model in bfloat16: 2-2.5x faster sampling and scoring on CPUs with AVX512-BF16. Scores and the KL to SFT are then those of the bf16 models."})
-    force: bool = field(default=False, metadata={"help": "Re-run even when the eval manifest shows it complete for the same inputs."})
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "Load every model in bfloat16 (faster sampling and scoring on CPUs with AVX512-BF16 and on "
+            "GPUs). Scores and the KL to SFT are then those of the bf16 models."
+        },
+    )
 
 
 def generate(model, tok, prompts, args: EvalArguments, do_sample: bool, desc: str):
@@ -55,8 +65,8 @@ def generate(model, tok, prompts, args: EvalArguments, do_sample: bool, desc: st
     import torch
     from tqdm.auto import tqdm
 
-    from pipeline.ppo.trainer import response_mask
     from pipeline.sampling import GREEDY, InverseCDFSampler, sampling_kwargs
+    from pipeline.sequences import response_mask
 
     texts, lengths, eos, batches, own = [], [], [], [], []
     device = next(model.parameters()).device
@@ -66,17 +76,26 @@ def generate(model, tok, prompts, args: EvalArguments, do_sample: bool, desc: st
     for i in tqdm(range(0, len(prompts), args.batch_size), desc=desc, leave=False):
         chunk = prompts[i : i + args.batch_size]
         rendered = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in chunk]
-        enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left").to(device)
+        enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left").to(
+            device
+        )
         mode = sampling_kwargs(args.temperature, sampler=sampler) if do_sample else GREEDY
         with torch.no_grad():
-            out = model.generate(**enc, **mode, max_new_tokens=args.response_length,
-                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                **enc,
+                **mode,
+                max_new_tokens=args.response_length,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+            )
         resp = out[:, enc["input_ids"].shape[1] :]
         mask, has_eos = response_mask(resp, tok.eos_token_id)
         if do_sample:
             own += torch.where(mask, sampler.take_logprobs().to(mask.device), 0.0).sum(1).tolist()
         resp = resp.masked_fill(~mask, tok.pad_token_id)
-        texts += tok.batch_decode(resp.masked_fill(resp == tok.eos_token_id, tok.pad_token_id), skip_special_tokens=True)
+        texts += tok.batch_decode(
+            resp.masked_fill(resp == tok.eos_token_id, tok.pad_token_id), skip_special_tokens=True
+        )
         lengths += mask.sum(1).tolist()
         eos += has_eos.tolist()
         batches.append((enc["input_ids"], enc["attention_mask"], resp, mask))
@@ -87,12 +106,14 @@ def sequence_logprobs(model, batches, temperature: float):
     """Summed log-prob of each sampled response under ``model`` (temperature-scaled, as sampled)."""
     import torch
 
-    from pipeline.ppo.trainer import response_logprobs
+    from pipeline.sequences import response_logprobs
 
     out = []
     with torch.no_grad():
         for ids, am, resp, mask in batches:
-            lp = response_logprobs(model, torch.cat([ids, resp], 1), torch.cat([am, mask.long()], 1), resp, temperature)
+            lp = response_logprobs(
+                model, torch.cat([ids, resp], 1), torch.cat([am, mask.long()], 1), resp, temperature
+            )
             out += torch.where(mask, lp, 0.0).sum(1).tolist()
     return out
 
@@ -100,7 +121,7 @@ def sequence_logprobs(model, batches, temperature: float):
 def load_merged_policy(sft_path: str, adapter: Path, dtype):
     """The SFT model with a PPO adapter merged in float32, then copied into a fresh SFT model of
     ``dtype``: as fast to sample from as the SFT model (a merged PeftModel, even cast, sampled
-    ~1.7x slower here) and without losing the adapter's small updates to bf16 rounding first."""
+    markedly slower) and without losing the adapter's small updates to bf16 rounding first."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -112,43 +133,50 @@ def load_merged_policy(sft_path: str, adapter: Path, dtype):
     return model
 
 
-def main(args: EvalArguments) -> dict | None:
+def main(stage: StageArguments, args: EvalArguments) -> dict | None:
     import json
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from pipeline import artifacts as art
-    from pipeline.data import load_for, prompt_text
+    from pipeline.data import load_for, prompt_text, source_record
     from pipeline.embedded import resolve_model_path
     from pipeline.eval_report import aggregate, summary_table, write_reports
-    from pipeline.modeling import load_tokenizer, reward_scores
+    from pipeline.modeling import load_tokenizer
     from pipeline.ppo.checkpoint import list_checkpoints
+    from reward_models.learned import load_reward_tokenizer, reward_scores
 
-    sft_manifest = art.require_stage(args.artifact_dir, "sft", "eval")
-    art.require_stage(args.artifact_dir, "reward", "eval")
+    unknown = sorted(set(args.checkpoints) - set(CHECKPOINT_KINDS))
+    if unknown or not args.checkpoints:
+        raise PipelineError(
+            f"--checkpoints {' '.join(args.checkpoints)}: name one or more of {', '.join(CHECKPOINT_KINDS)}"
+        )
+    layout = art.Layout(stage.artifact_dir)
+    sft_manifest = art.require_stage(stage.artifact_dir, "sft", "eval")
+    art.require_stage(stage.artifact_dir, "reward", "eval")
     want_ppo = "ppo" in args.checkpoints
     if want_ppo:
-        art.require_stage(args.artifact_dir, "ppo", "eval")
-    rows = load_for("prompt", args.dataset_name, args.dataset_split, limit=args.max_eval_samples)
+        art.require_stage(stage.artifact_dir, "ppo", "eval")
+    split = stage.dataset_test_split
+    rows = load_for("prompt", stage.dataset_name, split, stage.dataset_config, stage.max_eval_samples)
     prompts = [r["prompt"] for r in rows]
-    has_gold = args.dataset_name is None
+    has_gold = stage.dataset_name is None
     judge = None
     if has_gold:
         from reward_models.gold_judge import score as judge
 
-    inputs = {s: art.input_record(art.stage_dir(args.artifact_dir, s)) for s in ("sft", "reward") + (("ppo",) if want_ppo else ())}
-    inputs["dataset"] = art.input_record(args.dataset_name or art.REPO_ROOT / "data/embedded/eval_prompts.jsonl")
-    config = {k: v for k, v in vars(args).items() if k != "force"}
-    fingerprint = art.config_fingerprint(config, inputs)
-    if art.skip_if_complete(args.artifact_dir, STAGE, fingerprint, args.force):
+    inputs = {s: art.input_record(layout.stage(s)) for s in ("sft", "reward") + (("ppo",) if want_ppo else ())}
+    inputs["dataset"] = source_record("prompt", stage.dataset_name, split)
+    config = art.resolved_config(stage=stage, eval=args)
+    if art.skip_if_complete(stage.artifact_dir, "eval", art.fingerprint(config, inputs), stage.force):
         return None
 
     torch.manual_seed(args.seed)
-    sft_path = str(art.model_dir(args.artifact_dir, "sft"))
+    sft_path = str(layout.model("sft"))
     tok = load_tokenizer(sft_path, padding_side="left")
-    rm_path = art.model_dir(args.artifact_dir, "reward")
-    rm_tok = AutoTokenizer.from_pretrained(rm_path)
+    rm_path = layout.model("reward")
+    rm_tok = load_reward_tokenizer(rm_path, tok)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # one device; models follow it
     rm = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1, dtype=dtype).eval().to(device)
@@ -160,21 +188,23 @@ def main(args: EvalArguments) -> dict | None:
         plan.append(("base", "base", None, None))
     if "sft" in args.checkpoints:
         plan.append(("sft", "sft", None, None))
-    ppo_dir = art.stage_dir(args.artifact_dir, "ppo")
+    ppo_dir = layout.stage("ppo")
     if want_ppo:
-        ckpts = list_checkpoints(ppo_dir / "checkpoints") if args.include_intermediate else []
-        final_iter = json.loads((ppo_dir / "manifest.json").read_text())["metrics"]["iterations"]
+        ckpts = list_checkpoints(layout.ppo_checkpoints) if args.include_intermediate else []
+        final_iter = art.read_manifest(ppo_dir)["metrics"]["iterations"]
         for c in ckpts:
             it = int(c.name.split("-")[1])
             if it < final_iter:
-                plan.append((f"ppo-{c.name}", "ppo_checkpoint", it, c / "policy_adapter"))
-        plan.append(("ppo", "ppo", final_iter, ppo_dir / "policy_adapter"))
+                plan.append((f"ppo-{c.name}", "ppo_checkpoint", it, c / art.POLICY_ADAPTER))
+        plan.append(("ppo", "ppo", final_iter, ppo_dir / art.POLICY_ADAPTER))
 
     results = {"config": config, "prompts": [prompt_text(p) for p in prompts], "has_gold": has_gold, "checkpoints": {}}
     for name, kind, iteration, adapter in plan:
         if kind == "base":
             base_rec = sft_manifest["inputs"]["base_model"]
-            base_path = resolve_model_path(None if base_rec.get("name") == "embedded" else base_rec.get("name", base_rec["path"]))
+            base_path = resolve_model_path(
+                None if base_rec.get("name") == "embedded" else base_rec.get("name", base_rec["path"])
+            )
             model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).eval().to(device)
             if len(tok) > model.get_input_embeddings().weight.shape[0]:
                 model.resize_token_embeddings(len(tok))
@@ -187,7 +217,9 @@ def main(args: EvalArguments) -> dict | None:
         for mode, do_sample in modes:
             texts, lengths, eos, batches, own = generate(model, tok, prompts, args, do_sample, f"{name} ({mode})")
             part = {
-                "responses": texts, "length": lengths, "eos": eos,
+                "responses": texts,
+                "length": lengths,
+                "eos": eos,
                 "reward": reward_scores(rm, rm_tok, prompts, texts, args.batch_size).tolist(),
                 "gold": [judge(p, r) for p, r in zip(prompts, texts)] if judge else None,
             }
@@ -208,11 +240,11 @@ def main(args: EvalArguments) -> dict | None:
             del model
 
     report = aggregate(results)
-    with art.stage_output(args.artifact_dir, STAGE, config, inputs) as out:
+    with art.stage_output(stage.artifact_dir, "eval", config, inputs) as out:
         (out.path / "results.json").write_text(json.dumps(results))
         write_reports(report, results, out.path)
         out.write_manifest({k: report[k] for k in ("checkpoints", "pairwise")}, tok)
-    final = art.stage_dir(args.artifact_dir, STAGE)
+    final = layout.stage("eval")
     print(summary_table(report))
     print(f"eval: report at {final / 'report.html'} (also report.md, report.json)")
     return report
@@ -221,7 +253,7 @@ def main(args: EvalArguments) -> dict | None:
 def make_parser():
     from trl import TrlParser
 
-    return TrlParser((EvalArguments,), prog="rlhf eval")
+    return TrlParser((StageArguments, EvalArguments), prog="rlhf eval")
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -4,8 +4,8 @@ The score head is trained in full (PEFT ``SEQ_CLS`` puts it in ``modules_to_save
 backbone gets a LoRA adapter. After training we report held-out pairwise accuracy: the
 share of test pairs whose chosen reply scores strictly above the rejected one.
 
-    rlhf rm --config configs/rm_demo.yaml
-    rlhf rm --dataset_name my_pairs.jsonl --eval_dataset_name my_pairs_test.jsonl --artifact_dir runs/x
+    rlhf reward --config configs/reward_demo.yaml
+    rlhf reward --dataset_name my_pairs.jsonl --eval_dataset_name my_pairs_test.jsonl --artifact_dir runs/x
 
 Reads ``<artifact_dir>/sft/model`` unless ``--model_name_or_path`` names another start.
 Writes ``<artifact_dir>/reward/``: ``adapter/``, ``model/`` (merged scorer + tokenizer), ``manifest.json``.
@@ -16,24 +16,39 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python pipeline/stage_rm.py`
+if __package__ in (None, ""):  # `python pipeline/stage_reward.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import StageArguments, cpu_only, resolved_config, run_cli
-
-STAGE = "reward"
+from pipeline.config import StageArguments, cpu_only, run_cli
+from pipeline.errors import PipelineError
 
 DEFAULTS = dict(
-    use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=1e-4, num_train_epochs=1,
-    per_device_train_batch_size=8, per_device_eval_batch_size=32, gradient_checkpointing=False, max_length=256,
-    logging_steps=5, save_strategy="no", eval_strategy="no", report_to="none", logging_nan_inf_filter=False, lr_scheduler_type="cosine",
-    warmup_steps=0.05, bf16=False, seed=42, center_rewards_coefficient=0.01,
+    use_peft=True,
+    lora_r=16,
+    lora_alpha=32,
+    lora_dropout=0.0,
+    learning_rate=1e-4,
+    num_train_epochs=1,
+    per_device_train_batch_size=8,
+    per_device_eval_batch_size=32,
+    gradient_checkpointing=False,
+    max_length=256,
+    logging_steps=5,
+    save_strategy="no",
+    eval_strategy="no",
+    report_to="none",
+    logging_nan_inf_filter=False,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.05,
+    bf16=False,
+    seed=42,
+    center_rewards_coefficient=0.01,
 )
 
 
 def pairwise_accuracy(model, tokenizer, pairs, batch_size: int = 16) -> dict:
     """Held-out accuracy (ties count as wrong) and mean margin of a reward model on preference rows."""
-    from pipeline.modeling import reward_scores
+    from reward_models.learned import reward_scores
 
     prompts = [r["prompt"] for r in pairs]
     chosen = reward_scores(model, tokenizer, prompts, [r["chosen"][0]["content"] for r in pairs], batch_size)
@@ -50,11 +65,11 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     from transformers import AutoModelForSequenceClassification, set_seed
 
     from pipeline import artifacts as art
-    from pipeline.data import load_for
+    from pipeline.data import load_for, source_record
     from pipeline.modeling import check_finite_training, load_tokenizer, lora_config, publish_lora
 
     if not model_args.use_peft:
-        raise art.PipelineError("the reward stage trains a LoRA adapter with a full score head; drop --use_peft false")
+        raise PipelineError("the reward stage trains a LoRA adapter with a full score head; drop --use_peft false")
     if model_args.model_name_or_path:
         start = model_args.model_name_or_path
         start_record = art.input_record(start)
@@ -64,32 +79,44 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
         start_record = art.input_record(art.stage_dir(stage_args.artifact_dir, "sft"))
     source = stage_args.dataset_name
     test_source = stage_args.eval_dataset_name or source
-    train = load_for("preference", source, stage_args.dataset_train_split, stage_args.dataset_config, stage_args.max_train_samples)
-    test = load_for("preference", test_source, stage_args.dataset_test_split, stage_args.dataset_config, stage_args.max_eval_samples)
-    data_files = {k: art.input_record(v or art.REPO_ROOT / "data/embedded" / f) for k, v, f in
-                  (("train", source, "pref_train.jsonl"), ("test", test_source, "pref_test.jsonl"))}
+    train = load_for(
+        "preference", source, stage_args.dataset_train_split, stage_args.dataset_config, stage_args.max_train_samples
+    )
+    test = load_for(
+        "preference",
+        test_source,
+        stage_args.dataset_test_split,
+        stage_args.dataset_config,
+        stage_args.max_eval_samples,
+    )
+    data_files = {
+        "train": source_record("preference", source, stage_args.dataset_train_split),
+        "test": source_record("preference", test_source, stage_args.dataset_test_split),
+    }
     inputs = {"start_model": start_record, "dataset": data_files}
-    config = resolved_config(stage=stage_args, training=training_args, model=model_args)
-    fingerprint = art.config_fingerprint(config, inputs)
-    if art.skip_if_complete(stage_args.artifact_dir, STAGE, fingerprint, stage_args.force):
+    config = art.resolved_config(stage=stage_args, training=training_args, model=model_args)
+    if art.skip_if_complete(stage_args.artifact_dir, "reward", art.fingerprint(config, inputs), stage_args.force):
         return None
 
     tokenizer = load_tokenizer(start)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise art.PipelineError(f"{start}: pad token equals EOS; start from an SFT artifact (it fixes this)")
+        raise PipelineError(f"{start}: pad token equals EOS; start from an SFT artifact (it fixes this)")
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
     # The new score head is initialised here, before the trainer seeds itself: seed first, so one seed gives
-    # one reward model (two demo runs without this: held-out accuracy 0.837 and 0.770).
+    # one reward model (without this, two runs of one recipe gave different reward models).
     set_seed(training_args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(start, num_labels=1, dtype=dtype)
     model.config.pad_token_id = tokenizer.pad_token_id
 
     from trl import RewardTrainer
 
-    with art.stage_output(stage_args.artifact_dir, STAGE, config, inputs, training_args.process_index == 0) as out:
+    with art.stage_output(stage_args.artifact_dir, "reward", config, inputs, training_args.process_index == 0) as out:
         training_args.output_dir = str(out.path / "trainer")
         trainer = RewardTrainer(
-            model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
+            model=model,
+            args=training_args,
+            train_dataset=train,
+            processing_class=tokenizer,
             peft_config=lora_config(model_args, "SEQ_CLS", ["score"], model, model_args.lora_layers),
         )
         result = trainer.train()
@@ -97,19 +124,24 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
         publish_lora(trainer, out.path, start, AutoModelForSequenceClassification, tokenizer, num_labels=1)
         if trainer.accelerator.is_main_process:
             # Score the held-out pairs with the merged model exactly as later stages will load it, on the
-            # training device and under the training precision (bf16 autocast at batch 32: ~1 min here, was ~4 in fp32 at 8).
+            # training device and under the training precision.
             scorer = AutoModelForSequenceClassification.from_pretrained(out.path / "model").eval()
             scorer.to(trainer.accelerator.device)
             with trainer.accelerator.autocast():
                 held_out = pairwise_accuracy(scorer, tokenizer, list(test), training_args.per_device_eval_batch_size)
             metrics = {
-                "train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),
-                "train_steps": result.global_step, "train_pairs": len(train),
-                "test": held_out, "log_history": trainer.state.log_history,
+                "train_loss": result.training_loss,
+                "train_runtime_s": result.metrics.get("train_runtime"),
+                "train_steps": result.global_step,
+                "train_pairs": len(train),
+                "test": held_out,
+                "log_history": trainer.state.log_history,
             }
             out.write_manifest(metrics, tokenizer)
-            print(f"rm: held-out pairwise accuracy {held_out['accuracy']:.3f} on {held_out['num_pairs']} pairs "
-                  f"(train loss {result.training_loss:.4f}, {metrics['train_runtime_s']:.0f}s)")
+            print(
+                f"rm: held-out pairwise accuracy {held_out['accuracy']:.3f} on {held_out['num_pairs']} pairs "
+                f"(train loss {result.training_loss:.4f}, {metrics['train_runtime_s']:.0f}s)"
+            )
         trainer.accelerator.wait_for_everyone()
     return None
 
@@ -119,7 +151,7 @@ def make_parser():
 
     from pipeline.model_args import ModelArguments
 
-    parser = TrlParser((StageArguments, RewardConfig, ModelArguments), prog="rlhf rm")
+    parser = TrlParser((StageArguments, RewardConfig, ModelArguments), prog="rlhf reward")
     parser.set_defaults(**DEFAULTS, use_cpu=cpu_only())
     return parser
 

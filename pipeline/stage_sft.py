@@ -25,16 +25,29 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python pipeline/stage_sft.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import StageArguments, cpu_only, resolved_config, run_cli
-
-STAGE = "sft"
+from pipeline.config import StageArguments, cpu_only, run_cli
+from pipeline.errors import PipelineError
 
 # Our defaults where TRL's suit full fine-tuning on GPUs more than LoRA on any device.
 DEFAULTS = dict(
-    use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.0, learning_rate=2e-4, num_train_epochs=1,
-    per_device_train_batch_size=8, gradient_checkpointing=False, max_length=256, logging_steps=5,
-    save_strategy="no", report_to="none", logging_nan_inf_filter=False, lr_scheduler_type="cosine", warmup_steps=0.05, bf16=False,
-    completion_only_loss=True, seed=42,
+    use_peft=True,
+    lora_r=16,
+    lora_alpha=32,
+    lora_dropout=0.0,
+    learning_rate=2e-4,
+    num_train_epochs=1,
+    per_device_train_batch_size=8,
+    gradient_checkpointing=False,
+    max_length=256,
+    logging_steps=5,
+    save_strategy="no",
+    report_to="none",
+    logging_nan_inf_filter=False,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.05,
+    bf16=False,
+    completion_only_loss=True,
+    seed=42,
 )
 
 
@@ -57,9 +70,15 @@ def completion_trainer_class():
             args = self.args
             sp = getattr(self.accelerator, "parallelism_config", None)
             return (
-                "labels" in inputs and "attention_mask" in inputs and not args.packing and not args.padding_free
-                and args.loss_type == "nll" and self.compute_loss_func is None and self.label_smoother is None
-                and not self.aux_loss_enabled and not (sp is not None and getattr(sp, "sp_enabled", False))
+                "labels" in inputs
+                and "attention_mask" in inputs
+                and not args.packing
+                and not args.padding_free
+                and args.loss_type == "nll"
+                and self.compute_loss_func is None
+                and self.label_smoother is None
+                and not self.aux_loss_enabled
+                and not (sp is not None and getattr(sp, "sp_enabled", False))
             )
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -74,7 +93,9 @@ def completion_trainer_class():
             fwd = {k: v for k, v in inputs.items() if k != "labels"}
             logits = model(**fwd, use_cache=False, logits_to_keep=keep).logits[:, :-1]
             target = labels[:, first:]
-            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
+            loss_sum = F.cross_entropy(
+                logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"
+            )
             num_tokens = valid.sum() if num_items_in_batch is None else num_items_in_batch
             loss = loss_sum / torch.as_tensor(num_tokens, device=loss_sum.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -87,7 +108,10 @@ def completion_trainer_class():
                 n_correct = self.accelerator.gather_for_metrics(correct).sum()
                 self._metrics[mode]["mean_token_accuracy"].append((n_correct / n_valid).item() if n_valid > 0 else 0.0)
                 if mode == "train":
-                    self._total_train_tokens += self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+                    self._total_train_tokens += (
+                        self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                        // self._tp_size
+                    )
                 self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
             return loss
 
@@ -99,48 +123,64 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     from transformers import AutoModelForCausalLM
 
     from pipeline import artifacts as art
-    from pipeline.data import load_for
+    from pipeline.data import load_for, source_record
     from pipeline.embedded import is_embedded, resolve_model_path
-    from pipeline.modeling import check_finite_training, ensure_distinct_pad_token, load_tokenizer, lora_config, publish_lora
+    from pipeline.modeling import (
+        check_finite_training,
+        ensure_distinct_pad_token,
+        load_tokenizer,
+        lora_config,
+        publish_lora,
+    )
 
     if not model_args.use_peft:
-        raise art.PipelineError("the SFT stage trains a LoRA adapter; drop --use_peft false")
+        raise PipelineError("the SFT stage trains a LoRA adapter; drop --use_peft false")
     data_source = stage_args.dataset_name
-    train = load_for("sft", data_source, stage_args.dataset_train_split, stage_args.dataset_config, stage_args.max_train_samples)
+    train = load_for(
+        "sft", data_source, stage_args.dataset_train_split, stage_args.dataset_config, stage_args.max_train_samples
+    )
     model_path = resolve_model_path(model_args.model_name_or_path)
     base_id = "embedded" if is_embedded(model_args.model_name_or_path) else model_args.model_name_or_path
-    data_id = art.input_record(data_source) if data_source else art.input_record(art.REPO_ROOT / "data/embedded/sft_train.jsonl")
+    data_id = source_record("sft", data_source, stage_args.dataset_train_split)
     inputs = {"base_model": {**art.input_record(model_path), "name": base_id}, "dataset": data_id}
-    config = resolved_config(stage=stage_args, training=training_args, model=model_args)
-    fingerprint = art.config_fingerprint(config, inputs)
-    if art.skip_if_complete(stage_args.artifact_dir, STAGE, fingerprint, stage_args.force):
+    config = art.resolved_config(stage=stage_args, training=training_args, model=model_args)
+    if art.skip_if_complete(stage_args.artifact_dir, "sft", art.fingerprint(config, inputs), stage_args.force):
         return None
 
     tokenizer = load_tokenizer(model_path)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=model_args.attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, attn_implementation=model_args.attn_implementation
+    )
     ensure_distinct_pad_token(tokenizer, model)
 
-    with art.stage_output(stage_args.artifact_dir, STAGE, config, inputs, training_args.process_index == 0) as out:
+    with art.stage_output(stage_args.artifact_dir, "sft", config, inputs, training_args.process_index == 0) as out:
         training_args.output_dir = str(out.path / "trainer")
         trainer = completion_trainer_class()(
-            model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
+            model=model,
+            args=training_args,
+            train_dataset=train,
+            processing_class=tokenizer,
             peft_config=lora_config(model_args, "CAUSAL_LM", model=model, top_n=model_args.lora_layers),
         )
         result = trainer.train()
         check_finite_training(trainer, "SFT")
         publish_lora(trainer, out.path, model_path, AutoModelForCausalLM, tokenizer)
         metrics = {
-            "train_loss": result.training_loss, "train_runtime_s": result.metrics.get("train_runtime"),
-            "train_steps": result.global_step, "train_rows": len(train),
+            "train_loss": result.training_loss,
+            "train_runtime_s": result.metrics.get("train_runtime"),
+            "train_steps": result.global_step,
+            "train_rows": len(train),
             "log_history": trainer.state.log_history,
         }
         if trainer.accelerator.is_main_process:
             out.write_manifest(metrics, tokenizer)
         trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
-        print(f"sft: wrote {art.stage_dir(stage_args.artifact_dir, STAGE)} (loss {result.training_loss:.4f}, "
-              f"{metrics['train_runtime_s']:.0f}s)")
+        print(
+            f"sft: wrote {art.stage_dir(stage_args.artifact_dir, 'sft')} (loss {result.training_loss:.4f}, "
+            f"{metrics['train_runtime_s']:.0f}s)"
+        )
     return metrics
 
 

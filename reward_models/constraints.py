@@ -24,11 +24,12 @@ import re
 from typing import Any
 
 # --------------------------------------------------------------------------- text helpers
-from reward_models.topics import EVAL_TOPICS as _EVAL, TRAIN_TOPICS as _TRAIN  # noqa: E402
+from reward_models.topics import EVAL_TOPICS as _EVAL  # noqa: E402
+from reward_models.topics import TRAIN_TOPICS as _TRAIN
 
-_PROPER = frozenset(
-    w for t in _TRAIN + _EVAL for w in t.split() if w[:1].isupper()
-) | frozenset("Earth Sun English America Europe Asia Africa Americans Europeans Internet".split())
+_PROPER = frozenset(w for t in _TRAIN + _EVAL for w in t.split() if w[:1].isupper()) | frozenset(
+    "Earth Sun English America Europe Asia Africa Americans Europeans Internet".split()
+)
 WORD_RE = re.compile(r"[A-Za-z0-9]+(?:['\u2019\-][A-Za-z0-9]+)*")
 _BULLET_RE = re.compile(r"^\s*(?:[-*\u2022]|\d{1,2}[.)])\s+")
 _ABBREV = frozenset("e.g i.e etc vs mr mrs ms dr st jr sr prof approx no fig u.s u.k a.m p.m".split())
@@ -57,11 +58,11 @@ def split_sentences(text: str) -> list[str]:
             continue
         start = 0
         for m in _SENT_END_RE.finditer(line):
-            before = line[start:m.start()].split()
+            before = line[start : m.start()].split()
             last = before[-1].lower().strip("(\"'") if before else ""
             if m.group().startswith(".") and (last in _ABBREV or (len(last) == 1 and last.isalpha())):
                 continue
-            piece = line[start:m.end()].strip()
+            piece = line[start : m.end()].strip()
             if piece:
                 out.append(piece)
             start = m.end()
@@ -117,7 +118,7 @@ def _looks_proper(word: str, text: str) -> bool:
         return True
     if word in _PROPER:
         return True
-    return re.search(rf"(?<![.!?]\s)(?<!^)\b{re.escape(word)}\b", text[len(word):].lstrip()) is not None
+    return re.search(rf"(?<![.!?]\s)(?<!^)\b{re.escape(word)}\b", text[len(word) :].lstrip()) is not None
 
 
 def decapitalize(text: str) -> str:
@@ -134,7 +135,7 @@ def decapitalize(text: str) -> str:
 def capitalize_first(text: str) -> str:
     for i, ch in enumerate(text):
         if ch.isalpha():
-            return text[:i] + ch.upper() + text[i + 1:]
+            return text[:i] + ch.upper() + text[i + 1 :]
     return text
 
 
@@ -158,7 +159,7 @@ def split_clauses(sentence: str, min_words: int = 4) -> list[str] | None:
     body = sentence.rstrip()
     best = None
     for m in _CLAUSE_BOUNDARY_RE.finditer(body):
-        left, right = body[:m.start()], body[m.end():]
+        left, right = body[: m.start()], body[m.end() :]
         if word_count(left) >= min_words and word_count(right) >= min_words:
             balance = abs(word_count(left) - word_count(right))
             if best is None or balance < best[0]:
@@ -176,7 +177,7 @@ def to_pieces(text: str, n: int) -> list[str] | None:
         for i in order:
             parts = split_clauses(pieces[i])
             if parts:
-                pieces[i:i + 1] = parts
+                pieces[i : i + 1] = parts
                 break
         else:
             return None
@@ -268,8 +269,8 @@ class WordLimit(Constraint):
         # cut the first sentence at its last clause boundary that fits, else at n words
         best = None
         for m in _CLAUSE_SPLIT_RE.finditer(first):
-            if 4 <= word_count(first[:m.start()]) <= n:
-                best = first[:m.start()]
+            if 4 <= word_count(first[: m.start()]) <= n:
+                best = first[: m.start()]
         if best is None:
             toks = first.split()
             cut: list[str] = []
@@ -419,10 +420,7 @@ class Bullets(Constraint):
 
     def check(self, response, params):
         lines = [ln.strip() for ln in response.strip().splitlines() if ln.strip()]
-        return (
-            len(lines) == params["n"]
-            and all(ln.startswith("- ") and word_count(ln) >= 1 for ln in lines)
-        )
+        return len(lines) == params["n"] and all(ln.startswith("- ") and word_count(ln) >= 1 for ln in lines)
 
     def comply(self, text, params, rng=None):
         pieces = to_pieces(text, params["n"])
@@ -550,8 +548,16 @@ class NSentences(Constraint):
 
 
 FAMILIES: list[Constraint] = [
-    WordLimit(), Lowercase(), EndPhrase(), Keyword(), Bullets(), NoCommas(), JsonFormat(),
-    StartsWith(), Quotes(), NSentences(),
+    WordLimit(),
+    Lowercase(),
+    EndPhrase(),
+    Keyword(),
+    Bullets(),
+    NoCommas(),
+    JsonFormat(),
+    StartsWith(),
+    Quotes(),
+    NSentences(),
 ]
 BY_NAME: dict[str, Constraint] = {f.name: f for f in FAMILIES}
 FAMILY_NAMES: list[str] = [f.name for f in FAMILIES]
@@ -559,18 +565,33 @@ FAMILY_NAMES: list[str] = [f.name for f in FAMILIES]
 INCOMPATIBLE: frozenset[frozenset[str]] = frozenset(
     frozenset(p)
     for p in [
-        ("json", "bullets"), ("json", "starts_with"), ("json", "end_phrase"), ("json", "quotes"),
-        ("bullets", "n_sentences"), ("bullets", "starts_with"), ("bullets", "quotes"),
-        ("lowercase", "end_phrase"), ("lowercase", "starts_with"),
-        ("quotes", "starts_with"), ("quotes", "end_phrase"),
+        ("json", "bullets"),
+        ("json", "starts_with"),
+        ("json", "end_phrase"),
+        ("json", "quotes"),
+        ("bullets", "n_sentences"),
+        ("bullets", "starts_with"),
+        ("bullets", "quotes"),
+        ("lowercase", "end_phrase"),
+        ("lowercase", "starts_with"),
+        ("quotes", "starts_with"),
+        ("quotes", "end_phrase"),
         ("word_limit", "n_sentences"),
     ]
 )
 
 # the order in which comply() rewrites are applied
 APPLY_ORDER: list[str] = [
-    "n_sentences", "word_limit", "keyword", "starts_with", "bullets", "end_phrase", "no_commas",
-    "lowercase", "quotes", "json",
+    "n_sentences",
+    "word_limit",
+    "keyword",
+    "starts_with",
+    "bullets",
+    "end_phrase",
+    "no_commas",
+    "lowercase",
+    "quotes",
+    "json",
 ]
 
 

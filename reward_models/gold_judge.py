@@ -42,8 +42,17 @@ from reward_models.constraints import (
 from reward_models.topics import STOPWORDS, match_question
 
 __all__ = [
-    "GATES", "JudgeResult", "ParsedPrompt", "judge", "score", "parse_prompt", "prompt_text",
-    "split_sentences", "word_count", "stem_variants", "same_word",
+    "GATES",
+    "JudgeResult",
+    "ParsedPrompt",
+    "judge",
+    "score",
+    "parse_prompt",
+    "prompt_text",
+    "split_sentences",
+    "word_count",
+    "stem_variants",
+    "same_word",
 ]
 
 GATES = ["empty", "gibberish", "truncated", "repetitive", "off_topic", "copies_prompt"]
@@ -111,8 +120,19 @@ def parse_prompt(text: str) -> ParsedPrompt:
 
 
 # --------------------------------------------------------------------------- stemming
-_SUFFIXES = [("ies", "y"), ("ied", "y"), ("ing", ""), ("ing", "e"), ("ed", ""), ("ed", "e"),
-             ("es", ""), ("s", ""), ("er", ""), ("ly", ""), ("al", "")]
+_SUFFIXES = [
+    ("ies", "y"),
+    ("ied", "y"),
+    ("ing", ""),
+    ("ing", "e"),
+    ("ed", ""),
+    ("ed", "e"),
+    ("es", ""),
+    ("s", ""),
+    ("er", ""),
+    ("ly", ""),
+    ("al", ""),
+]
 
 
 @lru_cache(maxsize=65536)
@@ -155,7 +175,7 @@ def _norm(text: str) -> str:
 
 
 def _trigrams(ws: list[str]) -> list[tuple[str, str, str]]:
-    return [tuple(ws[i:i + 3]) for i in range(len(ws) - 2)]
+    return [tuple(ws[i : i + 3]) for i in range(len(ws) - 2)]
 
 
 def _looks_like_word(w: str) -> bool:
@@ -285,5 +305,13 @@ def score(prompt, response: str) -> float:
     return judge(prompt, response).score
 
 
-assert set(BY_NAME) >= {"word_limit", "lowercase", "end_phrase", "keyword", "bullets", "no_commas",
-                        "json", "starts_with"}
+assert set(BY_NAME) >= {
+    "word_limit",
+    "lowercase",
+    "end_phrase",
+    "keyword",
+    "bullets",
+    "no_commas",
+    "json",
+    "starts_with",
+}

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import io
 import subprocess
 import sys
 import tempfile
@@ -28,15 +27,24 @@ from pathlib import Path
 
 REQUIRED_HEADINGS = ("Summary", "PPO vs SFT", "Reward and gold vs KL", "Score distributions", "Examples")
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--hide-scrollbars",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
 )
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EXIT_CONTENT, EXIT_BROWSER, EXIT_USAGE = 1, 2, 3
 
 
-def run_chromium(chromium: str, url: str, extra: list[str], window: str, timeout: float) -> subprocess.CompletedProcess:
+def run_chromium(
+    chromium: str, url: str, extra: list[str], window: str, timeout: float
+) -> subprocess.CompletedProcess:
     """One headless Chromium run with a fresh throw-away profile."""
     with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
         cmd = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={window}", *extra, url]
@@ -58,8 +66,10 @@ def blank_stats(png: Path) -> dict:
     _, counts = np.unique(packed, return_counts=True)
     sat = rgb.max(axis=1) - rgb.min(axis=1)
     return {
-        "width": int(img.shape[1]), "height": int(img.shape[0]),
-        "dominant_fraction": float(counts.max() / packed.size), "colours": int(counts.size),
+        "width": int(img.shape[1]),
+        "height": int(img.shape[0]),
+        "dominant_fraction": float(counts.max() / packed.size),
+        "colours": int(counts.size),
         "saturated_fraction": float((sat > 60).mean()),
     }
 
@@ -111,8 +121,10 @@ def check_dom(dom: str, min_images: int, min_tables: int, headings=REQUIRED_HEAD
         problems.append(f"{scan.tables} <table> elements, expected >= {min_tables}")
     plots = [s for s in scan.imgs if s.startswith("data:image/png;base64,")]
     if len(plots) < min_images:
-        problems.append(f"{len(plots)} embedded PNG <img> plots, expected >= {min_images} (all img srcs: "
-                        f"{[s[:40] for s in scan.imgs]})")
+        problems.append(
+            f"{len(plots)} embedded PNG <img> plots, expected >= {min_images} (all img srcs: "
+            f"{[s[:40] for s in scan.imgs]})"
+        )
     for i, src in enumerate(plots):
         try:
             raw = base64.b64decode(src.split(",", 1)[1], validate=True)
@@ -125,22 +137,30 @@ def check_dom(dom: str, min_images: int, min_tables: int, headings=REQUIRED_HEAD
         problems.append(f"{scan.scripts} <script> element(s) in the DOM (responses not escaped?)")
     if scan.external:
         problems.append(f"external resources referenced: {scan.external[:5]}")
-    print(f"DOM: {len(scan.headings)} headings, {scan.tables} tables, {len(plots)} embedded PNG plots, "
-          f"{scan.scripts} scripts, {len(scan.external)} external refs")
+    print(
+        f"DOM: {len(scan.headings)} headings, {scan.tables} tables, {len(plots)} embedded PNG plots, "
+        f"{scan.scripts} scripts, {len(scan.external)} external refs"
+    )
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("html", type=Path, help="report.html to check")
-    ap.add_argument("--png", type=Path, default=None, help="screenshot path (default: <html dir>/report_screenshot.png)")
+    ap.add_argument(
+        "--png", type=Path, default=None, help="screenshot path (default: <html dir>/report_screenshot.png)"
+    )
     ap.add_argument("--chromium", default="/usr/bin/chromium")
     ap.add_argument("--window-size", default="1280,2000")
     ap.add_argument("--timeout", type=float, default=180.0, help="seconds per Chromium run")
     ap.add_argument("--min-images", type=int, default=3)
     ap.add_argument("--min-tables", type=int, default=2)
-    ap.add_argument("--max-dominant", type=float, default=0.995,
-                    help="the screenshot is blank when one colour covers more than this fraction of pixels")
+    ap.add_argument(
+        "--max-dominant",
+        type=float,
+        default=0.995,
+        help="the screenshot is blank when one colour covers more than this fraction of pixels",
+    )
     args = ap.parse_args(argv)
 
     html_path = args.html.resolve()
@@ -172,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # unreadable PNG
         print(f"FAIL: cannot read screenshot {png}: {e!r}", file=sys.stderr)
         return EXIT_BROWSER
-    print(f"screenshot: {png} {stats['width']}x{stats['height']}, {stats['colours']} colours, "
-          f"dominant colour {stats['dominant_fraction']:.1%}, saturated pixels {stats['saturated_fraction']:.2%}")
+    print(
+        f"screenshot: {png} {stats['width']}x{stats['height']}, {stats['colours']} colours, "
+        f"dominant colour {stats['dominant_fraction']:.1%}, saturated pixels {stats['saturated_fraction']:.2%}"
+    )
     if stats["dominant_fraction"] > args.max_dominant or stats["colours"] < 16:
         print("FAIL: screenshot is blank (nearly all pixels one colour)", file=sys.stderr)
         return EXIT_BROWSER
@@ -187,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAIL: chromium --dump-dom timed out after {args.timeout:.0f}s", file=sys.stderr)
         return EXIT_BROWSER
     if p.returncode != 0 or "<body" not in p.stdout:
-        print(f"FAIL: chromium --dump-dom exited {p.returncode} with {len(p.stdout)} chars\n{p.stderr[-3000:]}",
-              file=sys.stderr)
+        print(
+            f"FAIL: chromium --dump-dom exited {p.returncode} with {len(p.stdout)} chars\n{p.stderr[-3000:]}",
+            file=sys.stderr,
+        )
         return EXIT_BROWSER
     problems = check_dom(p.stdout, args.min_images, args.min_tables)
     for msg in problems:

@@ -59,8 +59,9 @@ def pick_sampling_questions(n: int, seed: int) -> list[dict]:
     return out
 
 
-def sample_base_answers(path: Path, n: int, batch_size: int, max_new_tokens: int,
-                        temperature: float, seed: int) -> list[dict]:
+def sample_base_answers(
+    path: Path, n: int, batch_size: int, max_new_tokens: int, temperature: float, seed: int
+) -> list[dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,18 +79,26 @@ def sample_base_answers(path: Path, n: int, batch_size: int, max_new_tokens: int
     t0 = time.time()
     n_tokens = 0
     for start in range(0, len(questions), batch_size):
-        batch = questions[start:start + batch_size]
+        batch = questions[start : start + batch_size]
         texts = [
-            tok.apply_chat_template([{"role": "user", "content": q["question"]}], tokenize=False,
-                                    add_generation_prompt=True)
+            tok.apply_chat_template(
+                [{"role": "user", "content": q["question"]}], tokenize=False, add_generation_prompt=True
+            )
             for q in batch
         ]
         enc = tok(texts, return_tensors="pt", padding=True)
         with torch.no_grad():
-            out = model.generate(**enc, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id)
-        gen = out[:, enc["input_ids"].shape[1]:]
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=temperature,
+                top_p=1.0,
+                top_k=0,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        gen = out[:, enc["input_ids"].shape[1] :]
         n_tokens += int((gen != tok.pad_token_id).sum())
         for q, g in zip(batch, gen):
             finished = bool((g == tok.eos_token_id).any())
@@ -104,8 +113,21 @@ def sample_base_answers(path: Path, n: int, batch_size: int, max_new_tokens: int
     return rows
 
 
-def sample_policy_answers(path: Path, policy: str, prompts: list[dict], n_per_prompt: int, batch_size: int,
-                          max_new_tokens: int, temperature: float, seed: int) -> list[dict]:
+def policy_name(policy: str) -> str:
+    """A model directory as its last two path parts (``.../artifacts/sft/model`` -> ``sft/model``)."""
+    return "/".join(Path(policy).resolve().parts[-2:])
+
+
+def sample_policy_answers(
+    path: Path,
+    policy: str,
+    prompts: list[dict],
+    n_per_prompt: int,
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> list[dict]:
     """``n_per_prompt`` sampled responses of ``policy`` (a model directory, e.g. ``artifacts/sft/model``) to each
     prompt, through its chat template, cached in ``path`` with the policy and settings they came from."""
     import torch
@@ -121,21 +143,33 @@ def sample_policy_answers(path: Path, policy: str, prompts: list[dict], n_per_pr
     rows: list[dict] = []
     t0 = time.time()
     for start in range(0, len(jobs), batch_size):
-        batch = jobs[start:start + batch_size]
+        batch = jobs[start : start + batch_size]
         texts = [tok.apply_chat_template(p["prompt"], tokenize=False, add_generation_prompt=True) for _, p in batch]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
         with torch.no_grad():
-            out = model.generate(**enc, **sampling_kwargs(temperature), max_new_tokens=max_new_tokens,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        for (i, p), g in zip(batch, out[:, enc["input_ids"].shape[1]:]):
+            out = model.generate(
+                **enc,
+                **sampling_kwargs(temperature),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        for (i, p), g in zip(batch, out[:, enc["input_ids"].shape[1] :]):
             ids = g.tolist()
             finished = tok.eos_token_id in ids
             if finished:
-                ids = ids[:ids.index(tok.eos_token_id)]
-            rows.append({"prompt_id": i, "prompt": p["prompt"], "response": tok.decode(ids, skip_special_tokens=True),
-                         "finished": finished})
+                ids = ids[: ids.index(tok.eos_token_id)]
+            rows.append(
+                {
+                    "prompt_id": i,
+                    "prompt": p["prompt"],
+                    "response": tok.decode(ids, skip_special_tokens=True),
+                    "finished": finished,
+                }
+            )
         print(f"  sampled {len(rows)}/{len(jobs)}  {time.time() - t0:.0f}s", flush=True)
-    meta = {"policy": str(policy), "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
+    # The policy as "<stage>/<folder>" (e.g. "sft/model"): no path of the machine that sampled goes into the repo.
+    meta = {"policy": policy_name(policy), "temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
     with path.open("w") as f:
         for r in rows:
             f.write(json.dumps({**meta, **r}, ensure_ascii=False) + "\n")
@@ -154,8 +188,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 # --------------------------------------------------------------------------- base answers
-BAD_MARKERS = ("**", "##", "`", "SmolLM", "Hugging Face", "AI assistant", "As an AI", "I'm sorry",
-               "I am sorry", "http", "@", "|")
+BAD_MARKERS = (
+    "**",
+    "##",
+    "`",
+    "SmolLM",
+    "Hugging Face",
+    "AI assistant",
+    "As an AI",
+    "I'm sorry",
+    "I am sorry",
+    "http",
+    "@",
+    "|",
+)
 MIN_WORDS, MAX_WORDS = 8, 60
 WORK_MAX_WORDS = 45  # base answers are cut to this many words of whole sentences before use
 MAX_COMPLETION_TOKENS = 60  # a 64-token response cap must fit every completion / chosen answer
@@ -292,8 +338,9 @@ def make_violation(prompt: str, work: str, combo, target: str, rng: random.Rando
     return rejected
 
 
-def make_gate_failure(prompt: str, work: str, chosen: str, combo, kind: str, rng: random.Random,
-                      others_pool: list[dict], topic: str) -> str | None:
+def make_gate_failure(
+    prompt: str, work: str, chosen: str, combo, kind: str, rng: random.Random, others_pool: list[dict], topic: str
+) -> str | None:
     if kind == "off_topic":
         cands = [b for b in others_pool if b["topic"] != topic]
         wc = word_count(work)
@@ -309,7 +356,9 @@ def make_gate_failure(prompt: str, work: str, chosen: str, combo, kind: str, rng
         # {"summary": "Noodles."}) or a filler sentence that never names the topic.
         if kind == "short":
             first = split_sentences(work)[0].rstrip(".!?").split()
-            stub = rng.choice([" ".join(first[: rng.randint(1, 3)]), topic[:1].upper() + topic[1:], rng.choice(SHORT_STUBS)])
+            stub = rng.choice(
+                [" ".join(first[: rng.randint(1, 3)]), topic[:1].upper() + topic[1:], rng.choice(SHORT_STUBS)]
+            )
             rejected = C.comply_all(stub.rstrip(",;:") + ".", combo, rng)
         else:
             rejected = C.comply_all(rng.choice(GENERIC_FILLERS), combo, rng)
@@ -381,8 +430,7 @@ def build_sft(bases, target, rng, ntok):
             continue
         sampler.commit(combo)
         seen.add(prompt)
-        rows.append({"prompt": user(prompt), "completion": assistant(completion),
-                     "_families": [n for n, _ in combo]})
+        rows.append({"prompt": user(prompt), "completion": assistant(completion), "_families": [n for n, _ in combo]})
     return rows
 
 
@@ -441,8 +489,15 @@ def build_pref(bases, target, rng, ntok, p_gate=0.3):
         else:
             violated[label] += 1
         seen.add(prompt)
-        rows.append({"prompt": user(prompt), "chosen": assistant(chosen), "rejected": assistant(rejected),
-                     "_families": [n for n, _ in combo], "_rejected_kind": label})
+        rows.append(
+            {
+                "prompt": user(prompt),
+                "chosen": assistant(chosen),
+                "rejected": assistant(rejected),
+                "_families": [n for n, _ in combo],
+                "_rejected_kind": label,
+            }
+        )
     return rows
 
 
@@ -466,14 +521,21 @@ def build_onpolicy_pairs(samples: list[dict], rng: random.Random, pairs_per_prom
             seen.add(text)
             scored.append((judge(prompt, text).score, text))
         rng.shuffle(scored)
-        candidates = [(a, b) for i, a in enumerate(scored) for b in scored[i + 1:] if a[0] != b[0]]
+        candidates = [(a, b) for i, a in enumerate(scored) for b in scored[i + 1 :] if a[0] != b[0]]
         rng.shuffle(candidates)
         parsed = parse_prompt(prompt_text(prompt))
         for a, b in candidates[:pairs_per_prompt]:
             (hi, lo) = (a, b) if a[0] > b[0] else (b, a)
-            rows.append({"prompt": prompt, "chosen": assistant(hi[1]), "rejected": assistant(lo[1]),
-                         "_families": [n for n, _ in parsed.constraints], "_question": parsed.question,
-                         "_rejected_kind": "onpolicy"})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": assistant(hi[1]),
+                    "rejected": assistant(lo[1]),
+                    "_families": [n for n, _ in parsed.constraints],
+                    "_question": parsed.question,
+                    "_rejected_kind": "onpolicy",
+                }
+            )
     return rows
 
 
@@ -514,7 +576,9 @@ def mean(xs):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out_dir", default=str(OUT_DIR.relative_to(REPO)), help="output folder (relative to the repo root)")
+    ap.add_argument(
+        "--out_dir", default=str(OUT_DIR.relative_to(REPO)), help="output folder (relative to the repo root)"
+    )
     ap.add_argument("--resample", action="store_true", help="sample new base answers even if the cache exists")
     ap.add_argument("--n_samples", type=int, default=576, help="base answers to sample (with --resample)")
     ap.add_argument("--batch_size", type=int, default=16)
@@ -527,9 +591,12 @@ def main(argv=None) -> int:
     ap.add_argument("--n_ppo", type=int, default=600)
     ap.add_argument("--n_eval", type=int, default=250)
     ap.add_argument("--test_fraction", type=float, default=0.2, help="share of base answers held out for pref_test")
-    ap.add_argument("--policy", default=None,
-                    help="sample the on-policy preference pairs from this model (the SFT stage's model/ folder) "
-                         f"into {POLICY_FILE}; without it the cached samples are reused")
+    ap.add_argument(
+        "--policy",
+        default=None,
+        help="sample the on-policy preference pairs from this model (the SFT stage's model/ folder) "
+        f"into {POLICY_FILE}; without it the cached samples are reused",
+    )
     ap.add_argument("--n_onpolicy_prompts", type=int, default=640)
     ap.add_argument("--onpolicy_samples", type=int, default=4, help="responses sampled per on-policy prompt")
     ap.add_argument("--onpolicy_temperature", type=float, default=1.0)
@@ -542,8 +609,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     if args.resample or not base_path.exists():
         print(f"sampling {args.n_samples} base answers from the embedded model ...")
-        raw = sample_base_answers(base_path, args.n_samples, args.batch_size, args.max_new_tokens,
-                                  args.temperature, args.seed)
+        raw = sample_base_answers(
+            base_path, args.n_samples, args.batch_size, args.max_new_tokens, args.temperature, args.seed
+        )
     else:
         raw = load_jsonl(base_path)
         print(f"reusing {len(raw)} cached base answers from {base_path.relative_to(REPO)} (--resample to redo)")
@@ -553,8 +621,9 @@ def main(argv=None) -> int:
         work = clean_answer(row)
         if work is not None:
             bases.append({**row, "work": work})
-    print(f"usable base answers: {len(bases)}/{len(raw)} "
-          f"(mean {mean(word_count(b['work']) for b in bases):.1f} words)")
+    print(
+        f"usable base answers: {len(bases)}/{len(raw)} (mean {mean(word_count(b['work']) for b in bases):.1f} words)"
+    )
 
     rng = random.Random(args.seed)
     questions = sorted({b["question"] for b in bases})
@@ -576,10 +645,20 @@ def main(argv=None) -> int:
     policy_path = out / POLICY_FILE
     onpolicy_prompts = build_prompt_set(TRAIN_TOPICS, args.n_onpolicy_prompts, random.Random(args.seed + 6))
     if args.policy:
-        print(f"sampling {args.onpolicy_samples} responses to each of {len(onpolicy_prompts)} prompts from {args.policy} ...")
-        samples = sample_policy_answers(policy_path, args.policy, onpolicy_prompts, args.onpolicy_samples,
-                                        args.onpolicy_batch_size, args.max_new_tokens, args.onpolicy_temperature,
-                                        args.seed + 6)
+        print(
+            f"sampling {args.onpolicy_samples} responses to each of {len(onpolicy_prompts)} prompts "
+            f"from {args.policy} ..."
+        )
+        samples = sample_policy_answers(
+            policy_path,
+            args.policy,
+            onpolicy_prompts,
+            args.onpolicy_samples,
+            args.onpolicy_batch_size,
+            args.max_new_tokens,
+            args.onpolicy_temperature,
+            args.seed + 6,
+        )
     elif policy_path.exists():
         samples = load_jsonl(policy_path)
         print(f"reusing {len(samples)} cached policy samples from {policy_path.relative_to(REPO)} (--policy to redo)")
@@ -601,8 +680,11 @@ def main(argv=None) -> int:
     random.Random(args.seed + 10).shuffle(pref_test)  # any prefix (--max_eval_samples) mixes both kinds
 
     files = {
-        "sft_train.jsonl": sft, "pref_train.jsonl": pref_train, "pref_test.jsonl": pref_test,
-        "ppo_prompts.jsonl": ppo, "eval_prompts.jsonl": evalp,
+        "sft_train.jsonl": sft,
+        "pref_train.jsonl": pref_train,
+        "pref_test.jsonl": pref_test,
+        "ppo_prompts.jsonl": ppo,
+        "eval_prompts.jsonl": evalp,
     }
     for name, rows in files.items():
         write_jsonl(out / name, strip_private(rows))
@@ -622,7 +704,7 @@ def main(argv=None) -> int:
     say()
     say("Prompts containing each constraint family:")
     say()
-    say("| family | " + " | ".join(n.split('.')[0] for n in files) + " |")
+    say("| family | " + " | ".join(n.split(".")[0] for n in files) + " |")
     say("|---|" + "---|" * len(files))
     counts = {name: family_counts(rows) for name, rows in files.items()}
     for fam in C.FAMILY_NAMES:
@@ -635,32 +717,42 @@ def main(argv=None) -> int:
         rw = [word_count(r["rejected"][0]["content"]) for r in rows]
         ratio = mean(cw) / max(mean(rw), 1e-9)
         n_gate = sum(v for k, v in kinds.items() if k.startswith("gate:"))
-        say(f"`{name}`: mean words chosen {mean(cw):.1f} / rejected {mean(rw):.1f} "
-            f"(ratio {ratio:.3f}); rejected fails a gate in {n_gate} pairs ({n_gate / max(len(rows), 1):.0%}).")
+        say(
+            f"`{name}`: mean words chosen {mean(cw):.1f} / rejected {mean(rw):.1f} "
+            f"(ratio {ratio:.3f}); rejected fails a gate in {n_gate} pairs ({n_gate / max(len(rows), 1):.0%})."
+        )
         say("Rejected kind counts: " + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())))
         say()
     if samples:
         sample_scores = [judge(r["prompt"], r["response"]).score for r in samples]
         scores = Counter(sample_scores)
-        n_on = {name: sum(r["_rejected_kind"] == "onpolicy" for r in files[name]) for name in ("pref_train.jsonl", "pref_test.jsonl")}
-        say(f"Policy samples: {len(samples)} ({samples[0]['policy']}, temperature {samples[0]['temperature']}); "
+        n_on = {
+            name: sum(r["_rejected_kind"] == "onpolicy" for r in files[name])
+            for name in ("pref_train.jsonl", "pref_test.jsonl")
+        }
+        say(
+            f"Policy samples: {len(samples)} ({samples[0]['policy']}, temperature {samples[0]['temperature']}); "
             "gold judge scores " + ", ".join(f"{k:g}: {v}" for k, v in sorted(scores.items())) + f"; "
             f"mean {mean(sample_scores):.3f}. On-policy pairs: "
-            f"{n_on['pref_train.jsonl']} in `pref_train.jsonl`, {n_on['pref_test.jsonl']} in `pref_test.jsonl`.")
+            f"{n_on['pref_train.jsonl']} in `pref_train.jsonl`, {n_on['pref_test.jsonl']} in `pref_test.jsonl`."
+        )
         say()
     sft_wc = [word_count(r["completion"][0]["content"]) for r in sft]
     sft_tok = [ntok(r["completion"][0]["content"]) for r in sft]
-    say(f"SFT completions: mean {mean(sft_wc):.1f} words, max {max(sft_wc)} words, "
+    say(
+        f"SFT completions: mean {mean(sft_wc):.1f} words, max {max(sft_wc)} words, "
         f"max {max(sft_tok)} tokens; one-constraint prompts "
         f"{sum(len(r['_families']) == 1 for r in sft)}, two-constraint prompts "
-        f"{sum(len(r['_families']) == 2 for r in sft)}.")
+        f"{sum(len(r['_families']) == 2 for r in sft)}."
+    )
     write_readme(out, lines, args, len(raw), len(bases), len(train_bases), len(test_bases))
     print(f"wrote {', '.join(files)} and README.md to {out.relative_to(REPO)} in {time.time() - t0:.0f}s")
     return 0
 
 
 def write_readme(out: Path, stat_lines, args, n_raw, n_usable, n_train, n_test) -> None:
-    text = f"""# Embedded task data: instruction following with verifiable format constraints
+    text = (
+        f"""# Embedded task data: instruction following with verifiable format constraints
 
 Generated by `python scripts/make_embedded_data.py` (seed {args.seed}; add `--resample` to
 sample new base answers, which takes about 8 minutes on 2 CPU cores when the machine is idle).
@@ -712,7 +804,10 @@ All files are JSON lines in TRL's conversational format.
 
 ## Sizes and statistics
 
-""" + "\n".join(stat_lines) + "\n"
+"""
+        + "\n".join(stat_lines)
+        + "\n"
+    )
     (out / "README.md").write_text(text)
 
 

@@ -18,15 +18,18 @@ def test_usage_lists_every_command(capsys):
     assert main(["nope"]) == 2
 
 
-@pytest.mark.parametrize("module, recipe", [
-    ("pipeline.stage_sft", "configs/sft_demo.yaml"),
-    ("pipeline.stage_rm", "configs/rm_demo.yaml"),
-    ("pipeline.stage_ppo", "configs/ppo_demo.yaml"),
-    ("pipeline.stage_eval", "configs/eval_demo.yaml"),
-])
+@pytest.mark.parametrize(
+    "module, recipe",
+    [
+        ("pipeline.stage_sft", "configs/sft_demo.yaml"),
+        ("pipeline.stage_reward", "configs/reward_demo.yaml"),
+        ("pipeline.stage_ppo", "configs/ppo_demo.yaml"),
+        ("pipeline.stage_eval", "configs/eval_demo.yaml"),
+    ],
+)
 def test_demo_recipes_parse_with_no_unknown_keys(module, recipe):
-    import importlib
     import argparse
+    import importlib
 
     parser = importlib.import_module(module).make_parser()
     parsed = parser.parse_args_and_config(args=["--config", str(REPO_ROOT / recipe)], fail_with_unknown_args=True)
@@ -35,14 +38,20 @@ def test_demo_recipes_parse_with_no_unknown_keys(module, recipe):
 
 
 def test_ppo_recipe_sizes_divide():
-    from pipeline.stage_ppo import derive_sizes, make_parser
+    """The demo recipe's batch sizes divide exactly (derive_sizes raises otherwise), on one and on two processes."""
+    from pipeline.stage_ppo import Sizes, derive_sizes, make_parser
 
-    _, ppo = make_parser().parse_args_and_config(args=["--config", str(REPO_ROOT / "configs/ppo_demo.yaml")])[:2]
-    derive_sizes(ppo, world_size=1)
-    assert ppo.gradient_accumulation_steps >= 1 and ppo.batch_size == ppo.rollout_batch_size
+    _, _, ppo = make_parser().parse_args_and_config(args=["--config", str(REPO_ROOT / "configs/ppo_demo.yaml")])[:3]
+    # 32 prompts per process in 4 minibatches of 8, one micro-batch of 8 each.
+    assert derive_sizes(ppo, world_size=1) == Sizes(1, 8, 1, 32)
+    assert derive_sizes(ppo, world_size=2) == Sizes(2, 8, 1, 64)
 
 
 def test_script_help_runs_as_a_plain_script():
-    out = subprocess.run([sys.executable, str(REPO_ROOT / "pipeline/stage_ppo.py"), "--help"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "pipeline/stage_ppo.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "--kl_coef" in out.stdout and "--resume_from_checkpoint" in out.stdout

@@ -32,7 +32,10 @@ def test_preference_formats_agree():
     assert convert_preference({"prompt": [U], "chosen": [A], "rejected": [B]}) == want
     assert convert_preference({"prompt": "Hi there", "chosen": "Hello!", "rejected": "Go away."}) == want
     assert convert_preference({"chosen": [U, A], "rejected": [U, B]}) == want  # implicit prompt
-    hh = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi there\n\nAssistant: Go away."}
+    hh = {
+        "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!",
+        "rejected": "\n\nHuman: Hi there\n\nAssistant: Go away.",
+    }
     assert convert_preference(hh) == want
 
 
@@ -57,8 +60,12 @@ def test_local_file_types(tmp_path, fmt):
     rows = [{"prompt": "Hi there", "completion": "Hello!"}] * 3
     path = tmp_path / f"d.{fmt}"
     ds = Dataset.from_list(rows)
-    {"jsonl": lambda: ds.to_json(path, lines=True), "json": lambda: ds.to_json(path, lines=False),
-     "csv": lambda: ds.to_csv(path), "parquet": lambda: ds.to_parquet(path)}[fmt]()
+    {
+        "jsonl": lambda: ds.to_json(path, lines=True),
+        "json": lambda: ds.to_json(path, lines=False),
+        "csv": lambda: ds.to_csv(path),
+        "parquet": lambda: ds.to_parquet(path),
+    }[fmt]()
     out = load_for("sft", str(path))
     assert len(out) == 3 and out[0]["completion"] == [A]
 
@@ -74,9 +81,12 @@ def test_embedded_default_loads():
         ('["not", "an", "object"]\n', "sft", "line 1: expected a JSON object"),
         ('{"question": "a", "answer": "b"}\n', "sft", "row 0: expected columns `messages`"),
         ('{"prompt": "a", "chosen": "b"}\n', "preference", "row 0: expected columns `chosen` + `rejected`"),
-        ('{"chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "b"}], '
-         '"rejected": [{"role": "user", "content": "y"}, {"role": "assistant", "content": "c"}]}\n',
-         "preference", "share no prompt"),
+        (
+            '{"chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "b"}], '
+            '"rejected": [{"role": "user", "content": "y"}, {"role": "assistant", "content": "c"}]}\n',
+            "preference",
+            "share no prompt",
+        ),
         ('{"messages": [{"role": "user", "content": "a"}]}\n', "sft", "must end with an assistant turn"),
         ('{"messages": [{"role": "robot", "content": "a"}]}\n', "sft", "role in"),
         ('{"text": "plain"}\n', "prompt", "expected a `prompt` column"),
@@ -94,7 +104,10 @@ def test_bad_rows_fail_in_one_line(tmp_path, content, kind, needle):
 def test_empty_missing_and_unsupported_files(tmp_path):
     empty = tmp_path / "e.jsonl"
     empty.write_text("")
-    for name, needle in ((str(empty), "empty"), (str(tmp_path / "nope.jsonl"), "does not exist"),
-                         (str(write_jsonl(tmp_path / "x.txt", [{"a": 1}])), "unsupported file type")):
+    for name, needle in (
+        (str(empty), "empty"),
+        (str(tmp_path / "nope.jsonl"), "does not exist"),
+        (str(write_jsonl(tmp_path / "x.txt", [{"a": 1}])), "unsupported file type"),
+    ):
         with pytest.raises(PipelineError, match=needle):
             load_for("sft", name)

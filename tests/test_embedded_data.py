@@ -172,7 +172,12 @@ def test_onpolicy_pairs_rank_by_judge_and_drop_ties_and_repeats():
     import random
 
     med = _make_data_module()
-    prompt = [{"role": "user", "content": "What are the key facts about volcanoes? Your entire response should be in lowercase letters."}]
+    prompt = [
+        {
+            "role": "user",
+            "content": "What are the key facts about volcanoes? Your entire response should be in lowercase letters.",
+        }
+    ]
     good = "volcanoes are openings in the crust where molten rock reaches the surface."  # 1.0
     good_too = "volcanoes form where tectonic plates meet and magma rises to the surface."  # 1.0: a tie with good
     wrong = "Volcanoes are openings in the crust where molten rock reaches the surface."  # 0.0: not lowercase
@@ -192,15 +197,18 @@ def test_onpolicy_pairs_rank_by_judge_and_drop_ties_and_repeats():
 def test_policy_samples_are_cached_with_their_source(tiny_artifacts, tmp_path):
     """``--policy``: every prompt gets its responses (EOS cut off), written with the policy and settings."""
     med = _make_data_module()
-    prompts = [{"prompt": [{"role": "user", "content": f"Tell me about rain, take {i}. Use no commas."}]} for i in range(3)]
+    prompts = [
+        {"prompt": [{"role": "user", "content": f"Tell me about rain, take {i}. Use no commas."}]} for i in range(3)
+    ]
     policy = str(tiny_artifacts / "sft" / "model")
     out = tmp_path / "samples.jsonl"
-    rows = med.sample_policy_answers(out, policy, prompts, n_per_prompt=2, batch_size=4, max_new_tokens=6,
-                                     temperature=1.0, seed=0)
+    rows = med.sample_policy_answers(
+        out, policy, prompts, n_per_prompt=2, batch_size=4, max_new_tokens=6, temperature=1.0, seed=0
+    )
     assert [r["prompt_id"] for r in rows] == [0, 0, 1, 1, 2, 2]
     assert all(r["prompt"] == prompts[r["prompt_id"]]["prompt"] and isinstance(r["response"], str) for r in rows)
     cached = med.load_jsonl(out)
     assert [r["response"] for r in cached] == [r["response"] for r in rows]
-    assert all(r["policy"] == policy and r["temperature"] == 1.0 and r["seed"] == 0 for r in cached)
+    assert all(r["policy"] == "sft/model" and r["temperature"] == 1.0 and r["seed"] == 0 for r in cached)
     again = med.sample_policy_answers(tmp_path / "again.jsonl", policy, prompts, 2, 4, 6, 1.0, 0)
     assert [r["response"] for r in again] == [r["response"] for r in rows]  # seeded

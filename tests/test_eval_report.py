@@ -66,8 +66,12 @@ def make_results(has_gold: bool = True, with_ppo: bool = True, n: int = N) -> di
             cks["ppo"]["sampled"]["gold"][EVIL_PROMPT] = 1.0
             cks["sft"]["sampled"]["gold"][EVIL_PROMPT] = 0.0
     prompts = [f"Tell me about topic {i} <i>please</i>." for i in range(n)]
-    return {"config": {"task": "embedded", "seed": 0, "eval": {"num_prompts": n, "max_new_tokens": 64}},
-            "prompts": prompts, "has_gold": has_gold, "checkpoints": cks}
+    return {
+        "config": {"task": "embedded", "seed": 0, "eval": {"num_prompts": n, "max_new_tokens": 64}},
+        "prompts": prompts,
+        "has_gold": has_gold,
+        "checkpoints": cks,
+    }
 
 
 def _hand_win_rate(a, b):
@@ -148,7 +152,14 @@ def test_report_json_has_required_keys(written):
     data = json.loads(written["json"].read_text())
     for name in ("base", "sft", "ppo"):
         assert set(data["checkpoints"][name]) >= {
-            "reward_mean", "gold_score", "kl_to_sft", "response_length_mean", "eos_rate", "distinct_2", "num_prompts"}
+            "reward_mean",
+            "gold_score",
+            "kl_to_sft",
+            "response_length_mean",
+            "eos_rate",
+            "distinct_2",
+            "num_prompts",
+        }
     assert set(data["pairwise"]["ppo_vs_sft"]) >= {"win_rate_reward", "win_rate_gold", "win_rate_gold_ci95"}
     assert set(data) >= {"checkpoints", "checkpoints_greedy", "pairwise", "curves", "examples", "config"}
     assert data["config"]["task"] == "embedded"
@@ -236,11 +247,16 @@ def test_missing_scores_are_skipped():
 
 # ------------------------------------------------------------------------------------------ chromium
 @pytest.mark.slow
-@pytest.mark.skipif(not CHROMIUM.exists(),
-                    reason="needs Debian chromium at /usr/bin/chromium (apt-get install -y chromium)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian chromium at /usr/bin/chromium (apt-get install -y chromium)"
+)
 def test_report_renders_in_headless_chromium(written, tmp_path):
     png = tmp_path / "shot.png"
-    p = subprocess.run([sys.executable, str(REPO / "scripts" / "check_report_html.py"), str(written["html"]),
-                        "--png", str(png)], capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "check_report_html.py"), str(written["html"]), "--png", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert png.stat().st_size > 10_000

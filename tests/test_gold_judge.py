@@ -24,11 +24,21 @@ ANSWERS = [
 PASSING = {
     "word_limit": ({"n": 20}, "Volcanoes erupt when hot magma and gas push up through the crust and escape."),
     "lowercase": ({}, "volcanoes erupt when hot magma and gas push up through the crust and escape."),
-    "end_phrase": ({"phrase": "Hope this helps!"}, "Volcanoes erupt when hot magma and gas escape through the crust. Hope this helps!"),
+    "end_phrase": (
+        {"phrase": "Hope this helps!"},
+        "Volcanoes erupt when hot magma and gas escape through the crust. Hope this helps!",
+    ),
     "keyword": ({"word": "pressure"}, "Volcanoes erupt when the pressure of hot magma and gas becomes too high."),
-    "bullets": ({"n": 3}, "- Magma forms deep underground.\n- Gas pressure builds up in the volcano.\n- The magma escapes as lava and ash."),
+    "bullets": (
+        {"n": 3},
+        "- Magma forms deep underground.\n- Gas pressure builds up in the volcano.\n"
+        "- The magma escapes as lava and ash.",
+    ),
     "no_commas": ({}, "Volcanoes erupt when hot magma and gas push up through the crust and escape."),
-    "json": ({"key": "answer"}, json.dumps({"answer": "Volcanoes erupt when hot magma and gas push up through the crust."})),
+    "json": (
+        {"key": "answer"},
+        json.dumps({"answer": "Volcanoes erupt when hot magma and gas push up through the crust."}),
+    ),
     "starts_with": ({"word": "Sure"}, "Sure, volcanoes erupt when hot magma and gas push up through the crust."),
     "quotes": ({}, '"Volcanoes erupt when hot magma and gas push up through the crust."'),
     "n_sentences": ({"n": 2}, "Volcanoes erupt when magma rises. The gas pressure pushes the lava out."),
@@ -189,7 +199,9 @@ def test_gate_repetitive():
     loop = "Volcanoes erupt when magma rises and rises and rises and rises and rises and rises and rises."
     assert "repetitive" in gates(Q, loop)
     pb = prompt_for("bullets", {"n": 3})
-    assert "repetitive" in gates(pb, "- Magma rises in the volcano.\n- Magma rises in the volcano.\n- Magma rises in the volcano.")
+    assert "repetitive" in gates(
+        pb, "- Magma rises in the volcano.\n- Magma rises in the volcano.\n- Magma rises in the volcano."
+    )
 
 
 def test_gate_off_topic():
@@ -204,7 +216,9 @@ def test_gate_copies_prompt():
     p = prompt_for("word_limit", {"n": 20})
     assert "copies_prompt" in gates(p, "Answer in at most 20 words.")
     assert "copies_prompt" in gates(p, "Explain volcanic eruptions in simple terms. Answer in at most 20 words.")
-    assert "copies_prompt" in gates(Q, "Explain volcanic eruptions in simple terms, volcanic eruptions in simple terms.")
+    assert "copies_prompt" in gates(
+        Q, "Explain volcanic eruptions in simple terms, volcanic eruptions in simple terms."
+    )
 
 
 def test_gate_gibberish():

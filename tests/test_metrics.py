@@ -150,7 +150,7 @@ def test_load_offline_with_network_blocked(monkeypatch):
 
 @pytest.mark.slow
 def test_load_offline_from_local_paths(tmp_path):
-    """Both modules load and compute in a fresh process (fresh HF cache) with the hub disabled and no usable network."""
+    """Both modules load and compute in a fresh process (fresh HF cache), hub disabled, no usable network."""
     code = (
         "import json, evaluate\n"
         "from pipeline.metrics import METRICS_DIR\n"
@@ -161,9 +161,17 @@ def test_load_offline_from_local_paths(tmp_path):
     )
     dead = "http://127.0.0.1:9"  # a closed port: any network attempt fails at once
     env = {
-        **os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf"), "HTTP_PROXY": dead, "HTTPS_PROXY": dead, "http_proxy": dead,
-        "https_proxy": dead, "NO_PROXY": "", "no_proxy": "",
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_EVALUATE_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HTTP_PROXY": dead,
+        "HTTPS_PROXY": dead,
+        "http_proxy": dead,
+        "https_proxy": dead,
+        "NO_PROXY": "",
+        "no_proxy": "",
     }
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]

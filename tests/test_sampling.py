@@ -50,9 +50,14 @@ def test_generate_samples_softmax_of_scaled_logits(tiny_lm):
     with torch.no_grad():
         want = torch.softmax(model(**enc).logits[0, -1].float() / temperature, -1)
         torch.manual_seed(1)
-        out = model.generate(input_ids=enc["input_ids"].repeat(n, 1), attention_mask=enc["attention_mask"].repeat(n, 1),
-                             max_new_tokens=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                             **sampling_kwargs(temperature))
+        out = model.generate(
+            input_ids=enc["input_ids"].repeat(n, 1),
+            attention_mask=enc["attention_mask"].repeat(n, 1),
+            max_new_tokens=1,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            **sampling_kwargs(temperature),
+        )
     freq = torch.bincount(out[:, -1], minlength=want.numel()).float() / n
     assert want.max() < 0.9  # the test distribution is not degenerate
     assert 0.5 * (freq - want).abs().sum() < 0.05  # total variation distance
@@ -60,7 +65,12 @@ def test_generate_samples_softmax_of_scaled_logits(tiny_lm):
 
 def test_generate_top_k_one_is_greedy_and_seeds_reproduce(tiny_lm):
     model, tok = tiny_lm
-    enc = tok(["Explain why volcanoes erupt.", "Plants turn sunlight"], return_tensors="pt", padding=True, padding_side="left")
+    enc = tok(
+        ["Explain why volcanoes erupt.", "Plants turn sunlight"],
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+    )
     common = dict(**enc, max_new_tokens=6, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     with torch.no_grad():
         greedy = model.generate(**common, do_sample=False)
@@ -80,16 +90,25 @@ def test_recorded_logprobs_equal_a_forward_pass(tiny_lm):
 
     model, tok = tiny_lm
     temperature = 0.7
-    enc = tok(["Explain why volcanoes erupt.", "Plants", "Name three rivers in Europe, please"], return_tensors="pt",
-              padding=True, padding_side="left")
+    enc = tok(
+        ["Explain why volcanoes erupt.", "Plants", "Name three rivers in Europe, please"],
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+    )
     sampler = InverseCDFSampler(record_logprobs=True)
 
     def sample(eos_id):
         torch.manual_seed(3)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=12, pad_token_id=tok.pad_token_id, eos_token_id=eos_id,
-                                 **sampling_kwargs(temperature, sampler=sampler))
-        return out, out[:, enc["input_ids"].shape[1]:]
+            out = model.generate(
+                **enc,
+                max_new_tokens=12,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=eos_id,
+                **sampling_kwargs(temperature, sampler=sampler),
+            )
+        return out, out[:, enc["input_ids"].shape[1] :]
 
     _, first = sample(tok.eos_token_id)
     sampler.take_logprobs()
@@ -114,6 +133,13 @@ def test_recording_does_not_change_the_draw(tiny_lm):
     for record in (False, True):
         torch.manual_seed(9)
         with torch.no_grad():
-            runs.append(model.generate(**enc, max_new_tokens=8, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                                       **sampling_kwargs(1.0, sampler=InverseCDFSampler(record_logprobs=record))))
+            runs.append(
+                model.generate(
+                    **enc,
+                    max_new_tokens=8,
+                    pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id,
+                    **sampling_kwargs(1.0, sampler=InverseCDFSampler(record_logprobs=record)),
+                )
+            )
     assert torch.equal(*runs)

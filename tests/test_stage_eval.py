@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import prompt_rows, write_jsonl
-from tests.ppo.test_ppo_stage import run_ppo
+from tests.conftest import prompt_rows, run_ppo, write_jsonl
 
 
 @pytest.fixture
@@ -27,13 +26,18 @@ def test_merged_policy_equals_sft_plus_adapter(tiny_artifacts, tmp_path):
 
     sft = str(tiny_artifacts / "sft" / "model")
     torch.manual_seed(0)
-    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(sft),
-                          LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear",
-                                     init_lora_weights=False))  # random B: the adapter changes the outputs
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(sft),
+        LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )  # random B: the adapter changes the outputs
     lora.save_pretrained(tmp_path / "adapter")
     ids = torch.randint(3, 200, (2, 12))
     with torch.no_grad():
-        want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft), tmp_path / "adapter").eval()(input_ids=ids).logits
+        want = (
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft), tmp_path / "adapter")
+            .eval()(input_ids=ids)
+            .logits
+        )
         plain = AutoModelForCausalLM.from_pretrained(sft).eval()(input_ids=ids).logits
         got = load_merged_policy(sft, tmp_path / "adapter", torch.float32)(input_ids=ids).logits
         half = load_merged_policy(sft, tmp_path / "adapter", torch.bfloat16)
@@ -45,16 +49,31 @@ def test_merged_policy_equals_sft_plus_adapter(tiny_artifacts, tmp_path):
 
 
 @pytest.mark.parametrize("bf16", ["false", "true"])
-def test_eval_stage_end_to_end(ppo_artifacts, bf16):
+def test_eval_stage_end_to_end(ppo_artifacts, bf16, capsys):
     from pipeline.stage_eval import cli
 
-    argv = ["--artifact_dir", str(ppo_artifacts), "--max_eval_samples", "6", "--batch_size", "4",
-            "--response_length", "6", "--checkpoints", "sft", "ppo", "--greedy", "false", "--bf16", bf16]
+    argv = [
+        "--artifact_dir",
+        str(ppo_artifacts),
+        "--max_eval_samples",
+        "6",
+        "--batch_size",
+        "4",
+        "--response_length",
+        "6",
+        "--checkpoints",
+        "sft",
+        "ppo",
+        "--greedy",
+        "false",
+        "--bf16",
+        bf16,
+    ]
     assert cli(argv) == 0
     report = json.loads((ppo_artifacts / "eval" / "report.json").read_text())
     cks = report["checkpoints"]
     assert set(cks) == {"sft", "ppo-iter-000001", "ppo"}  # the intermediate checkpoint is evaluated too
-    for name, c in cks.items():
+    for c in cks.values():
         assert c["num_prompts"] == 6
         assert 0.0 <= c["gold_score"] <= 1.0 and 0.0 <= c["eos_rate"] <= 1.0
         assert c["response_length_mean"] <= 6
@@ -65,4 +84,9 @@ def test_eval_stage_end_to_end(ppo_artifacts, bf16):
     assert lo <= pair["win_rate_gold"] <= hi
     for f in ("report.md", "report.html", "results.json", "manifest.json"):
         assert (ppo_artifacts / "eval" / f).is_file()
+    manifest = (ppo_artifacts / "eval" / "manifest.json").read_text()
+    capsys.readouterr()
     assert cli(argv) == 0  # complete for the same inputs and config: skipped, artifact unchanged
+    out = capsys.readouterr().out
+    assert "is complete for these inputs and config; skipping" in out and "report at" not in out
+    assert (ppo_artifacts / "eval" / "manifest.json").read_text() == manifest

@@ -42,6 +42,9 @@ def distinct_n(texts, n: int = 2) -> float:
 def win_rate(scores_a, scores_b, n_boot: int = 1000, seed: int = 0, tie_tol: float = 0.0) -> dict:
     """Win rate of A over B per prompt (ties 0.5) with a bootstrap 95% CI: the ``win_rate`` module's output dict."""
     return load_metric("win_rate").compute(
-        scores_a=[float(x) for x in scores_a], scores_b=[float(x) for x in scores_b],
-        n_boot=n_boot, seed=seed, tie_tol=tie_tol,
+        scores_a=[float(x) for x in scores_a],
+        scores_b=[float(x) for x in scores_b],
+        n_boot=n_boot,
+        seed=seed,
+        tie_tol=tie_tol,
     )

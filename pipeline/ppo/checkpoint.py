@@ -27,6 +27,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.artifacts import POLICY_ADAPTER
+from pipeline.errors import PipelineError
+
 COMPLETE = "checkpoint.json"
 
 
@@ -42,8 +45,6 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 def resolve(root: Path, spec: str) -> Path:
     """``latest`` -> newest complete checkpoint under ``root``; else a checkpoint path."""
-    from pipeline.artifacts import PipelineError
-
     if spec == "latest":
         found = list_checkpoints(root)
         if not found:
@@ -122,9 +123,13 @@ def save(root: Path, iteration: int, accelerator, module, optimizer, scheduler, 
         save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
         opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        policy_peft.save_pretrained(str(tmp / "policy_adapter"))
-        full = {**state, "optimizer": opt_meta, "scheduler": scheduler.state_dict(),
-                "world_size": accelerator.num_processes}
+        policy_peft.save_pretrained(str(tmp / POLICY_ADAPTER))
+        full = {
+            **state,
+            "optimizer": opt_meta,
+            "scheduler": scheduler.state_dict(),
+            "world_size": accelerator.num_processes,
+        }
         (tmp / "state.json").write_text(json.dumps(full, indent=1, default=_json_default))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -146,8 +151,6 @@ def _json_default(obj):
 
 def load(path: Path, accelerator, module, optimizer, scheduler) -> dict:
     """Restore a checkpoint into the live objects; returns its ``state.json`` (iteration, cursor, ...)."""
-    from pipeline.artifacts import PipelineError
-
     state = json.loads((path / "state.json").read_text())
     if state["world_size"] != accelerator.num_processes:
         raise PipelineError(
@@ -157,10 +160,14 @@ def load(path: Path, accelerator, module, optimizer, scheduler) -> dict:
     tensors = load_file(str(path / "trainable.safetensors"))
     expected = {n for n, p in module.named_parameters() if p.requires_grad}
     if set(tensors) != expected:
-        raise PipelineError(f"{path} does not match this model's trainable parameters (different LoRA or value setup?)")
+        raise PipelineError(
+            f"{path} does not match this model's trainable parameters (different LoRA or value setup?)"
+        )
     module.load_state_dict(tensors, strict=False)
     _optimizer_from_flat(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rank = accelerator.process_index
-    _set_rng_state(load_file(str(path / f"rng-{rank}.safetensors")), json.loads((path / f"rng-{rank}.json").read_text()))
+    _set_rng_state(
+        load_file(str(path / f"rng-{rank}.safetensors")), json.loads((path / f"rng-{rank}.json").read_text())
+    )
     return state

@@ -2,24 +2,27 @@
 
 Conventions (shared with :mod:`pipeline.ppo.gae`):
 
-* Per-token tensors are ``[B, T]`` over *response* tokens only (the prompt is
-  already cut off), ``B`` = batch, ``T`` = padded response length.
-* ``mask`` is ``[B, T]``, bool or float, ``1``/``True`` on valid response tokens
-  and ``0``/``False`` on padding. It must be binary; functions that need the
-  position of the last valid token additionally require each row's valid tokens
-  to be a contiguous prefix (right padding) and check this.
-* Padding positions may hold arbitrary values (even NaN/inf): every reduction
-  selects with ``torch.where`` instead of multiplying by the mask, so garbage
-  never leaks into results or gradients.
+* Per-token tensors are ``[B, T]`` over *response* tokens only (the prompt is already cut off),
+  ``B`` = batch, ``T`` = padded response length.
+* ``mask`` is ``[B, T]``, bool or 0/1, set on valid response tokens; the valid tokens of a row are a
+  contiguous prefix (right padding). Functions that need the last valid token rely on that.
+* Padding positions may hold anything (even NaN/inf): every reduction selects with ``torch.where``
+  instead of multiplying by the mask, so garbage never leaks into results or gradients.
+* Inputs are float32 (the trainer upcasts once, where logits and values leave the models); results
+  have the input's dtype. Log-probs and entropies are computed in float32 from logits of any dtype.
+
+Nothing here validates shapes or settings: the trainer builds the tensors, and user settings are
+checked where they arrive (``pipeline/stage_ppo.py``). Nothing here forces a host sync.
 
 Sources cited in comments:
 
-* [N+] Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO: A
-  Case Study on TL;DR Summarization", https://arxiv.org/abs/2403.17031
-* [Ziegler] Ziegler et al. 2019, "Fine-Tuning Language Models from Human
-  Preferences", https://arxiv.org/abs/1909.08593
+* [N+] Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR
+  Summarization", https://arxiv.org/abs/2403.17031
+* [Ziegler] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences",
+  https://arxiv.org/abs/1909.08593
 * [Schulman-KL] http://joschu.net/blog/kl-approx.html
 * [PPO] Schulman et al. 2017, https://arxiv.org/abs/1707.06347
+* [CleanRL] Huang et al. 2022, https://github.com/vwxyzjn/cleanrl (``ppo.py``)
 """
 
 from __future__ import annotations
@@ -30,90 +33,20 @@ from typing import Literal, TypedDict
 import torch
 from torch import Tensor
 
-__all__ = [
-    "AdaptiveKLController",
-    "FixedKLController",
-    "PolicyLossOutput",
-    "RunningMoments",
-    "ValueLossOutput",
-    "entropy_from_logits",
-    "exact_div",
-    "kl_estimate",
-    "logprobs_from_logits",
-    "masked_mean",
-    "masked_var",
-    "masked_whiten",
-    "policy_loss",
-    "process_scores",
-    "token_rewards",
-    "value_loss",
-]
-
-
-# --------------------------------------------------------------------------- #
-# validation helpers
-# --------------------------------------------------------------------------- #
-
-
-def _bool_mask(mask: Tensor) -> Tensor:
-    """Binary mask -> bool tensor (non-zero means valid)."""
-    return mask if mask.dtype == torch.bool else mask != 0
-
-
-def _check_same_shape(**tensors: Tensor) -> None:
-    """Raise ``ValueError`` unless all tensors have one and the same shape."""
-    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    if len(set(shapes.values())) > 1:
-        desc = ", ".join(f"{name}={shape}" for name, shape in shapes.items())
-        raise ValueError(f"expected tensors of identical shape, got {desc}")
-
-
-def _check_2d(name: str, t: Tensor) -> None:
-    if t.dim() != 2:
-        raise ValueError(f"{name} must be 2-D [batch, T], got shape {tuple(t.shape)}")
-
-
-def _check_prefix_mask(mask: Tensor) -> Tensor:
-    """Validate a ``[B, T]`` mask whose valid tokens form a prefix of each row.
-
-    Returns:
-        The mask as a bool tensor ``[B, T]``.
-
-    Raises:
-        ValueError: if ``mask`` is not 2-D, not binary, or some row has a valid
-            token after a padding token (e.g. left padding or holes).
-    """
-    _check_2d("mask", mask)
-    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
-        raise ValueError("mask must be binary (0/1 or bool)")
-    m = _bool_mask(mask)
-    if m.shape[1] > 1 and bool((m[:, 1:] & ~m[:, :-1]).any()):
-        raise ValueError(
-            "mask must be a contiguous prefix of valid tokens in each row "
-            "(right padding); found a valid token after a padding token"
-        )
-    return m
-
-
-# --------------------------------------------------------------------------- #
-# masked statistics
-# --------------------------------------------------------------------------- #
+# --------------------------------------------------------------------------- masked statistics
 
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """Mean of ``x`` over positions where ``mask`` is set.
 
     Args:
-        x: any shape ``S``.
-        mask: shape ``S``, binary (bool or 0/1).
+        x: any shape ``S``. mask: shape ``S``, bool or 0/1.
         dim: reduce over this dim only; ``None`` reduces over all elements.
 
     Returns:
-        Scalar if ``dim is None``, else ``S`` without ``dim``; dtype of ``x``.
-        A slice with no valid element yields ``0`` (not NaN) and zero gradient.
+        Scalar if ``dim is None``, else ``S`` without ``dim``. A slice with no valid element gives 0.
     """
-    _check_same_shape(x=x, mask=mask)
-    m = _bool_mask(mask)
+    m = mask.bool()
     total = torch.where(m, x, torch.zeros_like(x))
     if dim is None:
         return total.sum() / m.sum().clamp(min=1).to(x.dtype)
@@ -123,189 +56,118 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """Variance of ``x`` over all positions where ``mask`` is set (scalar).
 
-    Computed in float32 (or float64 if ``x`` is float64), returned in ``x.dtype``.
-    ``unbiased=True`` applies Bessel's correction ``n / (n - 1)``.
-
-    Raises:
-        ValueError: if there is no valid element, or only one with ``unbiased``.
+    ``unbiased=True`` applies Bessel's correction ``n / (n - 1)`` (none for a single valid element).
+    No valid element gives 0.
     """
-    _check_same_shape(x=x, mask=mask)
-    m = _bool_mask(mask)
-    n = int(m.sum().item())
-    if n == 0:
-        raise ValueError("masked_var: mask has no valid element")
-    if unbiased and n == 1:
-        raise ValueError("masked_var: unbiased variance needs at least 2 valid elements")
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    mean = masked_mean(xf, m)
-    var = masked_mean((xf - mean) ** 2, m)
+    m = mask.bool()
+    mean = masked_mean(x, m)
+    var = masked_mean((x - mean) ** 2, m)
     if unbiased:
-        var = var * (n / (n - 1))
-    return var.to(x.dtype)
+        n = m.sum()
+        var = var * (n / (n - 1).clamp(min=1))
+    return var
 
 
-def masked_whiten(
-    x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8
-) -> Tensor:
-    """Normalise ``x`` to mean 0 / (unbiased) variance 1 over valid positions.
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise ``x`` to mean 0 and (unbiased) variance 1 over valid positions; 0 on padding.
 
-    Statistics come from valid positions only, so padding never influences
-    them. With ``shift_mean=False`` the mean is added back, i.e. values are
-    only rescaled (the variant used when whitening rewards, so their sign /
-    offset survives; advantages use the default ``shift_mean=True``).
-
-    Args:
-        x: any shape ``S``. mask: shape ``S``, binary.
-
-    Returns:
-        Shape ``S``, dtype of ``x``; exactly ``0`` where ``mask`` is 0.
+    With ``shift_mean=False`` the mean is added back (values are only rescaled: the variant for
+    rewards, whose sign and offset matter; advantages use the default).
     """
-    m = _bool_mask(mask)
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    mean = masked_mean(xf, m)
-    var = masked_var(xf, m, unbiased=True)
-    whitened = (xf - mean) * torch.rsqrt(var + eps)
+    m = mask.bool()
+    mean = masked_mean(x, m)
+    var = masked_var(x, m)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(m, whitened, torch.zeros_like(whitened)).to(x.dtype)
+    return torch.where(m, whitened, torch.zeros_like(whitened))
 
 
-# --------------------------------------------------------------------------- #
-# log-probabilities, entropy, KL
-# --------------------------------------------------------------------------- #
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """``1 - Var(returns - values) / Var(returns)`` over valid tokens ([CleanRL] ``explained_var``).
+
+    1: the value head predicts the returns; 0: no better than their mean; negative: worse.
+    NaN when the returns do not vary.
+    """
+    var_y = masked_var(returns, mask, unbiased=False)
+    ev = 1 - masked_var(returns - values, mask, unbiased=False) / var_y
+    return torch.where(var_y > 0, ev, torch.full_like(ev, float("nan")))
+
+
+# --------------------------------------------------------------------------- log-probs, entropy, KL
 
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """``log softmax(logits)[labels]`` per token.
+    """``log softmax(logits)[labels]`` per token: ``[B, T, V]``, ``[B, T]`` -> ``[B, T]`` float32.
 
-    No shifting is done: ``logits[:, t]`` must already be the distribution that
-    generated ``labels[:, t]`` (for a causal LM, slice ``logits[:, :-1]`` against
-    ``input_ids[:, 1:]`` and then cut out the response part). Divide the logits
-    by the sampling temperature first, otherwise these log-probs do not match
-    the sampling distribution (an implementation detail stressed in [N+]). Labels must be valid vocabulary ids everywhere
-    (replace ignore indices such as -100 by e.g. 0 and mask those positions).
-
-    Memory: processes one batch row at a time, so only a ``[T, V]`` float32
-    temporary exists besides ``logits`` (never a full ``[B, T, V]`` log-softmax).
-
-    Args:
-        logits: ``[B, T, V]`` any float dtype (bf16 is upcast per row).
-        labels: ``[B, T]`` integer ids.
-
-    Returns:
-        ``[B, T]`` float32 (float64 for float64 logits), differentiable w.r.t. logits.
+    No shifting is done: ``logits[:, t]`` must be the distribution that generated ``labels[:, t]``.
+    Divide the logits by the sampling temperature first, or these log-probs do not match the
+    sampling distribution ([N+]). One row at a time, so only a ``[T, V]`` float32 temporary exists
+    besides ``logits`` (never a full ``[B, T, V]`` log-softmax).
     """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
-    if tuple(labels.shape) != tuple(logits.shape[:2]):
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal logits.shape[:2]={tuple(logits.shape[:2])}"
-        )
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
     rows = []
     for row_logits, row_labels in zip(logits, labels):
-        z = row_logits.to(compute_dtype)  # [T, V]
+        z = row_logits.float()  # [T, V]
         picked = z.gather(-1, row_labels.long().unsqueeze(-1)).squeeze(-1)  # [T]
         rows.append(picked - torch.logsumexp(z, dim=-1))
     return torch.stack(rows, dim=0)
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy ``H = -sum_v p_v log p_v`` of the softmax distribution per token.
+    """Entropy ``-sum_v p_v log p_v`` of the softmax per token: ``[B, T, V]`` -> ``[B, T]`` float32.
 
-    Row-by-row in float32 (like :func:`logprobs_from_logits`); ``-inf`` logits
-    (banned tokens) contribute 0.
-
-    Args:
-        logits: ``[B, T, V]``.
-
-    Returns:
-        ``[B, T]`` float32 (float64 for float64 logits), differentiable.
+    Row by row in float32, like :func:`logprobs_from_logits`; ``-inf`` logits (banned tokens) add 0.
     """
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
-    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
     rows = []
     for row_logits in logits:
-        logp = torch.log_softmax(row_logits.to(compute_dtype), dim=-1)  # [T, V]
+        logp = torch.log_softmax(row_logits.float(), dim=-1)  # [T, V]
         p = logp.exp()
         # p == 0 where logp == -inf; avoid 0 * -inf = NaN.
-        plogp = p * torch.where(p > 0, logp, torch.zeros_like(logp))
-        rows.append(-plogp.sum(-1))
+        rows.append(-(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1))
     return torch.stack(rows, dim=0)
 
 
-def kl_estimate(
-    logprobs: Tensor, ref_logprobs: Tensor, kind: Literal["k1", "k3"] = "k1"
-) -> Tensor:
-    """Per-token single-sample estimate of KL(pi || pi_ref) for tokens sampled from pi.
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: Literal["k1", "k3"] = "k1") -> Tensor:
+    """Per-token single-sample estimate of KL(pi || pi_ref) on tokens sampled from pi, ``[B, T]``.
 
     From [Schulman-KL], with ``log r = log pi_ref - log pi``:
 
-    * ``"k1"``: ``-log r = logp - logp_ref`` — unbiased, can be negative per
-      token; this is the penalty used by [Ziegler] and [N+].
-    * ``"k3"``: ``(r - 1) - log r`` — unbiased, lower variance, always >= 0.
+    * ``"k1"``: ``-log r``: unbiased, can be negative per token; the penalty of [Ziegler] and [N+].
+    * ``"k3"``: ``(r - 1) - log r``: unbiased, lower variance, always >= 0.
 
-    Args:
-        logprobs, ref_logprobs: ``[B, T]`` log-probs of the sampled tokens.
-
-    Returns:
-        ``[B, T]``; padding positions are *not* masked (do that downstream).
+    Padding positions are not masked (the caller does that).
     """
-    _check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
     if kind == "k1":
         return logprobs - ref_logprobs
-    if kind == "k3":
-        log_r = ref_logprobs - logprobs
-        # expm1 keeps (r - 1) accurate for r ~ 1; clamp removes -1e-9 rounding noise.
-        return (torch.expm1(log_r) - log_r).clamp(min=0.0)
-    raise ValueError(f"kind must be 'k1' or 'k3', got {kind!r}")
+    log_r = ref_logprobs - logprobs
+    # expm1 keeps (r - 1) accurate for r ~ 1; clamp removes -1e-9 rounding noise.
+    return (torch.expm1(log_r) - log_r).clamp(min=0.0)
 
 
-# --------------------------------------------------------------------------- #
-# rewards
-# --------------------------------------------------------------------------- #
+# --------------------------------------------------------------------------- rewards
 
 
 def token_rewards(kl: Tensor, scores: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
-    """Per-token rewards: KL penalty everywhere, reward-model score at the end.
+    """Per-token rewards ``[B, T]``: the KL penalty on every valid token, the score on the last one.
 
-    ``R_t = -kl_coef * kl_t`` on valid tokens, plus ``score`` at the last valid
-    token ``t = mask.sum(1) - 1`` ([Ziegler] sec. 2.2: reward ``r(x, y) - beta
-    * KL``; [N+] spreads the KL per token and adds the score at the final
-    response token). Padding gets 0.
-    A row with *no* valid token gets nothing at all (all zeros, score dropped).
+    ``R_t = -kl_coef * kl_t`` on valid tokens, plus ``scores[b]`` at the last valid token
+    ``t = mask.sum(1) - 1`` ([Ziegler] sec. 2.2: reward ``r(x, y) - beta * KL``; [N+] spreads the KL
+    per token and adds the score at the final response token). Padding gets 0, and a row with no
+    valid token gets nothing (its score is dropped).
 
     Args:
-        kl: ``[B, T]`` per-token KL estimate (see :func:`kl_estimate`).
-        scores: ``[B]`` scalar reward per sequence.
-        mask: ``[B, T]`` prefix mask (validated).
-        kl_coef: penalty coefficient beta (e.g. ``controller.value``).
-
-    Returns:
-        ``[B, T]`` float32 (float64 if an input is float64), detached.
+        kl: ``[B, T]`` per-token KL estimate (:func:`kl_estimate`). scores: ``[B]``.
+        mask: ``[B, T]`` prefix mask. kl_coef: the penalty coefficient beta.
     """
-    _check_2d("kl", kl)
-    _check_same_shape(kl=kl, mask=mask)
-    if scores.dim() != 1 or scores.shape[0] != kl.shape[0]:
-        raise ValueError(
-            f"scores must be [B]={kl.shape[0]}, got shape {tuple(scores.shape)}"
-        )
-    m = _check_prefix_mask(mask)
-    dtype = torch.promote_types(torch.promote_types(kl.dtype, scores.dtype), torch.float32)
-    kl_f, scores_f = kl.detach().to(dtype), scores.detach().to(dtype)
-    rewards = torch.where(m, -kl_coef * kl_f, torch.zeros_like(kl_f))
+    m = mask.bool()
+    rewards = torch.where(m, -kl_coef * kl.detach(), torch.zeros_like(kl))
     lengths = m.sum(dim=1)  # [B]
-    last = (lengths - 1).clamp(min=0)  # [B]; row without tokens -> index 0 ...
-    score_or_zero = torch.where(lengths > 0, scores_f, torch.zeros_like(scores_f))  # ... adds 0
-    return rewards.scatter_add(1, last.unsqueeze(1), score_or_zero.unsqueeze(1))
+    last = (lengths - 1).clamp(min=0)  # a row without tokens -> index 0 ...
+    score_or_zero = torch.where(lengths > 0, scores.detach(), torch.zeros_like(scores))  # ... adds 0
+    return rewards.scatter_add(1, last.unsqueeze(1), score_or_zero.unsqueeze(1).to(rewards.dtype))
 
 
-# --------------------------------------------------------------------------- #
-# losses
-# --------------------------------------------------------------------------- #
+# --------------------------------------------------------------------------- losses
 
 
 class PolicyLossOutput(TypedDict):
@@ -321,35 +183,19 @@ class ValueLossOutput(TypedDict):
 
 
 def policy_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    cliprange: float,
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
 ) -> PolicyLossOutput:
-    """PPO clipped surrogate objective ([PPO] eq. 7), as a loss to minimise.
+    """PPO clipped surrogate objective ([PPO] eq. 7) as a loss to minimise, over ``[B, T]`` tokens.
 
     ``ratio = exp(logp - logp_old)``;
-    ``loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c)))``,
-    a token-level mean over all valid tokens of the (micro)batch.
+    ``loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - c, 1 + c)))``, a token-level mean over
+    the valid tokens of the (micro)batch. ``old_logprobs`` and ``advantages`` are detached here.
 
-    Args:
-        logprobs: ``[B, T]`` current policy log-probs (with grad).
-        old_logprobs: ``[B, T]`` rollout-time log-probs (detached here).
-        advantages: ``[B, T]`` (detached here; whiten beforehand if desired).
-        mask: ``[B, T]`` binary.
-        cliprange: epsilon ``c``, e.g. 0.2.
-
-    Returns:
-        dict with ``loss`` (scalar, differentiable), and detached scalars
-        ``clipfrac`` (fraction of valid tokens where the clipped branch is
-        active), ``approxkl`` (k3 estimate of KL(pi_old || pi), [Schulman-KL],
-        as in CleanRL) and ``ratio_mean``.
+    Returns ``loss`` and, detached: ``clipfrac`` (share of valid tokens where the clipped branch is
+    active), ``approxkl`` (k3 estimate of KL(pi_old || pi) [Schulman-KL], as [CleanRL]) and ``ratio_mean``.
     """
-    _check_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
-    m = _bool_mask(mask)
-    # Sanitise padding *before* exp so garbage cannot produce inf/NaN in the
-    # forward pass or (via 0 * inf) in the backward pass.
+    m = mask.bool()
+    # Sanitise padding *before* exp, so garbage cannot give inf/NaN forward or (0 * inf) backward.
     logratio = torch.where(m, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
     adv = torch.where(m, advantages.detach(), torch.zeros_like(advantages)).to(logratio.dtype)
     ratio = torch.exp(logratio)
@@ -360,42 +206,22 @@ def policy_loss(
 
     with torch.no_grad():
         clipfrac = masked_mean((pg_losses2 > pg_losses).to(logratio.dtype), m)
-        # k3 = (r - 1) - log r with r = pi/pi_old: estimates KL(pi_old || pi) on
-        # samples from pi_old [Schulman-KL]; same formula as CleanRL's approx_kl.
+        # k3 = (r - 1) - log r with r = pi/pi_old: KL(pi_old || pi) on samples from pi_old [Schulman-KL].
         approxkl = masked_mean(torch.expm1(logratio) - logratio, m)
         ratio_mean = masked_mean(ratio, m)
-    return PolicyLossOutput(
-        loss=loss,
-        clipfrac=clipfrac.detach(),
-        approxkl=approxkl.detach(),
-        ratio_mean=ratio_mean.detach(),
-    )
+    return PolicyLossOutput(loss=loss, clipfrac=clipfrac, approxkl=approxkl, ratio_mean=ratio_mean)
 
 
 def value_loss(
-    values: Tensor,
-    old_values: Tensor,
-    returns: Tensor,
-    mask: Tensor,
-    cliprange_value: float | None,
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, cliprange_value: float | None
 ) -> ValueLossOutput:
-    """Clipped value loss ``0.5 * masked_mean(max((V - R)^2, (V_clip - R)^2))``.
+    """Clipped value loss ``0.5 * masked_mean(max((V - R)^2, (V_clip - R)^2))`` over ``[B, T]`` tokens.
 
-    ``V_clip = V_old + clip(V - V_old, -c, c)`` (value clipping as in the
-    OpenAI reference code discussed in [N+]; CleanRL ``clip_vloss``). ``cliprange_value=None`` disables
-    clipping (plain 0.5 * MSE, clipfrac 0). ``vf_coef`` is applied by the caller.
-
-    Args:
-        values: ``[B, T]`` current value predictions (with grad).
-        old_values: ``[B, T]`` rollout-time values (detached here).
-        returns: ``[B, T]`` GAE returns (detached here).
-        mask: ``[B, T]`` binary.
-
-    Returns:
-        dict with ``loss`` (scalar, differentiable) and detached ``clipfrac``.
+    ``V_clip = V_old + clip(V - V_old, -c, c)`` (value clipping of the OpenAI reference code discussed
+    in [N+]; [CleanRL] ``clip_vloss``). ``cliprange_value=None``: plain ``0.5 * MSE``, clipfrac 0.
+    ``vf_coef`` is applied by the caller. ``old_values`` and ``returns`` are detached here.
     """
-    _check_same_shape(values=values, old_values=old_values, returns=returns, mask=mask)
-    m = _bool_mask(mask)
+    m = mask.bool()
     zeros = torch.zeros_like(values)
     v = torch.where(m, values, zeros)
     v_old = torch.where(m, old_values.detach(), zeros)
@@ -403,44 +229,30 @@ def value_loss(
 
     vf_losses1 = (v - ret) ** 2
     if cliprange_value is None:
-        return ValueLossOutput(
-            loss=0.5 * masked_mean(vf_losses1, m),
-            clipfrac=torch.zeros((), dtype=v.dtype, device=v.device),
-        )
+        return ValueLossOutput(loss=0.5 * masked_mean(vf_losses1, m), clipfrac=v.new_zeros(()))
     v_clipped = v_old + torch.clamp(v - v_old, -cliprange_value, cliprange_value)
     vf_losses2 = (v_clipped - ret) ** 2
     loss = 0.5 * masked_mean(torch.maximum(vf_losses1, vf_losses2), m)
     with torch.no_grad():
         clipfrac = masked_mean((vf_losses2 > vf_losses1).to(v.dtype), m)
-    return ValueLossOutput(loss=loss, clipfrac=clipfrac.detach())
+    return ValueLossOutput(loss=loss, clipfrac=clipfrac)
 
 
-# --------------------------------------------------------------------------- #
-# KL coefficient controllers
-# --------------------------------------------------------------------------- #
+# --------------------------------------------------------------------------- KL coefficient controllers
 
 
 class AdaptiveKLController:
     """Adaptive KL coefficient of [Ziegler] section 2.2.
 
-    ``e_t = clip(KL_t / KL_target - 1, -0.2, 0.2)`` and
-    ``beta <- beta * (1 + e_t * n_steps / horizon)``, so one update changes beta
-    by at most a factor ``1 +/- 0.2 * n_steps / horizon``.
-
-    ``current_kl`` should be the *sequence-level* KL (sum over response tokens,
-    averaged over the batch, across all processes), as in the reference code.
+    ``e_t = clip(KL_t / KL_target - 1, -0.2, 0.2)`` and ``beta <- beta * (1 + e_t * n_steps / horizon)``.
+    ``current_kl`` is the sequence-level KL (summed over response tokens, averaged over the batch
+    across all processes), as in the reference code.
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
-        if init_kl_coef < 0:
-            raise ValueError(f"init_kl_coef must be >= 0, got {init_kl_coef}")
-        if target <= 0:
-            raise ValueError(f"target must be > 0, got {target}")
-        if horizon <= 0:
-            raise ValueError(f"horizon must be > 0, got {horizon}")
-        self.value: float = float(init_kl_coef)
-        self.target: float = float(target)
-        self.horizon: int = int(horizon)
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> None:
         """Update ``value`` after ``n_steps`` samples (episodes) with observed ``current_kl``."""
@@ -452,17 +264,15 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict[str, float | int]) -> None:
         self.value = float(state["value"])
-        self.target = float(state.get("target", self.target))
-        self.horizon = int(state.get("horizon", self.horizon))
+        self.target = float(state["target"])
+        self.horizon = int(state["horizon"])
 
 
 class FixedKLController:
-    """Constant KL coefficient; same interface as :class:`AdaptiveKLController`."""
+    """Constant KL coefficient; the same interface as :class:`AdaptiveKLController`."""
 
     def __init__(self, kl_coef: float) -> None:
-        if kl_coef < 0:
-            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-        self.value: float = float(kl_coef)
+        self.value = float(kl_coef)
 
     def update(self, current_kl: float, n_steps: int) -> None:
         """No-op."""
@@ -474,61 +284,51 @@ class FixedKLController:
         self.value = float(state["value"])
 
 
-# --------------------------------------------------------------------------- #
-# misc
-# --------------------------------------------------------------------------- #
+# --------------------------------------------------------------------------- bookkeeping
 
 
 def exact_div(a: int, b: int, what: str) -> int:
     """``a // b``, raising ``ValueError`` instead of rounding when ``b`` does not divide ``a``.
 
-    Used for batch-size bookkeeping (e.g. rollout batch / minibatches /
-    processes), where silent rounding would drop samples.
+    For batch-size bookkeeping, where silent rounding would drop samples.
     """
-    if b == 0:
-        raise ValueError(f"exact_div failed for {what}: {a} is not divisible by {b} (division by zero)")
-    q, r = divmod(a, b)
-    if r != 0:
+    if b == 0 or a % b:
         raise ValueError(f"exact_div failed for {what}: {a} is not divisible by {b}")
-    return q
+    return a // b
 
 
 class RunningMoments:
-    """Running mean / variance of a scalar stream (Chan et al. parallel update).
+    """Running mean and population variance of a scalar stream (Chan et al. parallel update).
 
-    ``mean``, ``var`` (population variance of everything seen) and ``std`` are
-    Python floats. In multi-process training, gather the values from all ranks
-    before :meth:`update` so every rank keeps identical statistics.
+    ``mean``, ``var`` and ``std`` are Python floats. In multi-process training, gather the values from
+    all ranks before :meth:`update`, so every rank keeps identical statistics.
     """
 
     def __init__(self) -> None:
-        self.mean: float = 0.0
-        self.var: float = 1.0
-        self.count: int = 0
+        self.mean = 0.0
+        self.var = 1.0
+        self.count = 0
 
     @property
     def std(self) -> float:
         return math.sqrt(self.var)
 
     @torch.no_grad()
-    def update(self, xs: Tensor) -> tuple[float, float]:
-        """Fold in all elements of ``xs``; returns this batch's (mean, population std)."""
+    def update(self, xs: Tensor) -> None:
+        """Fold in every element of ``xs`` (non-empty)."""
         x = xs.detach().reshape(-1).to(torch.float64)
         n = x.numel()
-        if n == 0:
-            raise ValueError("RunningMoments.update: empty tensor")
         batch_mean = float(x.mean())
         batch_var = float(x.var(unbiased=False))
         if self.count == 0:
             self.mean, self.var, self.count = batch_mean, batch_var, n
-        else:
-            total = self.count + n
-            delta = batch_mean - self.mean
-            m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
-            self.mean += delta * n / total
-            self.var = m2 / total
-            self.count = total
-        return batch_mean, math.sqrt(batch_var)
+            return
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var = m2 / total
+        self.count = total
 
     def state_dict(self) -> dict[str, float | int]:
         return {"mean": self.mean, "var": self.var, "count": self.count}
@@ -537,28 +337,3 @@ class RunningMoments:
         self.mean = float(state["mean"])
         self.var = float(state["var"])
         self.count = int(state["count"])
-
-
-@torch.no_grad()
-def process_scores(
-    scores: Tensor,
-    clip: float | None = None,
-    running: RunningMoments | None = None,
-    shift_mean: bool = True,
-    eps: float = 1e-8,
-) -> Tensor:
-    """Optionally normalise and clip reward-model scores ``[B]``.
-
-    If ``running`` is given it is first updated with ``scores`` (mutated!), then
-    ``scores <- (scores - mean) / (std + eps)`` (mean not subtracted when
-    ``shift_mean=False``). Then, if ``clip`` is given, scores are clamped to
-    ``[-clip, clip]``. Returns a detached tensor of ``scores.dtype``.
-    """
-    out = scores.detach()
-    if running is not None:
-        running.update(out)
-        shift = running.mean if shift_mean else 0.0
-        out = (out - shift) / (running.std + eps)
-    if clip is not None:
-        out = out.clamp(-clip, clip)
-    return out.to(scores.dtype)

@@ -2,10 +2,10 @@
 
 Sampling through PEFT's unmerged LoRA layers adds two small matmuls (and, under autocast, casts)
 to every adapted linear layer at every decoding step, a large share of each step for a small
-model: 32 prompts x 64 new tokens took 20.2-24.4 s through the PEFT model and 17.3-19.2 s from a
-plain model holding ``W + B A * scaling`` (SmolLM2-135M, bf16, 2-core shared CPU, both with
-``torch.multinomial``; ``benchmarks/bench_ppo_generation.py --batch 32 --repeats 3``). The same reason is why OpenRLHF and verl sample with a
-separate inference engine whose weights are synced from the trainer each step.
+model; a plain model holding ``W + B A * scaling`` samples faster
+(``benchmarks/bench_ppo_generation.py``; figures in ``docs/benchmarks.md``). The same reason is
+why OpenRLHF and verl sample with a separate inference engine whose weights are synced from the
+trainer each step.
 
 ``MergedPolicy`` keeps such a plain copy beside the training module (one more set of base weights)
 and re-merges the adapted weights before each rollout; the weights that LoRA does not touch are

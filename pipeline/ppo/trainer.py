@@ -1,45 +1,53 @@
-"""The PPO loop: rollout -> rewards -> GAE -> clipped updates, on Accelerate + PEFT.
+"""The PPO trainer: rollout -> rewards -> GAE -> clipped updates, on Accelerate + PEFT.
 
 Written for this project; the references read while writing it are TRL 1.12's
-``trl.experimental.ppo`` trainer, CleanRL's ``ppo.py`` and [N+] Huang et al. 2024,
-"The N+ Implementation Details of RLHF with PPO" (https://arxiv.org/abs/2403.17031).
+``trl.experimental.ppo`` trainer, CleanRL's ``ppo.py``, ``summarize_from_feedback_details``'s
+``ppo.py`` and [N+] Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO"
+(https://arxiv.org/abs/2403.17031).
 
 Tensor names: ``B`` local rollout batch, ``P`` padded prompt length, ``R`` response length.
-Responses are right of the (left-padded) prompt; ``mask`` ``[B, R]`` is 1 on response tokens
-up to and including the first EOS and 0 after. Padding never decides where a response ends:
-the EOS position does.
+Responses are right of the (left-padded) prompt; ``mask`` ``[B, R]`` is 1 on response tokens up to
+and including the first EOS and 0 after (:func:`pipeline.sequences.response_mask`).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from pipeline import artifacts as art
+from pipeline.errors import PipelineError
+from pipeline.ppo import checkpoint as ckpt
 from pipeline.ppo.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMoments,
     entropy_from_logits,
+    explained_variance,
     kl_estimate,
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
     policy_loss,
-    process_scores,
     token_rewards,
     value_loss,
 )
 from pipeline.ppo.gae import compute_gae
 from pipeline.sampling import sampling_kwargs
+from pipeline.sequences import position_ids_from, response_logits, response_logprobs, response_mask
 
-
-def position_ids_from(attention_mask: Tensor) -> Tensor:
-    """Positions that skip left padding, as ``generate`` uses them (so log-probs match sampling)."""
-    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+RewardFn = Callable[[list[list[dict]], list[str]], Tensor]  # (prompts, responses) -> scores [B] on the CPU
 
 
 def token_values(seq_cls_model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Per-token values ``[B, L]`` from a sequence-classification model: its score head on every position.
+    """Per-token values ``[B, L]`` float32 from a sequence-classification model: its score head on every position.
 
     ``seq_cls_model`` is the transformers model (inside PEFT, ``peft_model.get_base_model()``): LoRA
     layers are injected into it in place, and its ``score`` is PEFT's modules-to-save wrapper, so the
@@ -47,7 +55,9 @@ def token_values(seq_cls_model: nn.Module, input_ids: Tensor, attention_mask: Te
     """
     backbone = getattr(seq_cls_model, seq_cls_model.base_model_prefix)
     hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from(attention_mask),
         use_cache=False,
     ).last_hidden_state
     return seq_cls_model.score(hidden).squeeze(-1).float()
@@ -67,22 +77,15 @@ class PolicyAndValue(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0) -> tuple[Tensor, Tensor]:
         """``logits_to_keep=n``: policy logits of the last ``n`` positions only (0 = all), which skips
-        the vocabulary projection of the prompt: half the logits memory and traffic here."""
+        the vocabulary projection of the prompt."""
         logits = self.policy(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
-            use_cache=False, logits_to_keep=logits_to_keep,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from(attention_mask),
+            use_cache=False,
+            logits_to_keep=logits_to_keep,
         ).logits
         return logits, token_values(self.value_backbone(), input_ids, attention_mask)
-
-
-def response_mask(responses: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
-    """``(mask [B, R] bool, has_eos [B] bool)``: valid = up to and including the first EOS."""
-    is_eos = responses == eos_token_id
-    has_eos = is_eos.any(1)
-    # Index of the first EOS, or R when there is none.
-    first = torch.where(has_eos, is_eos.int().argmax(1), torch.full_like(has_eos, responses.shape[1], dtype=torch.long))
-    idx = torch.arange(responses.shape[1], device=responses.device).unsqueeze(0)
-    return idx <= first.unsqueeze(1), has_eos
 
 
 @dataclass
@@ -101,49 +104,190 @@ class Rollout:
     texts: list[tuple[str, str, float]]  # (prompt, response, score) for sample tables
 
 
-def response_logits(logits: Tensor, response_length: int, temperature: float) -> Tensor:
-    """Logits that predicted the ``response_length`` response tokens (the sequence's last ones),
-    scaled by the sampling temperature ([N+] detail). ``logits`` may cover every position or only
-    the last ``response_length + 1`` (``logits_to_keep``).
+class NonFiniteGuard:
+    """Skips an optimizer step whose loss or gradient norm is non-finite on any process, and stops the
+    run (one-line error, nothing published) after more than ``max_in_a_row`` such steps in a row."""
 
-    Upcast to float32 first: Accelerate's mixed-precision wrapper hands the policy's logits back in
-    float32 while the reference's (adapter off, called directly) stay bf16, and dividing bf16 by the
-    temperature rounds, so policy and reference would differ by ~1e-3 nats per token at the start.
-    """
-    return logits[:, -response_length - 1 : -1].float() / temperature
-
-
-def response_logprobs(model, query_response: Tensor, attention_mask: Tensor, responses: Tensor, temperature: float) -> Tensor:
-    """Per-token log-probs of ``responses`` (the last tokens of ``query_response``) under a causal LM,
-    temperature-scaled as sampled; only the response positions are projected onto the vocabulary."""
-    R = responses.shape[1]
-    logits = model(input_ids=query_response, attention_mask=attention_mask, position_ids=position_ids_from(attention_mask),
-                   use_cache=False, logits_to_keep=R + 1).logits
-    return logprobs_from_logits(response_logits(logits, R, temperature), responses)
-
-
-class PPOLoop:
-    """Holds the prepared model/optimizer and runs rollouts and updates. Orchestration (data,
-    checkpoints, logging) lives in ``pipeline/stage_ppo.py``."""
-
-    def __init__(self, args, accelerator, model, optimizer, scheduler, tokenizer, reward_fn, kl_ctl, score_moments,
-                 sampler=None):
-        self.args = args
-        self.sampler = sampler  # a ``MergedPolicy`` to sample rollouts from, or None (the PEFT policy samples)
+    def __init__(self, accelerator, max_in_a_row: int):
         self.accelerator = accelerator
-        self.model = model  # prepared PolicyAndValue
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.tokenizer = tokenizer
-        self.reward_fn = reward_fn  # (prompts: list[list[dict]], responses: list[str]) -> Tensor [B] on CPU
-        self.kl_ctl = kl_ctl
-        self.score_moments = score_moments
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+        self.total = 0
+
+    def step_ok(self, loss: Tensor, grad_norm) -> bool:
+        bad = not (torch.isfinite(loss.detach()).all() and math.isfinite(float(grad_norm)))
+        # Every rank skips the same step. accelerate's reduce knows only mean/sum/max ("min" silently sums).
+        bad_anywhere = self.accelerator.reduce(torch.tensor(float(bad), device=self.accelerator.device), "max")
+        if bad_anywhere.item() == 0:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row > self.max_in_a_row:
+            raise PipelineError(
+                f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient; "
+                "lower --learning_rate or --max_grad_norm, or check the reward model; no artifact was written"
+            )
+        return False
+
+    def state_dict(self) -> list[int]:
+        return [self.in_a_row, self.total]
+
+    def load_state_dict(self, state: list[int]) -> None:
+        self.in_a_row, self.total = state
+
+
+# Per-minibatch update statistics, in the order of the preallocated buffer's last dimension.
+UPDATE_STATS = (
+    "policy/approxkl",
+    "policy/clipfrac",
+    "loss/policy",
+    "loss/value",
+    "val/clipfrac",
+    "val/ratio",
+    "policy/entropy",
+)
+# Logged as iteration means under "<name>_avg".
+AVERAGED = ("policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac")
+
+
+def print_samples(texts: list[tuple[str, str, float]], iteration: int, judge=None, n: int = 4) -> None:
+    """A rich table of the first ``n`` (prompt, response, score) rows, with the gold judge's score if given."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"PPO samples, iteration {iteration}", show_lines=True)
+    table.add_column("prompt", overflow="fold", ratio=2)
+    table.add_column("response", overflow="fold", ratio=3)
+    table.add_column("RM score", justify="right")
+    if judge is not None:
+        table.add_column("gold", justify="right")
+    for prompt, response, score in texts[:n]:
+        row = [prompt, response, f"{score:.3f}"]
+        if judge is not None:
+            row.append(f"{judge(prompt, response):.2f}")
+        table.add_row(*row)
+    Console().print(table)
+
+
+class PPOTrainer:
+    """Owns a PPO run: rollouts, updates, the non-finite guard, checkpoints and resume, metrics, and
+    publishing ``<artifact_dir>/ppo``. Built by ``pipeline/stage_ppo.py``; :meth:`train` is the loop.
+
+    Args:
+        args: ``PPOArguments``. sizes: the derived batch sizes (``stage_ppo.Sizes``).
+        model: the unprepared ``PolicyAndValue``; the optimizer is built and both are prepared here.
+        reward_fn: ``(prompts, responses) -> Tensor [B]``. prompts: the usable prompts (message lists).
+        layout: the artifact layout. config, inputs: what the manifest records (and fingerprints).
+        policy_path: the start policy, into which the published adapter is merged.
+        judge: the embedded task's gold judge, logged beside the reward (never used as reward), or None.
+    """
+
+    def __init__(
+        self,
+        args,
+        sizes,
+        accelerator,
+        model: PolicyAndValue,
+        tokenizer,
+        reward_fn: RewardFn,
+        prompts: list[list[dict]],
+        layout: art.Layout,
+        config: dict,
+        inputs: dict,
+        policy_path: str,
+        judge: Callable[[str, str], float] | None = None,
+        models: dict | None = None,
+    ):
+        from transformers import get_scheduler
+
+        self.args, self.sizes, self.accelerator = args, sizes, accelerator
+        self.tokenizer, self.reward_fn, self.prompts, self.judge = tokenizer, reward_fn, prompts, judge
+        self.layout, self.config, self.inputs, self.policy_path = layout, config, inputs, policy_path
+        self.models = models or {}
+        self.fingerprint = art.fingerprint(config, inputs)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5
+        )
+        self.scheduler = get_scheduler(
+            args.lr_scheduler_type, self.optimizer, num_warmup_steps=0, num_training_steps=args.num_iterations
+        )
+        self.model, self.optimizer = accelerator.prepare(model, self.optimizer)
+        self.kl_ctl = (
+            AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
+            if args.target_kl
+            else FixedKLController(args.kl_coef)
+        )
+        self.score_moments = RunningMoments()
+        self.guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps)
+        self.sampler = self._merged_sampler() if args.merged_generation else None
+        n_minibatches = args.num_ppo_epochs * args.num_mini_batches
+        # [minibatch, micro-batch, statistic], filled during the update and reduced once per iteration.
+        self.minibatch_stats = torch.zeros(n_minibatches, sizes.gradient_accumulation_steps, len(UPDATE_STATS),
+                                           dtype=torch.float64, device=accelerator.device)  # fmt: skip
+        self.grad_norms = torch.zeros(n_minibatches, dtype=torch.float64, device=accelerator.device)
+        self.iteration, self.cursor, self.history = 0, 0, []
 
     @property
     def unwrapped(self) -> PolicyAndValue:
         return self.accelerator.unwrap_model(self.model)
+
+    def _merged_sampler(self):
+        """A merged copy of the policy to sample rollouts from, or None where it cannot stand in (the
+        PEFT policy samples then). See ``pipeline/ppo/generation.py``."""
+        from pipeline.ppo.generation import MergedPolicy, unsupported_reason
+
+        policy = self.unwrapped.policy
+        reason = unsupported_reason(policy, self.accelerator)
+        if reason is None:
+            return MergedPolicy(policy)
+        self.accelerator.print(f"ppo: sampling through the PEFT model ({reason})")
+        return None
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict:
+        """Run (or resume) the iterations; publish ``ppo/`` when the last one is done."""
+        args, acc = self.args, self.accelerator
+        self._start()
+        stop_at = args.num_iterations
+        if args.stop_after_iterations is not None:
+            stop_at = min(stop_at, self.iteration + args.stop_after_iterations)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(self.iteration, stop_at), initial=self.iteration, total=args.num_iterations,
+                   desc="ppo", disable=not acc.is_main_process)  # fmt: skip
+        for iteration in bar:
+            t0 = time.perf_counter()
+            prompts = self.prompts_for(self.cursor)
+            self.cursor += self.sizes.batch_size
+            ro = self.rollout(prompts)  # steps 1-5: generate, score, reward, advantages
+            t_rollout = time.perf_counter() - t0
+            update_stats = self.update(ro)  # step 6: PPO epochs over minibatches
+            self.kl_ctl.update(ro.stats["objective/kl"], self.sizes.batch_size)
+            row = {"iteration": iteration + 1, "episode": self.cursor, **ro.stats, **update_stats,
+                   "time/rollout_s": t_rollout, "time/iteration_s": time.perf_counter() - t0}  # fmt: skip
+            self.log(row, ro, bar)
+            self.iteration = iteration + 1
+            if self.iteration % args.save_every == 0 or self.iteration == stop_at:
+                self.save_checkpoint()
+        bar.close()
+        if stop_at < args.num_iterations:
+            acc.print(f"ppo: stopped after iteration {stop_at} of {args.num_iterations}; "
+                      "continue with --resume_from_checkpoint latest")  # fmt: skip
+            return {"stopped_at": stop_at, "history": self.history}
+        self.publish()
+        return {"history": self.history}
+
+    def prompts_for(self, cursor: int) -> list[list[dict]]:
+        """This process's prompts for the iteration starting at global episode ``cursor``: every epoch
+        over the prompts is a fresh seeded shuffle, cut into whole iterations."""
+        g = self.sizes.batch_size
+        epoch, offset = divmod(cursor, len(self.prompts) - len(self.prompts) % g)
+        gen = torch.Generator().manual_seed(self.args.seed + epoch)
+        perm = torch.randperm(len(self.prompts), generator=gen).tolist()
+        local = self.args.rollout_batch_size
+        idx = perm[offset : offset + g][self.accelerator.process_index * local :][:local]
+        return [self.prompts[i] for i in idx]
 
     # ------------------------------------------------------------------ rollout
     def rollout(self, prompts: list[list[dict]]) -> Rollout:
@@ -153,68 +297,74 @@ class PPOLoop:
             return self._rollout(prompts)
 
     def _rollout(self, prompts: list[list[dict]]) -> Rollout:
-        args, tok, device = self.args, self.tokenizer, self.accelerator.device
-        net = self.unwrapped
+        args, tok, device, net = self.args, self.tokenizer, self.accelerator.device, self.unwrapped
         net.eval()
+        chunk, R = args.local_rollout_forward_batch_size, args.response_length
+
+        # 1. Generate a response per prompt (sampled at the temperature; stops at EOS; capped at R tokens).
         texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left").to(device)
         P = enc["input_ids"].shape[1]
         gen_kwargs = dict(
-            **sampling_kwargs(args.temperature, args.top_k, args.top_p),  # softmax(logits / T), without torch.multinomial
-            max_new_tokens=args.response_length, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            **sampling_kwargs(args.temperature, args.top_k, args.top_p),
+            max_new_tokens=R,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
         sampler = net.policy
         if self.sampler is not None:
             self.sampler.sync()  # the merged copy takes the adapter as the last update left it
             sampler = self.sampler
-        chunks = []
-        for i in range(0, len(prompts), args.local_rollout_forward_batch_size):
-            sl = slice(i, i + args.local_rollout_forward_batch_size)
-            out = sampler.generate(input_ids=enc["input_ids"][sl], attention_mask=enc["attention_mask"][sl], **gen_kwargs)
-            chunks.append(out[:, P:])
-        R = args.response_length
-        responses = torch.cat(
-            [nn.functional.pad(c, (0, R - c.shape[1]), value=tok.pad_token_id) for c in chunks]
-        )  # [B, R]
+        outs = [
+            sampler.generate(input_ids=enc["input_ids"][i : i + chunk],
+                             attention_mask=enc["attention_mask"][i : i + chunk], **gen_kwargs)[:, P:]
+            for i in range(0, len(prompts), chunk)
+        ]  # fmt: skip
+        responses = torch.cat([nn.functional.pad(o, (0, R - o.shape[1]), value=tok.pad_token_id) for o in outs])
+        # The response ends at its first EOS; everything after it is padding.
         mask, has_eos = response_mask(responses, tok.eos_token_id)
         responses = responses.masked_fill(~mask, tok.pad_token_id)
         query_response = torch.cat([enc["input_ids"], responses], 1)
         attention_mask = torch.cat([enc["attention_mask"], mask.long()], 1)
 
+        # 2. One forward each: policy log-probs (and entropy), values, reference log-probs (adapter off).
         logprobs, ref_logprobs, values, entropies = [], [], [], []
-        for i in range(0, len(prompts), args.local_rollout_forward_batch_size):
-            sl = slice(i, i + args.local_rollout_forward_batch_size)
-            qr, am = query_response[sl], attention_mask[sl]
+        for i in range(0, len(prompts), chunk):
+            qr, am = query_response[i : i + chunk], attention_mask[i : i + chunk]
             logits, v = net(qr, am, logits_to_keep=R + 1)
             rl = response_logits(logits, R, args.temperature)
-            logprobs.append(logprobs_from_logits(rl, responses[sl]))
+            logprobs.append(logprobs_from_logits(rl, responses[i : i + chunk]))
             entropies.append(entropy_from_logits(rl))
             values.append(v[:, P - 1 : -1])
             with net.policy.disable_adapter():  # the reference policy is the SFT model itself
-                ref_logprobs.append(response_logprobs(net.policy, qr, am, responses[sl], args.temperature))
+                ref_logprobs.append(response_logprobs(net.policy, qr, am, responses[i : i + chunk], args.temperature))
         logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
         values, entropy = torch.cat(values), torch.cat(entropies)
 
-        # Reward-model score of the decoded response (re-encoded by the reward model's own tokenizer).
-        response_texts = tok.batch_decode(responses.masked_fill(responses == tok.eos_token_id, tok.pad_token_id),
-                                          skip_special_tokens=True)
+        # 3. Score the decoded responses with the reward model (re-encoded by its own tokenizer).
+        response_texts = tok.batch_decode(
+            responses.masked_fill(responses == tok.eos_token_id, tok.pad_token_id), skip_special_tokens=True
+        )
         raw_scores = self.reward_fn(prompts, response_texts).to(device).float()
         all_raw = self.accelerator.gather(raw_scores)
         scores = raw_scores
         if args.normalize_scores:
-            process_scores(all_raw, running=self.score_moments)  # update stats identically on every rank
+            self.score_moments.update(all_raw)  # the same statistics on every rank
             scores = (raw_scores - self.score_moments.mean) / (self.score_moments.std + 1e-8)
         if args.score_clip is not None:
             scores = scores.clamp(-args.score_clip, args.score_clip)
         scores = torch.where(has_eos, scores, scores - args.missing_eos_penalty)
 
+        # 4. Per-token rewards: -beta * KL on every response token, plus the score on the last one.
         kl = kl_estimate(logprobs, ref_logprobs, args.kl_estimator)  # [B, R]
         rewards = token_rewards(kl, scores, mask, self.kl_ctl.value)
+
+        # 5. GAE advantages and returns over response tokens; whitened advantages.
         advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.lam)
         advantages = masked_whiten(advantages, mask)
 
         kl_seq = torch.where(mask, kl, 0.0).sum(1)  # [B] sequence KL (nats)
-        non_score = (rewards.sum(1) - torch.where(mask.sum(1) > 0, scores, 0.0))
+        non_score = rewards.sum(1) - torch.where(mask.sum(1) > 0, scores, 0.0)
         g = self.accelerator.gather_for_metrics
         stats = {
             "objective/kl": g(kl_seq).mean().item(),
@@ -226,90 +376,159 @@ class PPOLoop:
             "objective/kl_coef": self.kl_ctl.value,
             "val/eos_rate": g(has_eos.float()).mean().item(),
             "val/response_length": g(mask.sum(1).float()).mean().item(),
+            "val/explained_variance": explained_variance(g(values), g(returns), g(mask)).item(),
         }
         return Rollout(
-            query_response=query_response, attention_mask=attention_mask, context_length=P, mask=mask,
-            logprobs=logprobs, values=values, advantages=advantages, returns=returns, stats=stats,
+            query_response=query_response,
+            attention_mask=attention_mask,
+            context_length=P,
+            mask=mask,
+            logprobs=logprobs,
+            values=values,
+            advantages=advantages,
+            returns=returns,
+            stats=stats,
             texts=[(p[-1]["content"], r, float(s)) for p, r, s in zip(prompts, response_texts, raw_scores.cpu())],
         )
 
     # ------------------------------------------------------------------ update
     def update(self, ro: Rollout) -> dict:
-        """``num_ppo_epochs`` passes over ``num_mini_batches`` minibatches with gradient accumulation."""
+        """6. ``num_ppo_epochs`` passes over ``num_mini_batches`` shuffled minibatches, one optimizer step
+        each (gradient accumulation over micro-batches); returns the iteration's mean statistics."""
         args, acc = self.args, self.accelerator
         self.model.train()
-        B = ro.mask.shape[0]
-        P, R = ro.context_length, ro.mask.shape[1]
-        per_mb: list[dict] = []
+        B, P, R = ro.mask.shape[0], ro.context_length, ro.mask.shape[1]
+        mb_size, micro_size = self.sizes.local_mini_batch_size, args.per_device_train_batch_size
+        stats, mb = self.minibatch_stats.zero_(), 0
         for _epoch in range(args.num_ppo_epochs):
             order = torch.randperm(B, device=ro.mask.device)
-            for mb_start in range(0, B, args.local_mini_batch_size):
-                mb_inds = order[mb_start : mb_start + args.local_mini_batch_size]
-                mb_stats = []
-                for micro_start in range(0, args.local_mini_batch_size, args.per_device_train_batch_size):
-                    inds = mb_inds[micro_start : micro_start + args.per_device_train_batch_size]
+            for mb_start in range(0, B, mb_size):
+                mb_inds = order[mb_start : mb_start + mb_size]
+                for micro, micro_start in enumerate(range(0, mb_size, micro_size)):
+                    inds = mb_inds[micro_start : micro_start + micro_size]
+                    mask = ro.mask[inds]
                     with acc.accumulate(self.model):
-                        logits, values = self.model(ro.query_response[inds], ro.attention_mask[inds], logits_to_keep=R + 1)
+                        logits, values = self.model(ro.query_response[inds], ro.attention_mask[inds],
+                                                    logits_to_keep=R + 1)  # fmt: skip
                         rl = response_logits(logits, R, args.temperature)
-                        responses = ro.query_response[inds, P:]
-                        new_logprobs = logprobs_from_logits(rl, responses)
-                        mask = ro.mask[inds]
+                        new_logprobs = logprobs_from_logits(rl, ro.query_response[inds, P:])
                         pg = policy_loss(new_logprobs, ro.logprobs[inds], ro.advantages[inds], mask, args.cliprange)
-                        vf = value_loss(values[:, P - 1 : -1], ro.values[inds], ro.returns[inds], mask, args.cliprange_value)
+                        vf = value_loss(values[:, P - 1 : -1], ro.values[inds], ro.returns[inds], mask,
+                                        args.cliprange_value)  # fmt: skip
                         loss = pg["loss"] + args.vf_coef * vf["loss"]
                         acc.backward(loss)
-                        grad_norm = None
                         if acc.sync_gradients:
                             grad_norm = acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                            if self._finite(loss, grad_norm):
+                            if self.guard.step_ok(loss, grad_norm):
                                 self.optimizer.step()
                             self.optimizer.zero_grad()
+                            self.grad_norms[mb] = grad_norm
                     with torch.no_grad():
-                        mb_stats.append({
-                            "policy/approxkl": pg["approxkl"].item(), "policy/clipfrac": pg["clipfrac"].item(),
-                            "loss/policy": pg["loss"].item(), "loss/value": vf["loss"].item(),
-                            "val/clipfrac": vf["clipfrac"].item(), "val/ratio": pg["ratio_mean"].item(),
-                            "policy/entropy": masked_mean(entropy_from_logits(rl.detach()), mask).item(),
-                        })
-                    if grad_norm is not None:
-                        mb_stats[-1]["policy/grad_norm"] = float(grad_norm)
-                per_mb.append({k: sum(s[k] for s in mb_stats if k in s) / max(1, sum(k in s for s in mb_stats))
-                               for k in mb_stats[0] | mb_stats[-1]})
+                        entropy = masked_mean(entropy_from_logits(rl.detach()), mask)
+                        stats[mb, micro] = torch.stack([pg["approxkl"], pg["clipfrac"], pg["loss"].detach(),
+                                                        vf["loss"].detach(), vf["clipfrac"], pg["ratio_mean"],
+                                                        entropy])  # fmt: skip
+                mb += 1
         self.scheduler.step()
-        out = {f"{k}_avg" if k.startswith(("policy/approxkl", "policy/clipfrac", "loss/", "val/clipfrac")) else k:
-               self._mean_across(sum(m[k] for m in per_mb if k in m) / sum(k in m for m in per_mb))
-               for k in per_mb[0] | per_mb[-1]}
-        ratios = torch.tensor([m["val/ratio"] for m in per_mb])
+        per_minibatch = stats.mean(1)  # [minibatches, statistics]
+        means = torch.cat([per_minibatch.mean(0), self.grad_norms.mean().unsqueeze(0)]).float()
+        means = acc.reduce(means, "mean").tolist()  # across processes
+        names = [f"{k}_avg" if k in AVERAGED else k for k in UPDATE_STATS] + ["policy/grad_norm"]
+        out = dict(zip(names, means))
+        ratios = per_minibatch[:, UPDATE_STATS.index("val/ratio")].float()
         out["val/ratio_var"] = ratios.var().item() if len(ratios) > 1 else 0.0
         out["lr"] = self.scheduler.get_last_lr()[0]
-        out["train/nonfinite_skipped"] = self.nonfinite_total
-        out["minibatches"] = per_mb  # per-minibatch stats, in order (tests read the first one)
+        out["train/nonfinite_skipped"] = self.guard.total
         return out
 
-    def _finite(self, loss: Tensor, grad_norm) -> bool:
-        """Count and skip a non-finite step; stop the run after too many in a row."""
-        bad = torch.tensor(float(not (torch.isfinite(loss.detach()).all() and math.isfinite(float(grad_norm)))),
-                           device=self.accelerator.device)
-        # Every rank skips the same step. accelerate's reduce knows only mean/sum/max ("min" silently sums).
-        ok = self.accelerator.reduce(bad, "max").item() == 0
-        if ok:
-            self.nonfinite_in_a_row = 0
-            return True
-        self.nonfinite_in_a_row += 1
-        self.nonfinite_total += 1
-        if self.nonfinite_in_a_row > self.args.max_nonfinite_steps:
-            from pipeline.artifacts import PipelineError
+    def minibatch(self, i: int) -> dict:
+        """The last update's statistics of minibatch ``i`` (in the order they ran), averaged over micro-batches."""
+        values = self.minibatch_stats[i].mean(0).tolist()
+        return {**dict(zip(UPDATE_STATS, values)), "policy/grad_norm": self.grad_norms[i].item()}
 
-            raise PipelineError(
-                f"{self.nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient; "
-                "lower --learning_rate or --max_grad_norm, or check the reward model; no artifact was written"
-            )
-        return False
+    # ------------------------------------------------------------------ metrics
+    def log(self, row: dict, ro: Rollout, bar) -> None:
+        args, acc = self.args, self.accelerator
+        if self.judge is not None:
+            gold = torch.tensor([self.judge(p, r) for p, r, _ in ro.texts], device=acc.device)
+            row["objective/gold_score"] = acc.gather(gold).mean().item()
+        self.history.append(row)
+        if acc.is_main_process:
+            with open(self.layout.run_metrics, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(score=f"{row['objective/scores']:.3f}", kl=f"{row['objective/kl']:.3f}",
+                            eos=f"{row['val/eos_rate']:.2f}")  # fmt: skip
+            if args.sample_every and row["iteration"] % args.sample_every == 0:
+                print_samples(ro.texts, row["iteration"], self.judge)
+        if acc.log_with:
+            acc.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["iteration"])
 
-    def _mean_across(self, value: float) -> float:
-        t = torch.tensor(value, device=self.accelerator.device, dtype=torch.float32)
-        return self.accelerator.reduce(t, "mean").item()
+    # ------------------------------------------------------------------ checkpoints
+    def _start(self) -> None:
+        """Resume from ``--resume_from_checkpoint``, or start a fresh run directory."""
+        acc, run = self.accelerator, self.layout.ppo_run
+        if self.args.resume_from_checkpoint:
+            path = ckpt.resolve(self.layout.run_checkpoints, self.args.resume_from_checkpoint)
+            state = ckpt.load(path, acc, self.unwrapped, self.optimizer, self.scheduler)
+            if state.get("fingerprint") != self.fingerprint:
+                raise PipelineError(
+                    f"{path} belongs to a run with other inputs or config; start anew without --resume_from_checkpoint"
+                )
+            self.iteration, self.cursor, self.history = state["iteration"], state["cursor"], state["history"]
+            self.kl_ctl.load_state_dict(state["kl_controller"])
+            self.score_moments.load_state_dict(state["score_moments"])
+            self.guard.load_state_dict(state["nonfinite_steps"])
+            acc.print(f"ppo: resumed from {path} at iteration {self.iteration}")
+        elif acc.is_main_process:
+            shutil.rmtree(run, ignore_errors=True)
+        if acc.is_main_process:
+            run.mkdir(parents=True, exist_ok=True)
+            self.layout.run_metrics.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        if acc.log_with:
+            acc.init_trackers("rlhf-ppo", config={k: str(v) for k, v in self.config["ppo"].items()})
 
-    def kl_update(self, stats: dict, n_episodes: int) -> None:
-        self.kl_ctl.update(stats["objective/kl"], n_episodes)
+    def save_checkpoint(self):
+        state = {
+            "iteration": self.iteration,
+            "cursor": self.cursor,
+            "history": self.history,
+            "fingerprint": self.fingerprint,
+            "kl_controller": self.kl_ctl.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+            "nonfinite_steps": self.guard.state_dict(),
+        }
+        net = self.unwrapped
+        return ckpt.save(self.layout.run_checkpoints, self.iteration, self.accelerator, net, self.optimizer,
+                         self.scheduler, state, net.policy)  # fmt: skip
 
+    # ------------------------------------------------------------------ publishing
+    def publish(self) -> None:
+        """Write ``ppo/`` atomically: adapters, merged policy, value weights, checkpoints, metrics, manifest."""
+        from transformers import AutoModelForCausalLM
+
+        from pipeline.modeling import merge_adapter_to_disk
+
+        acc, history, is_main = self.accelerator, self.history, self.accelerator.is_main_process
+        acc.wait_for_everyone()
+        with art.stage_output(self.layout.root, "ppo", self.config, self.inputs, is_main) as out:
+            if is_main:
+                net = self.unwrapped
+                net.policy.save_pretrained(str(out.path / art.POLICY_ADAPTER))
+                net.value.save_pretrained(str(out.path / art.VALUE))
+                merge_adapter_to_disk(self.policy_path, str(out.path / art.POLICY_ADAPTER), out.path / art.POLICY,
+                                      AutoModelForCausalLM, self.tokenizer)  # fmt: skip
+                shutil.copy(self.layout.run_metrics, out.path / art.METRICS)
+                shutil.move(str(self.layout.run_checkpoints), str(out.path / art.CHECKPOINTS))
+                metrics = {
+                    "final": history[-1],
+                    "first": history[0],
+                    "iterations": len(history),
+                    "seconds_per_iteration": sum(h["time/iteration_s"] for h in history) / len(history),
+                    "models": self.models,
+                }
+                out.write_manifest(metrics, self.tokenizer)
+            acc.wait_for_everyone()
+        if is_main:
+            shutil.rmtree(self.layout.ppo_run, ignore_errors=True)
+            acc.print(f"ppo: wrote {self.layout.stage('ppo')} (score {history[0]['objective/scores']:.3f} -> "
+                      f"{history[-1]['objective/scores']:.3f}, kl {history[-1]['objective/kl']:.3f})")  # fmt: skip

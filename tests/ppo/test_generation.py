@@ -3,7 +3,6 @@ models built in the test."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from tests.conftest import make_causal_lm, make_tokenizer
@@ -16,7 +15,9 @@ def _peft_policy(tmp_path, dtype=torch.float32, **lora_kw):
     tok = make_tokenizer(tmp_path / "tok")
     make_causal_lm(tmp_path / "lm", tok, num_hidden_layers=3)
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", dtype=dtype)
-    policy = get_peft_model(base, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", **lora_kw))
+    policy = get_peft_model(
+        base, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules="all-linear", **lora_kw)
+    )
     for p in policy.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -33,8 +34,12 @@ def _perturb_adapter(policy, seed: int) -> None:
 
 
 def _batch(tok):
-    enc = tok(["Explain why volcanoes erupt.", "Plants turn sunlight into sugar"], return_tensors="pt",
-              padding=True, padding_side="left")
+    enc = tok(
+        ["Explain why volcanoes erupt.", "Plants turn sunlight into sugar"],
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+    )
     return enc["input_ids"], enc["attention_mask"]
 
 
@@ -56,8 +61,10 @@ def test_merged_copy_matches_the_adapter_and_follows_updates(tmp_path):
 
     gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     with torch.no_grad():
-        assert torch.equal(sampler.generate(input_ids=ids, attention_mask=am, **gen),
-                           policy.generate(input_ids=ids, attention_mask=am, **gen))
+        assert torch.equal(
+            sampler.generate(input_ids=ids, attention_mask=am, **gen),
+            policy.generate(input_ids=ids, attention_mask=am, **gen),
+        )
 
     # An update changes the adapter: the copy is stale until the next sync, then matches again.
     _perturb_adapter(policy, 1)
@@ -95,40 +102,3 @@ def test_unsupported_adapters_fall_back(tmp_path):
 
     policy, _ = _peft_policy(tmp_path, use_dora=True)
     assert "DoRA" in unsupported_reason(policy)
-
-
-def test_value_adapter_on_top_layers_only(tiny_artifacts, tmp_path):
-    """``--value_lora_layers 1``: the value adapter has LoRA weights in the top layer only (plus the score head),
-    so the value backward stops there; out-of-range counts are a clean error."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForSequenceClassification
-
-    from pipeline.artifacts import PipelineError
-    from pipeline.modeling import linear_leaf_names, top_layers
-    from tests.conftest import prompt_rows, write_jsonl
-    from tests.ppo.test_ppo_stage import run_ppo
-
-    rm = AutoModelForSequenceClassification.from_pretrained(tiny_artifacts / "reward" / "model", num_labels=1)
-    assert rm.config.num_hidden_layers == 2
-    assert top_layers(rm, None) is None and top_layers(rm, 1) == [1]
-    with pytest.raises(PipelineError, match="1..2"):
-        top_layers(rm, 3)
-    assert linear_leaf_names(rm) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(32))
-    assert run_ppo(tiny_artifacts, prompts, value_lora_layers=1) == 0
-    keys = load_file(str(tiny_artifacts / "ppo" / "value" / "adapter_model.safetensors")).keys()
-    lora = [k for k in keys if "lora_" in k]
-    assert lora and all(".layers.1." in k for k in lora)
-    assert len(lora) == 2 * len(linear_leaf_names(rm))  # A and B of every linear layer of the top layer
-    assert any("score" in k for k in keys)
-
-
-def test_value_lora_layers_with_full_finetune_is_a_clean_error(tiny_artifacts, tmp_path, capsys):
-    from tests.conftest import prompt_rows, write_jsonl
-    from tests.ppo.test_ppo_stage import run_ppo
-
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_rows(32))
-    assert run_ppo(tiny_artifacts, prompts, value_lora_layers=1, value_full_finetune=True) == 2
-    assert "--value_lora_layers" in capsys.readouterr().err
-    assert not (tiny_artifacts / "ppo").exists()

@@ -39,7 +39,7 @@ Returns:
 
 def ngrams(text: str, n: int) -> list[tuple[str, ...]]:
     toks = text.lower().split()
-    return [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
+    return [tuple(toks[i : i + n]) for i in range(len(toks) - n + 1)]
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)

@@ -50,7 +50,7 @@ def bootstrap_ci(o: np.ndarray, n_boot: int, seed: int, confidence: float = 0.95
     means = np.empty(n_boot, dtype=np.float64)
     for start in range(0, n_boot, chunk):  # chunks bound memory at chunk * n indices
         k = min(chunk, n_boot - start)
-        means[start:start + k] = o[rng.integers(0, n, size=(k, n))].mean(axis=1)
+        means[start : start + k] = o[rng.integers(0, n, size=(k, n))].mean(axis=1)
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(means, [alpha, 1.0 - alpha])
     return float(low), float(high)
@@ -64,19 +64,25 @@ class WinRate(evaluate.Metric):
             description=_DESCRIPTION,
             citation="",
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"scores_a": datasets.Value("float64"), "scores_b": datasets.Value("float64")}
-            ),
+            features=datasets.Features({"scores_a": datasets.Value("float64"), "scores_b": datasets.Value("float64")}),
         )
 
-    def _compute(self, scores_a, scores_b, n_boot: int = 1000, seed: int = 0, tie_tol: float = 0.0,
-                 confidence: float = 0.95):
-        if np.isnan(np.asarray(scores_a, dtype=np.float64)).any() or np.isnan(np.asarray(scores_b, dtype=np.float64)).any():
+    def _compute(
+        self, scores_a, scores_b, n_boot: int = 1000, seed: int = 0, tie_tol: float = 0.0, confidence: float = 0.95
+    ):
+        if (
+            np.isnan(np.asarray(scores_a, dtype=np.float64)).any()
+            or np.isnan(np.asarray(scores_b, dtype=np.float64)).any()
+        ):
             raise ValueError("win_rate got NaN scores")
         o = outcomes(scores_a, scores_b, tie_tol)
         out = {
-            "win_rate": None, "ci_low": None, "ci_high": None,
-            "wins": int((o == 1.0).sum()), "ties": int((o == 0.5).sum()), "losses": int((o == 0.0).sum()),
+            "win_rate": None,
+            "ci_low": None,
+            "ci_high": None,
+            "wins": int((o == 1.0).sum()),
+            "ties": int((o == 0.5).sum()),
+            "losses": int((o == 0.0).sum()),
             "num_prompts": int(len(o)),
         }
         if len(o) == 0:

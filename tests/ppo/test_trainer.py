@@ -1,0 +1,237 @@
+"""Tests of ``pipeline/ppo/trainer.py`` on tiny models built in the test: first-step invariants, masking
+and reward placement, what trains and what stays frozen, bf16 bases, and the non-finite guard across ranks.
+Whole runs through the stage's command line are in ``tests/test_stage_ppo.py``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import launch_two_processes, make_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_bf16_bases_train_fp32_adapters(tiny_artifacts, prompts_file, fresh_accelerate_state):
+    """``--dtype bfloat16``: frozen bases in bf16, every trained weight in fp32 (the optimizer's
+    master copy), forwards under autocast; policy and reference still agree exactly at the start."""
+    trainer, _, batch = make_trainer(
+        tiny_artifacts,
+        prompts_file,
+        dtype="bfloat16",
+        mixed_precision="bf16",
+        rollout_batch_size=8,
+        local_rollout_forward_batch_size=8,
+        learning_rate=1e-2,
+    )
+    net = trainer.unwrapped
+    trained = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    frozen = [p for p in net.parameters() if not p.requires_grad]
+    assert trained and frozen
+    assert {p.dtype for p in trained.values()} == {torch.float32}
+    assert {p.dtype for p in frozen} == {torch.bfloat16}
+    assert any(".score." in n for n in trained)  # the value head is trained, in fp32 too
+    ro = trainer.rollout(batch)
+    assert ro.stats["objective/kl"] == 0.0
+    before = {n: p.detach().clone() for n, p in trained.items()}
+    upd = trainer.update(ro)
+    assert math.isfinite(upd["loss/policy_avg"]) and math.isfinite(upd["loss/value_avg"])
+    moved = [n for n, p in trained.items() if not torch.equal(before[n], p.detach())]
+    assert any("lora_B" in n and "policy" in n for n in moved) and any(".score." in n for n in moved)
+
+
+def test_first_minibatch_ratio_one_and_zero_kl(tiny_artifacts, prompts_file):
+    trainer, _, batch = make_trainer(
+        tiny_artifacts,
+        prompts_file,
+        rollout_batch_size=8,
+        num_mini_batches=2,
+        per_device_train_batch_size=2,
+        local_rollout_forward_batch_size=4,
+        response_length=8,
+        learning_rate=1e-2,
+    )
+    ro = trainer.rollout(batch)
+    # LoRA B starts at zero: policy == reference, so the sequence KL is exactly 0, not merely small.
+    assert ro.stats["objective/kl"] == 0.0
+    assert ro.stats["objective/non_score_reward"] == 0.0
+    trainer.update(ro)
+    assert trainer.minibatch_stats.shape[0] == 2  # num_ppo_epochs * num_mini_batches, in order
+    first = trainer.minibatch(0)
+    # Nothing has been stepped before the first minibatch (2 micro-batches, one optimizer step):
+    # the update forward reproduces the rollout log-probs.
+    assert first["val/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert abs(first["policy/approxkl"]) < 1e-6
+    assert first["policy/clipfrac"] == 0.0
+    assert math.isfinite(first["policy/grad_norm"]) and first["policy/grad_norm"] > 0
+    # ...and after the first optimizer step the policy differs from the behaviour policy.
+    assert trainer.minibatch(1)["policy/approxkl"] > first["policy/approxkl"]
+
+
+def test_rollout_reports_explained_variance(tiny_artifacts, prompts_file):
+    """The value head's explained variance is logged each rollout, from that rollout's values and returns."""
+    from pipeline.ppo.core import explained_variance
+
+    trainer, _, batch = make_trainer(
+        tiny_artifacts, prompts_file, rollout_batch_size=8, local_rollout_forward_batch_size=8
+    )
+    ro = trainer.rollout(batch)
+    ev = ro.stats["val/explained_variance"]
+    assert ev == pytest.approx(explained_variance(ro.values, ro.returns, ro.mask).item())
+    assert math.isfinite(ev) and ev <= 1.0
+
+
+class _EosBoost:
+    """Logits processor: EOS gets probability ~p at every step (a random tiny model almost never emits it)."""
+
+    def __init__(self, eos: int, p: float):
+        self.eos, self.logit = eos, math.log(p / (1 - p))
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        others = scores.clone()
+        others[:, self.eos] = -float("inf")
+        scores[:, self.eos] = torch.logsumexp(others, -1) + self.logit
+        return scores
+
+
+def test_rollout_mask_padding_and_score_on_last_token(tiny_artifacts, prompts_file, monkeypatch):
+    from transformers import LogitsProcessorList
+
+    from pipeline.ppo.core import token_rewards
+    from pipeline.sequences import response_mask
+
+    B, R = 16, 10
+    gamma, penalty = 0.5, 0.5
+
+    def index_scores(prompts, responses):  # a distinct score per row: 1, 2, ..., B
+        return torch.arange(1, len(responses) + 1, dtype=torch.float32)
+
+    trainer, _, batch = make_trainer(
+        tiny_artifacts,
+        prompts_file,
+        reward_fn=index_scores,
+        rollout_batch_size=B,
+        num_mini_batches=1,
+        per_device_train_batch_size=B,
+        local_rollout_forward_batch_size=4,
+        response_length=R,
+        temperature=1.0,
+        kl_coef=0.0,
+        gamma=gamma,
+        lam=1.0,
+        missing_eos_penalty=penalty,
+    )
+    tok = trainer.tokenizer
+    pad, eos = tok.pad_token_id, tok.eos_token_id
+    sampler = trainer.sampler or trainer.unwrapped.policy  # what the rollout samples from
+    generate = sampler.generate
+    # The EOS boost goes before the rollout's own processors (the last of which draws the token).
+    monkeypatch.setattr(
+        sampler,
+        "generate",
+        lambda **kw: generate(
+            **{**kw, "logits_processor": LogitsProcessorList([_EosBoost(eos, 0.08), *kw.get("logits_processor", [])])}
+        ),
+    )
+
+    ro = trainer.rollout(batch)
+    P = ro.context_length
+    responses = ro.query_response[:, P:]
+    assert responses.shape == (B, R) and ro.mask.shape == (B, R)
+    is_eos = responses == eos
+    has_eos = is_eos.any(1)
+    firsts = [int(is_eos[b].nonzero()[0]) for b in range(B) if has_eos[b]]
+    assert has_eos.any() and not has_eos.all(), "need both EOS-ended and truncated responses"
+    assert min(firsts) < R - 1, "need an early EOS, followed by padding"
+
+    for b in range(B):
+        if has_eos[b]:
+            first = int(is_eos[b].nonzero()[0])
+            assert ro.mask[b, : first + 1].all() and not ro.mask[b, first + 1 :].any()
+            assert (responses[b, first + 1 :] == pad).all(), "after EOS comes pad_token_id"
+        else:
+            assert ro.mask[b].all(), "a response hitting the length cap is valid to its end"
+    assert torch.equal(ro.attention_mask[:, P:], ro.mask.long())
+    assert torch.equal(response_mask(responses, eos)[0], ro.mask)
+    assert ro.stats["val/eos_rate"] == pytest.approx(has_eos.float().mean().item())
+    assert ro.stats["val/response_length"] == pytest.approx(ro.mask.sum(1).float().mean().item())
+
+    # With kl_coef 0 and lam 1 the returns are the discounted score placed on the last valid token:
+    # R_t = gamma^(last - t) * score for t <= last, 0 after (independent of the value estimates).
+    raw = torch.tensor([s for _, _, s in ro.texts])
+    assert torch.equal(raw, torch.arange(1, B + 1, dtype=torch.float32))
+    score = torch.where(has_eos, raw, raw - penalty)
+    last = ro.mask.sum(1) - 1
+    t = torch.arange(R).unsqueeze(0)
+    expected = torch.where(ro.mask, score.unsqueeze(1) * gamma ** (last.unsqueeze(1) - t).clamp(min=0), 0.0)
+    torch.testing.assert_close(ro.returns, expected, atol=1e-5, rtol=1e-5)
+    assert (ro.advantages[~ro.mask] == 0).all()
+
+    # token_rewards on this batch's mask: -beta*kl on valid tokens, plus the score on the last one only.
+    kl = torch.randn(B, R)
+    rewards = token_rewards(kl, score, ro.mask, 0.1)
+    expected_r = torch.where(ro.mask, -0.1 * kl, 0.0)
+    expected_r[torch.arange(B), last] += score
+    torch.testing.assert_close(rewards, expected_r)
+
+
+def _is_trained_name(name: str) -> bool:
+    return "lora_" in name or "modules_to_save" in name
+
+
+def test_adapters_train_and_base_weights_stay_frozen(tiny_artifacts, prompts_file):
+    trainer, rm_fn, batch = make_trainer(
+        tiny_artifacts,
+        prompts_file,
+        rollout_batch_size=4,
+        num_mini_batches=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+    )
+    net = trainer.unwrapped
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in before if _is_trained_name(n)}
+    assert any(n.startswith("policy.") and "lora_B" in n for n in trainable)
+    assert any(n.startswith("value.") and "lora_" in n for n in trainable)
+    assert any(n.startswith("value.") and "modules_to_save" in n and "score" in n for n in trainable)
+    assert all(torch.count_nonzero(before[n]) == 0 for n in trainable if n.startswith("policy.") and "lora_B" in n)
+
+    # Reward model = value module with its adapter disabled; reference = policy with adapter disabled.
+    probe_prompts = batch[:2]
+    probe_responses = ["volcanoes erupt when magma rises.", "coffee is a drink."]
+    reward_before = rm_fn(probe_prompts, probe_responses)
+    ids = trainer.tokenizer(["Tell me about rain, take 1."], return_tensors="pt")
+    with torch.no_grad(), net.policy.disable_adapter():
+        ref_before = net.policy(**ids).logits
+
+    for _ in range(2):
+        trainer.update(trainer.rollout(batch))
+
+    after = dict(net.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed == trainable, (
+        f"frozen but changed: {sorted(changed - trainable)}; trainable but unchanged: {sorted(trainable - changed)}"
+    )
+    with torch.no_grad(), net.policy.disable_adapter():
+        assert torch.equal(net.policy(**ids).logits, ref_before)
+    assert torch.equal(rm_fn(probe_prompts, probe_responses), reward_before)
+    with torch.no_grad():
+        assert not torch.equal(net.policy(**ids).logits, ref_before)  # the adapted policy moved
+    assert trainer.rollout(batch).stats["objective/kl"] != 0.0  # ... so policy and reference now differ
+
+
+@pytest.mark.slow
+def test_nonfinite_skip_agrees_across_ranks(tmp_path):
+    """A non-finite loss on one rank makes every rank skip the step and count it."""
+    proc = launch_two_processes(str(Path(__file__).with_name("nonfinite_ranks_script.py")), str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["rank"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["decisions"] == [False, False, False, True] and r["total"] == 3 and r["in_a_row"] == 0, r

@@ -1,0 +1,280 @@
+"""Whole runs of the PPO stage (``pipeline/stage_ppo.py``) through its command line, on tiny models built in
+the test: checked settings and one-line errors, learning on a rule reward, resume equivalence, a 2-process
+run, a reward model with another tokenizer, and the non-finite stop."""
+
+from __future__ import annotations
+
+import json
+import math
+import string
+
+import pytest
+import torch
+
+from tests.conftest import (
+    PPO_BASE,
+    error_lines,
+    fake_stage,
+    flags,
+    launch_two_processes,
+    make_causal_lm,
+    make_seq_cls,
+    make_tokenizer,
+    ppo_arguments,
+    read_metrics,
+    replace_reward,
+    run_ppo,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BASE = PPO_BASE
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(dtype="bfloat16"), "--dtype bfloat16 needs autocast in the same precision: add --mixed_precision bf16"),
+        (
+            dict(dtype="bfloat16", mixed_precision="fp16"),
+            "--mixed_precision fp16 needs a CUDA GPU; on a CPU use --mixed_precision bf16",
+        ),
+        (dict(dtype="bf16"), "--dtype 'bf16': use one of float32, bfloat16, float16"),
+    ],
+)
+def test_precision_settings_are_checked(tiny_artifacts, prompts_file, capsys, settings, message):
+    from pipeline.errors import PipelineError
+    from pipeline.stage_ppo import main
+
+    # Through main(), as a YAML recipe would set them (argparse `choices` never sees YAML values).
+    stage, model_args, args = ppo_arguments(tiny_artifacts, prompts_file)
+    for k, v in settings.items():
+        setattr(model_args if hasattr(model_args, k) else args, k, v)
+    with pytest.raises(PipelineError) as e:
+        main(stage, model_args, args)
+    assert str(e.value) == message
+    assert not (tiny_artifacts / "ppo").exists()
+
+
+def test_precision_error_is_one_line(tiny_artifacts, prompts_file, capsys):
+    assert run_ppo(tiny_artifacts, prompts_file, dtype="float16") == 2
+    assert error_lines(capsys.readouterr().err) == [
+        "error: --dtype float16 needs autocast in the same precision: add --mixed_precision fp16"
+    ]
+
+
+LETTERS = set(string.ascii_lowercase)
+
+
+def letter_share(prompts, responses):
+    """Rule reward: share of lowercase ASCII letters in the decoded response."""
+    return torch.tensor([sum(c in LETTERS for c in r) / max(1, len(r)) for r in responses])
+
+
+def test_learns_rule_reward(tmp_path, tiny_tok, prompts_file, monkeypatch):
+    art = tmp_path / "artifacts"
+    # A larger init than the default 0.02 gives the tiny model logits big enough that a LoRA can move them.
+    fake_stage(art, "sft", make_causal_lm, tiny_tok, initializer_range=0.3)
+    fake_stage(art, "reward", make_seq_cls, tiny_tok)
+    replace_reward(monkeypatch, letter_share)
+    rc = run_ppo(
+        art,
+        prompts_file,
+        num_iterations=30,
+        rollout_batch_size=8,
+        num_mini_batches=1,
+        per_device_train_batch_size=8,
+        local_rollout_forward_batch_size=8,
+        response_length=8,
+        learning_rate=3e-2,
+        lr_scheduler_type="constant",
+        temperature=1.0,
+        num_ppo_epochs=2,
+        lora_r=8,
+        lora_alpha=16,
+        kl_coef=0.01,
+        missing_eos_penalty=0.0,
+        seed=3,
+    )
+    assert rc == 0
+    scores = [row["objective/scores"] for row in read_metrics(art / "ppo" / "metrics.jsonl")]
+    assert len(scores) == 30
+    first5, last5 = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    assert last5 > first5 + 0.25, f"mean reward did not rise: {[round(s, 2) for s in scores]}"
+
+
+def _same(a, b) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("nan_first_iteration", [False, True], ids=["clean", "skipped-step-before-checkpoint"])
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_tok, prompts_file, monkeypatch, nan_first_iteration):
+    from safetensors.torch import load_file
+
+    settings = dict(num_iterations=4, save_every=2, learning_rate=1e-2)
+    if nan_first_iteration:
+        # NaN scores for the batch holding the first prompt of iteration 1 (the stage's epoch-0 shuffle), so
+        # steps are skipped before the checkpoint and the skip counter must survive the resume.
+        first = torch.randperm(32, generator=torch.Generator().manual_seed(BASE["seed"])).tolist()[0]
+        marker = f"take {first}."
+
+        def wrap(real):
+            def reward_fn(prompts, responses):
+                scores = real(prompts, responses)
+                return scores * float("nan") if any(p[-1]["content"].endswith(marker) for p in prompts) else scores
+
+            return reward_fn
+
+        replace_reward(monkeypatch, wrap=wrap)
+    arts = {}
+    for name in ("full", "resumed"):
+        arts[name] = tmp_path / name
+        fake_stage(arts[name], "sft", make_causal_lm, tiny_tok)
+        fake_stage(arts[name], "reward", make_seq_cls, tiny_tok)
+
+    assert run_ppo(arts["full"], prompts_file, **settings) == 0
+
+    art = arts["resumed"]
+    assert run_ppo(art, prompts_file, **settings, stop_after_iterations=2) == 0
+    assert not (art / "ppo").exists()
+    assert (art / "ppo-run" / "checkpoints" / "iter-000002" / "checkpoint.json").exists()
+    assert len(read_metrics(art / "ppo-run" / "metrics.jsonl")) == 2
+    assert run_ppo(art, prompts_file, **settings, resume_from_checkpoint="latest") == 0
+    assert (art / "ppo" / "manifest.json").exists() and not (art / "ppo-run").exists()
+
+    full = read_metrics(arts["full"] / "ppo" / "metrics.jsonl")
+    resumed = read_metrics(art / "ppo" / "metrics.jsonl")
+    assert [r["iteration"] for r in resumed] == [1, 2, 3, 4] == [r["iteration"] for r in full]
+    for a, b in zip(full, resumed):
+        keys = {k for k, v in a.items() if isinstance(v, (int, float)) and not k.startswith("time/")}
+        assert keys == {k for k, v in b.items() if isinstance(v, (int, float)) and not k.startswith("time/")}
+        for k in sorted(keys):
+            assert _same(a[k], b[k]), (a["iteration"], k, a[k], b[k])
+    skipped = [r["train/nonfinite_skipped"] for r in full]
+    assert skipped == ([2, 2, 2, 2] if nan_first_iteration else [0, 0, 0, 0])  # 2 minibatch steps per iteration
+
+    wa = load_file(str(arts["full"] / "ppo" / "policy_adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(art / "ppo" / "policy_adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and wa
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert any(torch.count_nonzero(v) for k, v in wa.items() if "lora_B" in k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", [{}, {"dtype": "bfloat16", "mixed_precision": "bf16"}], ids=["fp32", "bf16"])
+def test_two_process_run(tiny_artifacts, prompts_file, precision):
+    n_iter, rbs = 2, 4
+    proc = launch_two_processes(
+        "pipeline/stage_ppo.py",
+        "--artifact_dir",
+        str(tiny_artifacts),
+        "--dataset_name",
+        str(prompts_file),
+        *flags({**PPO_BASE, "num_iterations": n_iter, "rollout_batch_size": rbs, "save_every": 1, **precision}),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = tiny_artifacts / "ppo"
+    assert (out / "manifest.json").exists()
+    for it in range(1, n_iter + 1):
+        ck = out / "checkpoints" / f"iter-{it:06d}"
+        assert json.loads((ck / "state.json").read_text())["world_size"] == 2
+        assert (ck / "rng-0.safetensors").exists() and (ck / "rng-1.safetensors").exists()
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["episode"] for r in rows] == [2 * rbs * i for i in range(1, n_iter + 1)]
+    assert json.loads((out / "manifest.json").read_text())["config"]["sizes"]["world_size"] == 2
+
+
+OTHER_CORPUS = [
+    "Reward models score answers; a higher score means a better answer.",
+    "The quick brown fox jumps over the lazy dog 0123456789 times!",
+    "ZEBRAS, QUOKKAS & YAKS: an inventory of 42 unusual animals.",
+]
+
+
+def test_reward_model_with_other_tokenizer(tiny_artifacts, tiny_tok, prompts_file, tmp_path):
+    rtok = make_tokenizer(tmp_path / "rtok", vocab_size=280, seed_text=OTHER_CORPUS)
+    assert rtok.get_vocab() != tiny_tok.get_vocab()
+    rm_path = tmp_path / "other_rm"
+    make_seq_cls(rm_path, rtok, seed=5)
+    assert run_ppo(tiny_artifacts, prompts_file, reward_model_path=str(rm_path)) == 0
+    manifest = json.loads((tiny_artifacts / "ppo" / "manifest.json").read_text())
+    models = manifest["metrics"]["models"]
+    assert models["same_tokenizer"] is False
+    assert models["reward_path"] == str(rm_path)
+    assert models["value_path"] == models["policy_path"] == str(tiny_artifacts / "sft" / "model")
+    rows = read_metrics(tiny_artifacts / "ppo" / "metrics.jsonl")
+    assert rows and all(math.isfinite(r["objective/scores"]) and math.isfinite(r["loss/value_avg"]) for r in rows)
+    assert len({r["objective/scores"] for r in rows}) > 1 or rows[0]["objective/scores_std"] > 0
+
+
+@pytest.mark.parametrize("missing, command", [("sft", "rlhf sft"), ("reward", "rlhf reward")])
+def test_missing_input_stage_is_a_clean_error(tmp_path, tiny_tok, prompts_file, capsys, missing, command):
+    art = tmp_path / "artifacts"
+    present = {"sft": ("reward", make_seq_cls), "reward": ("sft", make_causal_lm)}[missing]
+    fake_stage(art, present[0], present[1], tiny_tok)
+    assert run_ppo(art, prompts_file) == 2
+    errs = error_lines(capsys.readouterr().err)
+    assert len(errs) == 1, errs
+    assert str(art / missing) in errs[0] and command in errs[0] and "first" in errs[0]
+    assert not (art / "ppo").exists() and not (art / "ppo-run").exists()
+
+
+def test_non_divisible_batch_is_a_clean_error(tiny_artifacts, prompts_file, capsys):
+    assert run_ppo(tiny_artifacts, prompts_file, rollout_batch_size=6, num_mini_batches=4) == 2
+    errs = error_lines(capsys.readouterr().err)
+    assert len(errs) == 1 and "is not divisible" in errs[0], errs
+    assert not (tiny_artifacts / "ppo").exists()
+
+
+def test_nonfinite_loss_stops_run_without_artifact(tiny_artifacts, prompts_file, monkeypatch, capsys):
+    replace_reward(monkeypatch, lambda prompts, responses: torch.full((len(responses),), float("nan")))
+    max_bad = 2
+    rc = run_ppo(
+        tiny_artifacts,
+        prompts_file,
+        num_iterations=6,
+        num_mini_batches=1,
+        per_device_train_batch_size=4,
+        max_nonfinite_steps=max_bad,
+    )
+    assert rc == 2
+    errs = error_lines(capsys.readouterr().err)
+    assert len(errs) == 1 and "non-finite" in errs[0], errs
+    assert f"{max_bad + 1} optimizer steps in a row" in errs[0]
+    assert not (tiny_artifacts / "ppo").exists()
+    # One optimizer step per iteration: iterations 1..max_bad were skipped and logged, the next one stopped the run.
+    rows = read_metrics(tiny_artifacts / "ppo-run" / "metrics.jsonl")
+    assert [r["train/nonfinite_skipped"] for r in rows] == list(range(1, max_bad + 1))
+
+
+# ----------------------------------------------------------------------------- 10. value adapter placement
+
+
+def test_value_adapter_on_top_layers_only(tiny_artifacts, prompts_file):
+    """``--value_lora_layers 1``: the value adapter has LoRA weights in the top layer only (plus the score head),
+    so the value backward stops there; out-of-range counts are a clean error."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.errors import PipelineError
+    from pipeline.modeling import linear_leaf_names, top_layers
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_artifacts / "reward" / "model", num_labels=1)
+    assert rm.config.num_hidden_layers == 2
+    assert top_layers(rm, None) is None and top_layers(rm, 1) == [1]
+    with pytest.raises(PipelineError, match="1..2"):
+        top_layers(rm, 3)
+    assert linear_leaf_names(rm) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+    assert run_ppo(tiny_artifacts, prompts_file, value_lora_layers=1) == 0
+    keys = load_file(str(tiny_artifacts / "ppo" / "value" / "adapter_model.safetensors")).keys()
+    lora = [k for k in keys if "lora_" in k]
+    assert lora and all(".layers.1." in k for k in lora)
+    assert len(lora) == 2 * len(linear_leaf_names(rm))  # A and B of every linear layer of the top layer
+    assert any("score" in k for k in keys)
+
+
+def test_value_lora_layers_with_full_finetune_is_a_clean_error(tiny_artifacts, prompts_file, capsys):
+    assert run_ppo(tiny_artifacts, prompts_file, value_lora_layers=1, value_full_finetune=True) == 2
+    assert "--value_lora_layers" in capsys.readouterr().err
+    assert not (tiny_artifacts / "ppo").exists()
