@@ -12,6 +12,27 @@ from dataclasses import dataclass, field
 
 from pipeline.errors import PipelineError
 
+# Our defaults for TRL's SFT and reward trainers, where TRL's suit full fine-tuning on GPUs more than
+# LoRA on any device (each stage adds its own learning rate and trainer-specific settings).
+TRAINER_DEFAULTS = dict(
+    use_peft=True,
+    lora_r=16,
+    lora_alpha=32,
+    lora_dropout=0.0,
+    num_train_epochs=1,
+    per_device_train_batch_size=8,
+    gradient_checkpointing=False,
+    max_length=256,
+    logging_steps=5,
+    save_strategy="no",
+    report_to="none",
+    logging_nan_inf_filter=False,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.05,
+    bf16=False,
+    seed=42,
+)
+
 
 @dataclass
 class StageArguments:

@@ -22,6 +22,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline import artifacts as art
 from pipeline.config import StageArguments, run_cli
 from pipeline.errors import PipelineError
 
@@ -133,18 +134,66 @@ def load_merged_policy(sft_path: str, adapter: Path, dtype):
     return model
 
 
+def plan_checkpoints(args: EvalArguments, layout) -> list[tuple[str, str, int | None, Path | None]]:
+    """The policies to evaluate, in order: ``(name, kind, PPO iteration, adapter path)``."""
+    plan = []
+    if "base" in args.checkpoints:
+        plan.append(("base", "base", None, None))
+    if "sft" in args.checkpoints:
+        plan.append(("sft", "sft", None, None))
+    if "ppo" in args.checkpoints:
+        from pipeline.ppo.checkpoint import list_checkpoints
+
+        final_iter = art.read_manifest(layout.stage("ppo"))["metrics"]["iterations"]
+        for c in list_checkpoints(layout.ppo_checkpoints) if args.include_intermediate else []:
+            it = int(c.name.split("-")[1])
+            if it < final_iter:
+                plan.append((f"ppo-{c.name}", "ppo_checkpoint", it, c / art.POLICY_ADAPTER))
+        plan.append(("ppo", "ppo", final_iter, layout.stage("ppo") / art.POLICY_ADAPTER))
+    return plan
+
+
+def load_base_model(sft_manifest: dict, vocab_size: int, dtype):
+    """The model the SFT stage started from (its manifest names it), with room for the SFT tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.embedded import resolve_model_path
+
+    rec = sft_manifest["inputs"]["base_model"]
+    path = resolve_model_path(None if rec.get("name") == "embedded" else rec.get("name", rec["path"]))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    if vocab_size > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(vocab_size)
+    return model
+
+
+def evaluate_policy(model, sft, tok, prompts, args: EvalArguments, score, name: str, greedy: bool) -> dict:
+    """``{"sampled": ..., "greedy": ... or None}``: responses, lengths, EOS, ``score(texts)``'s reward and
+    gold columns, and (sampled) the per-response KL to the SFT model."""
+    entry = {"greedy": None}
+    modes = [("sampled", True)] + ([("greedy", False)] if args.greedy and greedy else [])
+    for mode, do_sample in modes:
+        texts, lengths, eos, batches, own = generate(model, tok, prompts, args, do_sample, f"{name} ({mode})")
+        part = {"responses": texts, "length": lengths, "eos": eos, **score(texts)}
+        if do_sample:
+            if model is sft:
+                part["kl_to_sft"] = [0.0] * len(texts)
+            else:
+                ref = sequence_logprobs(sft, batches, args.temperature)
+                part["kl_to_sft"] = [a - b for a, b in zip(own, ref)]
+        entry[mode] = part
+    return entry
+
+
 def main(stage: StageArguments, args: EvalArguments) -> dict | None:
     import json
 
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from pipeline import artifacts as art
     from pipeline.data import load_for, prompt_text, source_record
-    from pipeline.embedded import resolve_model_path
     from pipeline.eval_report import aggregate, summary_table, write_reports
     from pipeline.modeling import load_tokenizer
-    from pipeline.ppo.checkpoint import list_checkpoints
     from reward_models.learned import load_reward_tokenizer, reward_scores
 
     unknown = sorted(set(args.checkpoints) - set(CHECKPOINT_KINDS))
@@ -182,55 +231,22 @@ def main(stage: StageArguments, args: EvalArguments) -> dict | None:
     rm = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1, dtype=dtype).eval().to(device)
     sft = AutoModelForCausalLM.from_pretrained(sft_path, dtype=dtype).eval().to(device)
 
-    # Which policies: (name, kind, iteration, adapter path or None, is the base model)
-    plan = []
-    if "base" in args.checkpoints:
-        plan.append(("base", "base", None, None))
-    if "sft" in args.checkpoints:
-        plan.append(("sft", "sft", None, None))
-    ppo_dir = layout.stage("ppo")
-    if want_ppo:
-        ckpts = list_checkpoints(layout.ppo_checkpoints) if args.include_intermediate else []
-        final_iter = art.read_manifest(ppo_dir)["metrics"]["iterations"]
-        for c in ckpts:
-            it = int(c.name.split("-")[1])
-            if it < final_iter:
-                plan.append((f"ppo-{c.name}", "ppo_checkpoint", it, c / art.POLICY_ADAPTER))
-        plan.append(("ppo", "ppo", final_iter, ppo_dir / art.POLICY_ADAPTER))
+    def score(texts: list[str]) -> dict:
+        return {
+            "reward": reward_scores(rm, rm_tok, prompts, texts, args.batch_size).tolist(),
+            "gold": [judge(p, r) for p, r in zip(prompts, texts)] if judge else None,
+        }
 
     results = {"config": config, "prompts": [prompt_text(p) for p in prompts], "has_gold": has_gold, "checkpoints": {}}
-    for name, kind, iteration, adapter in plan:
+    for name, kind, iteration, adapter in plan_checkpoints(args, layout):
         if kind == "base":
-            base_rec = sft_manifest["inputs"]["base_model"]
-            base_path = resolve_model_path(
-                None if base_rec.get("name") == "embedded" else base_rec.get("name", base_rec["path"])
-            )
-            model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).eval().to(device)
-            if len(tok) > model.get_input_embeddings().weight.shape[0]:
-                model.resize_token_embeddings(len(tok))
+            model = load_base_model(sft_manifest, len(tok), dtype).to(device)
         elif kind == "sft":
             model = sft
         else:
             model = load_merged_policy(sft_path, adapter, dtype).to(device)
         entry = {"kind": kind, "iteration": iteration, "path": str(adapter or (sft_path if kind == "sft" else "base"))}
-        modes = [("sampled", True)] + ([("greedy", False)] if args.greedy and kind != "ppo_checkpoint" else [])
-        for mode, do_sample in modes:
-            texts, lengths, eos, batches, own = generate(model, tok, prompts, args, do_sample, f"{name} ({mode})")
-            part = {
-                "responses": texts,
-                "length": lengths,
-                "eos": eos,
-                "reward": reward_scores(rm, rm_tok, prompts, texts, args.batch_size).tolist(),
-                "gold": [judge(p, r) for p, r in zip(prompts, texts)] if judge else None,
-            }
-            if do_sample:
-                if kind == "sft":
-                    part["kl_to_sft"] = [0.0] * len(texts)
-                else:
-                    ref = sequence_logprobs(sft, batches, args.temperature)
-                    part["kl_to_sft"] = [a - b for a, b in zip(own, ref)]
-            entry[mode] = part
-        entry.setdefault("greedy", None)
+        entry.update(evaluate_policy(model, sft, tok, prompts, args, score, name, greedy=kind != "ppo_checkpoint"))
         results["checkpoints"][name] = entry
         msg = f"eval: {name:<22} reward {sum(entry['sampled']['reward']) / len(prompts):+.3f}"
         if judge:

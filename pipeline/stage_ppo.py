@@ -33,120 +33,61 @@ PRECISION_PAIRS = {"float32": None, "bfloat16": "bf16", "float16": "fp16"}
 MODEL_DEFAULTS = dict(use_peft=True, lora_dropout=0.0)
 
 
+def arg(default, help: str, **metadata):
+    """A dataclass field with its ``--help`` text."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass
 class PPOArguments:
     """PPO hyper-parameters. Defaults follow the N+ study (Huang et al. 2024) unless noted."""
 
-    # models
-    reward_model_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Reward model (default: <artifact_dir>/reward/model). Any AutoModelForSequenceClassification "
-            "path; its tokenizer may differ."
-        },
-    )
-    value_model_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Value init (default: the reward model when it shares the policy tokenizer, else the policy)."
-        },
-    )
-    value_full_finetune: bool = field(
-        default=False,
-        metadata={"help": "Train all value weights instead of a LoRA adapter (holds a third base model)."},
-    )
-    value_lora_layers: int | None = field(
-        default=None,
-        metadata={
-            "help": "Put the value adapter on the top N transformer layers only, so the value backward stops there "
-            "(default: every layer)."
-        },
-    )
+    # models (the policy and its adapter: --model_name_or_path, --lora_r, ... of TRL's ModelConfig)
+    reward_model_path: str | None = arg(None, "Reward model (default: <artifact_dir>/reward/model); any tokenizer.")
+    value_model_path: str | None = arg(None, "Value init (default: the reward model if it shares the tokenizer).")
+    value_full_finetune: bool = arg(False, "Train all value weights, not a LoRA adapter (a third base model).")
+    value_lora_layers: int | None = arg(None, "Value adapter on the top N layers only (default: every layer).")
     # sizes
-    num_iterations: int = field(default=40, metadata={"help": "PPO iterations (rollout + update)."})
-    rollout_batch_size: int = field(default=8, metadata={"help": "Prompts per iteration per process."})
-    num_mini_batches: int = field(
-        default=1, metadata={"help": "Minibatches per rollout batch (one optimizer step each)."}
-    )
-    per_device_train_batch_size: int = field(
-        default=8, metadata={"help": "Micro-batch; gradient accumulation = minibatch / this."}
-    )
-    local_rollout_forward_batch_size: int = field(
-        default=8, metadata={"help": "Batch for generation and rollout forwards."}
-    )
-    num_ppo_epochs: int = field(default=1, metadata={"help": "Passes over each rollout batch."})
+    num_iterations: int = arg(40, "PPO iterations (rollout + update).")
+    rollout_batch_size: int = arg(8, "Prompts per iteration per process.")
+    num_mini_batches: int = arg(1, "Minibatches per rollout batch (one optimizer step each).")
+    per_device_train_batch_size: int = arg(8, "Micro-batch; gradient accumulation = minibatch / this.")
+    local_rollout_forward_batch_size: int = arg(8, "Batch for generation and rollout forwards.")
+    num_ppo_epochs: int = arg(1, "Passes over each rollout batch.")
     # sampling
-    response_length: int = field(default=64, metadata={"help": "Maximum new tokens per response."})
-    max_prompt_length: int = field(
-        default=256, metadata={"help": "Prompts longer than this (in tokens) are dropped, with a count."}
-    )
-    temperature: float = field(
-        default=0.7, metadata={"help": "Sampling temperature (log-probs use the same scaling)."}
-    )
-    top_k: int = field(default=0, metadata={"help": "Top-k (0 = off)."})
-    top_p: float = field(default=1.0, metadata={"help": "Top-p (1 = off)."})
-    merged_generation: bool = field(
-        default=True,
-        metadata={
-            "help": "Sample rollouts from a plain copy of the policy with the adapter merged in (one more set of base "
-            "weights, faster sampling). Off, or under ZeRO-3/FSDP: sample through the PEFT model."
-        },
-    )
+    response_length: int = arg(64, "Maximum new tokens per response.")
+    max_prompt_length: int = arg(256, "Prompts longer than this (in tokens) are dropped, with a count.")
+    temperature: float = arg(0.7, "Sampling temperature (log-probs use the same scaling).")
+    top_k: int = arg(0, "Top-k (0 = off).")
+    top_p: float = arg(1.0, "Top-p (1 = off).")
+    merged_generation: bool = arg(True, "Sample from a merged copy of the policy (pipeline/ppo/generation.py).")
     # optimisation
-    learning_rate: float = field(
-        default=3e-5, metadata={"help": "AdamW learning rate (LoRA usually wants ~1e-5..1e-4)."}
-    )
-    lr_scheduler_type: str = field(
-        default="linear", metadata={"help": "transformers scheduler name, stepped once per iteration."}
-    )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip."})
-    max_nonfinite_steps: int = field(
-        default=3, metadata={"help": "Stop after more than this many non-finite steps in a row."}
-    )
+    learning_rate: float = arg(3e-5, "AdamW learning rate (LoRA usually wants ~1e-5..1e-4).")
+    lr_scheduler_type: str = arg("linear", "transformers scheduler name, stepped once per iteration.")
+    max_grad_norm: float = arg(1.0, "Gradient-norm clip.")
+    max_nonfinite_steps: int = arg(3, "Stop after more than this many non-finite steps in a row.")
     # PPO / GAE
-    gamma: float = field(default=1.0, metadata={"help": "Discount."})
-    lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
-    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
-    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip."})
-    vf_coef: float = field(default=0.1, metadata={"help": "Value-loss coefficient."})
-    kl_coef: float = field(default=0.05, metadata={"help": "KL penalty beta (initial value when adaptive)."})
-    kl_estimator: str = field(
-        default="k1", metadata={"help": "Per-token KL estimator: k1 or k3.", "choices": ["k1", "k3"]}
-    )
-    target_kl: float | None = field(
-        default=None, metadata={"help": "Adaptive beta toward this sequence KL (Ziegler et al. 2019); None = fixed."}
-    )
-    kl_horizon: int = field(default=10000, metadata={"help": "Horizon (episodes) of the adaptive KL controller."})
-    missing_eos_penalty: float = field(
-        default=1.0, metadata={"help": "Subtracted from the score of a response without EOS."}
-    )
-    normalize_scores: bool = field(default=False, metadata={"help": "Normalise scores by running mean/std."})
-    score_clip: float | None = field(default=None, metadata={"help": "Clip (normalised) scores to [-c, c]."})
+    gamma: float = arg(1.0, "Discount.")
+    lam: float = arg(0.95, "GAE lambda.")
+    cliprange: float = arg(0.2, "Policy ratio clip.")
+    cliprange_value: float = arg(0.2, "Value clip.")
+    vf_coef: float = arg(0.1, "Value-loss coefficient.")
+    kl_coef: float = arg(0.05, "KL penalty beta (initial value when adaptive).")
+    kl_estimator: str = arg("k1", "Per-token KL estimator: k1 or k3.", choices=["k1", "k3"])
+    target_kl: float | None = arg(None, "Adaptive beta toward this sequence KL (Ziegler et al. 2019); None = fixed.")
+    kl_horizon: int = arg(10000, "Horizon (episodes) of the adaptive KL controller.")
+    missing_eos_penalty: float = arg(1.0, "Subtracted from the score of a response without EOS.")
+    normalize_scores: bool = arg(False, "Normalise scores by running mean/std.")
+    score_clip: float | None = arg(None, "Clip (normalised) scores to [-c, c].")
     # operations
-    seed: int = field(default=42, metadata={"help": "Random seed."})
-    save_every: int = field(default=10, metadata={"help": "Checkpoint every N iterations (and at the end)."})
-    sample_every: int = field(
-        default=10, metadata={"help": "Print a table of sample completions every N iterations (0 = never)."}
-    )
-    resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "PATH or 'latest' (under <artifact_dir>/ppo-run/checkpoints)."}
-    )
-    stop_after_iterations: int | None = field(
-        default=None,
-        metadata={
-            "help": "Stop this invocation after N iterations, leaving a checkpoint to resume (time-boxed runs)."
-        },
-    )
-    report_to: str = field(
-        default="none", metadata={"help": "Trackers for accelerate: none, all, tensorboard, wandb, ..."}
-    )
-    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (accelerate autocast)."})
-    gold_judge: bool = field(
-        default=True,
-        metadata={
-            "help": "Also log the programmatic gold judge's score of rollouts (embedded task; not used as reward)."
-        },
-    )
+    seed: int = arg(42, "Random seed.")
+    save_every: int = arg(10, "Checkpoint every N iterations (and at the end).")
+    sample_every: int = arg(10, "Print a table of sample completions every N iterations (0 = never).")
+    resume_from_checkpoint: str | None = arg(None, "PATH or 'latest' (under <artifact_dir>/ppo-run/checkpoints).")
+    stop_after_iterations: int | None = arg(None, "Stop after N iterations, leaving a checkpoint to resume.")
+    report_to: str = arg("none", "Trackers for accelerate: none, all, tensorboard, wandb, ...")
+    mixed_precision: str = arg("no", "no, bf16 or fp16 (accelerate autocast).")
+    gold_judge: bool = arg(True, "Log the gold judge's score of rollouts (embedded task; never the reward).")
 
 
 def check_args(model_args, args: PPOArguments, has_cuda: bool) -> None:

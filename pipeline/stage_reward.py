@@ -19,31 +19,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python pipeline/stage_reward.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import StageArguments, cpu_only, run_cli
+from pipeline.config import TRAINER_DEFAULTS, StageArguments, cpu_only, run_cli
 from pipeline.errors import PipelineError
 
-DEFAULTS = dict(
-    use_peft=True,
-    lora_r=16,
-    lora_alpha=32,
-    lora_dropout=0.0,
-    learning_rate=1e-4,
-    num_train_epochs=1,
-    per_device_train_batch_size=8,
-    per_device_eval_batch_size=32,
-    gradient_checkpointing=False,
-    max_length=256,
-    logging_steps=5,
-    save_strategy="no",
-    eval_strategy="no",
-    report_to="none",
-    logging_nan_inf_filter=False,
-    lr_scheduler_type="cosine",
-    warmup_steps=0.05,
-    bf16=False,
-    seed=42,
-    center_rewards_coefficient=0.01,
-)
+DEFAULTS = {
+    **TRAINER_DEFAULTS,
+    "learning_rate": 1e-4,
+    "per_device_eval_batch_size": 32,
+    "eval_strategy": "no",
+    "center_rewards_coefficient": 0.01,
+}
 
 
 def pairwise_accuracy(model, tokenizer, pairs, batch_size: int = 16) -> dict:

@@ -25,30 +25,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python pipeline/stage_sft.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import StageArguments, cpu_only, run_cli
+from pipeline.config import TRAINER_DEFAULTS, StageArguments, cpu_only, run_cli
 from pipeline.errors import PipelineError
 
-# Our defaults where TRL's suit full fine-tuning on GPUs more than LoRA on any device.
-DEFAULTS = dict(
-    use_peft=True,
-    lora_r=16,
-    lora_alpha=32,
-    lora_dropout=0.0,
-    learning_rate=2e-4,
-    num_train_epochs=1,
-    per_device_train_batch_size=8,
-    gradient_checkpointing=False,
-    max_length=256,
-    logging_steps=5,
-    save_strategy="no",
-    report_to="none",
-    logging_nan_inf_filter=False,
-    lr_scheduler_type="cosine",
-    warmup_steps=0.05,
-    bf16=False,
-    completion_only_loss=True,
-    seed=42,
-)
+DEFAULTS = {**TRAINER_DEFAULTS, "learning_rate": 2e-4, "completion_only_loss": True}
 
 
 def completion_trainer_class():

@@ -73,15 +73,17 @@ def test_eval_stage_end_to_end(ppo_artifacts, bf16, capsys):
     report = json.loads((ppo_artifacts / "eval" / "report.json").read_text())
     cks = report["checkpoints"]
     assert set(cks) == {"sft", "ppo-iter-000001", "ppo"}  # the intermediate checkpoint is evaluated too
-    for c in cks.values():
-        assert c["num_prompts"] == 6
-        assert 0.0 <= c["gold_score"] <= 1.0 and 0.0 <= c["eos_rate"] <= 1.0
-        assert c["response_length_mean"] <= 6
-    assert cks["sft"]["kl_to_sft"] == 0.0
+    results = json.loads((ppo_artifacts / "eval" / "results.json").read_text())
+    for name, c in cks.items():  # the report's means are those of the per-prompt results
+        sampled = results["checkpoints"][name]["sampled"]
+        assert c["num_prompts"] == 6 == len(sampled["responses"])
+        assert c["gold_score"] == pytest.approx(sum(sampled["gold"]) / 6)
+        assert c["eos_rate"] == pytest.approx(sum(sampled["eos"]) / 6)
+        assert c["response_length_mean"] == pytest.approx(sum(sampled["length"]) / 6)
     pair = report["pairwise"]["ppo_vs_sft"]
-    assert 0.0 <= pair["win_rate_reward"] <= 1.0 and 0.0 <= pair["win_rate_gold"] <= 1.0
-    lo, hi = pair["win_rate_gold_ci95"]
-    assert lo <= pair["win_rate_gold"] <= hi
+    ppo, sft = (results["checkpoints"][n]["sampled"]["gold"] for n in ("ppo", "sft"))
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ppo, sft)]
+    assert pair["win_rate_gold"] == pytest.approx(sum(wins) / 6)
     for f in ("report.md", "report.html", "results.json", "manifest.json"):
         assert (ppo_artifacts / "eval" / f).is_file()
     manifest = (ppo_artifacts / "eval" / "manifest.json").read_text()

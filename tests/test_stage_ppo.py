@@ -252,19 +252,13 @@ def test_nonfinite_loss_stops_run_without_artifact(tiny_artifacts, prompts_file,
 
 def test_value_adapter_on_top_layers_only(tiny_artifacts, prompts_file):
     """``--value_lora_layers 1``: the value adapter has LoRA weights in the top layer only (plus the score head),
-    so the value backward stops there; out-of-range counts are a clean error."""
+    so the value backward stops there."""
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.errors import PipelineError
-    from pipeline.modeling import linear_leaf_names, top_layers
+    from pipeline.modeling import linear_leaf_names
 
     rm = AutoModelForSequenceClassification.from_pretrained(tiny_artifacts / "reward" / "model", num_labels=1)
-    assert rm.config.num_hidden_layers == 2
-    assert top_layers(rm, None) is None and top_layers(rm, 1) == [1]
-    with pytest.raises(PipelineError, match="1..2"):
-        top_layers(rm, 3)
-    assert linear_leaf_names(rm) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
     assert run_ppo(tiny_artifacts, prompts_file, value_lora_layers=1) == 0
     keys = load_file(str(tiny_artifacts / "ppo" / "value" / "adapter_model.safetensors")).keys()

@@ -26,7 +26,7 @@ def test_sft_then_rm_chain(setup):
     rm = s["artifacts"] / "reward"
     m = json.loads((rm / "manifest.json").read_text())
     assert m["inputs"]["start_model"]["sha256"] == art.artifact_hash(sft)
-    assert 0.0 <= m["metrics"]["test"]["accuracy"] <= 1.0 and m["metrics"]["test"]["num_pairs"] == 16
+    assert m["metrics"]["test"]["num_pairs"] == 16
     from transformers import AutoModelForSequenceClassification
 
     scorer = AutoModelForSequenceClassification.from_pretrained(rm / "model")
@@ -44,3 +44,29 @@ def test_incomplete_input_stage_is_refused(setup, capsys):
     (setup["artifacts"] / "sft" / "model").mkdir(parents=True)  # a crashed stage without manifest
     assert run_rm(setup) == 2
     assert "incomplete" in error_line(capsys)
+
+
+def test_pairwise_accuracy_counts_ties_as_wrong(monkeypatch):
+    """Held-out accuracy: the share of pairs whose chosen reply scores strictly above the rejected one."""
+    import torch
+
+    import reward_models.learned
+    from pipeline.stage_reward import pairwise_accuracy
+
+    table = {"c0": 3.0, "c1": 1.0, "c2": 2.0, "c3": 2.0, "r0": 1.0, "r1": 2.0, "r2": 1.0, "r3": 2.0}
+    monkeypatch.setattr(
+        reward_models.learned,
+        "reward_scores",
+        lambda model, tok, prompts, responses, bs: torch.tensor([table[r] for r in responses]),
+    )
+    pairs = [
+        {
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"content": f"c{i}"}],
+            "rejected": [{"content": f"r{i}"}],
+        }
+        for i in range(4)
+    ]
+    out = pairwise_accuracy(None, None, pairs)
+    # wins on pairs 0 and 2, a loss on 1, a tie on 3 (counted wrong); margins 2, -1, 1, 0
+    assert out == {"accuracy": 0.5, "margin_mean": 0.5, "num_pairs": 4}

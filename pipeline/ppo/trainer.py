@@ -297,49 +297,13 @@ class PPOTrainer:
             return self._rollout(prompts)
 
     def _rollout(self, prompts: list[list[dict]]) -> Rollout:
-        args, tok, device, net = self.args, self.tokenizer, self.accelerator.device, self.unwrapped
-        net.eval()
-        chunk, R = args.local_rollout_forward_batch_size, args.response_length
-
+        args, tok, device = self.args, self.tokenizer, self.accelerator.device
+        self.unwrapped.eval()
         # 1. Generate a response per prompt (sampled at the temperature; stops at EOS; capped at R tokens).
-        texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left").to(device)
-        P = enc["input_ids"].shape[1]
-        gen_kwargs = dict(
-            **sampling_kwargs(args.temperature, args.top_k, args.top_p),
-            max_new_tokens=R,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        sampler = net.policy
-        if self.sampler is not None:
-            self.sampler.sync()  # the merged copy takes the adapter as the last update left it
-            sampler = self.sampler
-        outs = [
-            sampler.generate(input_ids=enc["input_ids"][i : i + chunk],
-                             attention_mask=enc["attention_mask"][i : i + chunk], **gen_kwargs)[:, P:]
-            for i in range(0, len(prompts), chunk)
-        ]  # fmt: skip
-        responses = torch.cat([nn.functional.pad(o, (0, R - o.shape[1]), value=tok.pad_token_id) for o in outs])
-        # The response ends at its first EOS; everything after it is padding.
-        mask, has_eos = response_mask(responses, tok.eos_token_id)
-        responses = responses.masked_fill(~mask, tok.pad_token_id)
-        query_response = torch.cat([enc["input_ids"], responses], 1)
-        attention_mask = torch.cat([enc["attention_mask"], mask.long()], 1)
-
+        query_response, attention_mask, P, mask, has_eos = self._generate(prompts)
+        responses = query_response[:, P:]
         # 2. One forward each: policy log-probs (and entropy), values, reference log-probs (adapter off).
-        logprobs, ref_logprobs, values, entropies = [], [], [], []
-        for i in range(0, len(prompts), chunk):
-            qr, am = query_response[i : i + chunk], attention_mask[i : i + chunk]
-            logits, v = net(qr, am, logits_to_keep=R + 1)
-            rl = response_logits(logits, R, args.temperature)
-            logprobs.append(logprobs_from_logits(rl, responses[i : i + chunk]))
-            entropies.append(entropy_from_logits(rl))
-            values.append(v[:, P - 1 : -1])
-            with net.policy.disable_adapter():  # the reference policy is the SFT model itself
-                ref_logprobs.append(response_logprobs(net.policy, qr, am, responses[i : i + chunk], args.temperature))
-        logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
-        values, entropy = torch.cat(values), torch.cat(entropies)
+        logprobs, ref_logprobs, values, entropy = self._forward(query_response, attention_mask, responses)
 
         # 3. Score the decoded responses with the reward model (re-encoded by its own tokenizer).
         response_texts = tok.batch_decode(
@@ -378,18 +342,57 @@ class PPOTrainer:
             "val/response_length": g(mask.sum(1).float()).mean().item(),
             "val/explained_variance": explained_variance(g(values), g(returns), g(mask)).item(),
         }
-        return Rollout(
-            query_response=query_response,
-            attention_mask=attention_mask,
-            context_length=P,
-            mask=mask,
-            logprobs=logprobs,
-            values=values,
-            advantages=advantages,
-            returns=returns,
-            stats=stats,
-            texts=[(p[-1]["content"], r, float(s)) for p, r, s in zip(prompts, response_texts, raw_scores.cpu())],
+        texts = [(p[-1]["content"], r, float(s)) for p, r, s in zip(prompts, response_texts, raw_scores.cpu())]
+        return Rollout(query_response, attention_mask, P, mask, logprobs, values, advantages, returns, stats, texts)
+
+    def _generate(self, prompts: list[list[dict]]) -> tuple[Tensor, Tensor, int, Tensor, Tensor]:
+        """``(query_response [B, P+R], attention_mask [B, P+R], P, mask [B, R], has_eos [B])``: left-padded
+        prompts, then sampled responses cut at their first EOS and right-padded with the pad token."""
+        args, tok = self.args, self.tokenizer
+        chunk, R = args.local_rollout_forward_batch_size, args.response_length
+        texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
+        enc = enc.to(self.accelerator.device)
+        P = enc["input_ids"].shape[1]
+        gen_kwargs = dict(
+            **sampling_kwargs(args.temperature, args.top_k, args.top_p),
+            max_new_tokens=R,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
+        sampler = self.unwrapped.policy
+        if self.sampler is not None:
+            self.sampler.sync()  # the merged copy takes the adapter as the last update left it
+            sampler = self.sampler
+        outs = [
+            sampler.generate(input_ids=enc["input_ids"][i : i + chunk],
+                             attention_mask=enc["attention_mask"][i : i + chunk], **gen_kwargs)[:, P:]
+            for i in range(0, len(prompts), chunk)
+        ]  # fmt: skip
+        responses = torch.cat([nn.functional.pad(o, (0, R - o.shape[1]), value=tok.pad_token_id) for o in outs])
+        # The response ends at its first EOS; everything after it is padding.
+        mask, has_eos = response_mask(responses, tok.eos_token_id)
+        responses = responses.masked_fill(~mask, tok.pad_token_id)
+        query_response = torch.cat([enc["input_ids"], responses], 1)
+        attention_mask = torch.cat([enc["attention_mask"], mask.long()], 1)
+        return query_response, attention_mask, P, mask, has_eos
+
+    def _forward(self, query_response: Tensor, attention_mask: Tensor, responses: Tensor) -> tuple[Tensor, ...]:
+        """``(logprobs, ref_logprobs, values, entropy)``, each ``[B, R]``, in chunks of the rollout forward batch."""
+        args, net = self.args, self.unwrapped
+        chunk, R = args.local_rollout_forward_batch_size, responses.shape[1]
+        P = query_response.shape[1] - R
+        logprobs, ref_logprobs, values, entropies = [], [], [], []
+        for i in range(0, len(query_response), chunk):
+            qr, am, resp = query_response[i : i + chunk], attention_mask[i : i + chunk], responses[i : i + chunk]
+            logits, v = net(qr, am, logits_to_keep=R + 1)
+            rl = response_logits(logits, R, args.temperature)
+            logprobs.append(logprobs_from_logits(rl, resp))
+            entropies.append(entropy_from_logits(rl))
+            values.append(v[:, P - 1 : -1])
+            with net.policy.disable_adapter():  # the reference policy is the SFT model itself
+                ref_logprobs.append(response_logprobs(net.policy, qr, am, resp, args.temperature))
+        return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values), torch.cat(entropies)
 
     # ------------------------------------------------------------------ update
     def update(self, ro: Rollout) -> dict:

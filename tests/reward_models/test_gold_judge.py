@@ -61,8 +61,7 @@ def prompt_for(name: str, params: dict, question: str = Q) -> str:
     return question + " " + C.BY_NAME[name].instruction(params)
 
 
-def test_at_least_eight_families():
-    assert len(C.FAMILIES) >= 8
+def test_every_family_has_passing_and_failing_examples():
     assert set(PASSING) == set(C.FAMILY_NAMES) == set(FAILING)
     assert set(C.APPLY_ORDER) == set(C.FAMILY_NAMES)
 
@@ -138,7 +137,6 @@ def test_comply_all_pairs():
 def test_incompatible_pairs_are_symmetric_and_known():
     for pair in C.INCOMPATIBLE:
         assert len(pair) == 2 and pair <= set(C.FAMILY_NAMES)
-    assert not C.compatible("json", "bullets") and not C.compatible("bullets", "json")
     assert C.compatible("lowercase", "no_commas")
 
 
@@ -228,28 +226,50 @@ def test_gate_gibberish():
     assert "gibberish" in gates(Q, "Volcanic xzqwkjh plmnbvcxz rtyqwpzx kjhgfdsq wxcvbnmlk eruptions.")
 
 
-def test_gates_listed():
-    assert set(GATES) == {"empty", "gibberish", "truncated", "repetitive", "off_topic", "copies_prompt"}
-
-
-def test_scores_in_unit_interval():
+def test_score_is_zero_on_a_gate_else_the_share_of_constraints_met():
     rng = random.Random(5)
     texts = ANSWERS + [v[1] for v in PASSING.values()] + [v[1] for v in FAILING.values()] + ["", "a", "{", "- x"]
+    seen_scores = set()
     for _ in range(200):
         fams = rng.sample(C.FAMILY_NAMES, 2)
-        prompt = " ".join([Q] + [C.BY_NAME[n].instruction(C.BY_NAME[n].sample_params(rng)) for n in fams])
-        s = score(prompt, rng.choice(texts))
-        assert 0.0 <= s <= 1.0
+        params = {n: C.BY_NAME[n].sample_params(rng) for n in fams}
+        prompt = " ".join([Q] + [C.BY_NAME[n].instruction(params[n]) for n in fams])
+        response = rng.choice(texts)
+        r = judge(prompt, response)
+        assert set(r.gate_failures) <= set(GATES)
+        assert [name for name, _ in r.constraints] == [name for name, _ in C.parse_constraints(prompt)]
+        met = [C.BY_NAME[n].check(response.strip(), params[n]) for n in fams]
+        want = 0.0 if r.gate_failures else sum(met) / len(met)
+        assert score(prompt, response) == r.score == want, (prompt, response)
+        seen_scores.add(want)
+    assert seen_scores == {0.0, 0.5, 1.0}  # the sample exercises every outcome
 
 
-def test_deterministic():
-    p = prompt_for("keyword", {"word": "example"})
-    assert judge(p, ANSWERS[0]) == judge(p, ANSWERS[0])
+def test_same_result_in_another_process():
+    """No set- or hash-order dependence: a process with another hash seed judges alike."""
+    import subprocess
+    import sys
+
+    cases = [(prompt_for(n, p), a) for (n, (p, _)) in PASSING.items() for a in ANSWERS[:2]]
+    here = [score(p, a) for p, a in cases]
+    code = (
+        "import json, sys; from reward_models.gold_judge import score; "
+        "print(json.dumps([score(p, a) for p, a in json.loads(sys.stdin.read())]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ, "PYTHONHASHSEED": "123"},
+        cwd=__import__("pathlib").Path(__file__).parents[2],
+    )
+    assert json.loads(out.stdout) == here
 
 
 # --------------------------------------------------------------------------- topics
 def test_topics_and_templates():
-    assert len(TRAIN_TOPICS) >= 140 and len(EVAL_TOPICS) >= 45
     assert not set(TRAIN_TOPICS) & set(EVAL_TOPICS)
     assert len(QUESTION_TEMPLATES) >= 5 and all("{topic}" in t for t in QUESTION_TEMPLATES)
     for topic in TRAIN_TOPICS + EVAL_TOPICS:

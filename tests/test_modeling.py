@@ -1,0 +1,75 @@
+"""Tests of ``pipeline/modeling.py``: pad tokens, adapter placement, the merged model and the finite check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from tests.conftest import make_causal_lm, make_seq_cls
+
+
+def test_top_layers_and_linear_leaf_names(tmp_path, tiny_tok):
+    from pipeline.modeling import linear_leaf_names, top_layers
+
+    rm = make_seq_cls(tmp_path / "rm", tiny_tok)  # 2 layers
+    assert top_layers(rm, None) is None and top_layers(rm, 1) == [1] and top_layers(rm, 2) == [0, 1]
+    for bad in (0, 3):
+        with pytest.raises(PipelineError, match="--lora_layers .*: the model has 2 layers; pass 1..2"):
+            top_layers(rm, bad)
+    assert linear_leaf_names(rm) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_lora_config_on_top_layers(tmp_path, tiny_tok):
+    from trl import ModelConfig
+
+    from pipeline.modeling import lora_config
+
+    model = make_causal_lm(tmp_path / "m", tiny_tok)
+    args = ModelConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    every = lora_config(args, "CAUSAL_LM")
+    assert every.target_modules == "all-linear" and every.layers_to_transform is None and every.r == 4
+    top = lora_config(args, "SEQ_CLS", ["score"], model, 1, "--value_lora_layers")
+    assert top.layers_to_transform == [1] and "q_proj" in top.target_modules and top.modules_to_save == ["score"]
+
+
+def test_distinct_pad_token(tmp_path):
+    from transformers import AutoTokenizer
+
+    from pipeline.modeling import ensure_distinct_pad_token
+    from tests.conftest import make_tokenizer
+
+    tok = make_tokenizer(tmp_path / "tok")
+    tok.pad_token = tok.eos_token  # as SmolLM2 ships
+    model = make_causal_lm(tmp_path / "m", tok)
+    ensure_distinct_pad_token(tok, model)
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert model.config.pad_token_id == tok.pad_token_id
+    assert model.get_input_embeddings().weight.shape[0] >= len(tok)
+    tok.save_pretrained(tmp_path / "saved")
+    assert AutoTokenizer.from_pretrained(tmp_path / "saved").pad_token_id == tok.pad_token_id
+
+
+def test_load_tokenizer_errors_are_one_line(tmp_path):
+    from pipeline.modeling import load_tokenizer
+
+    with pytest.raises(PipelineError, match="could not load a tokenizer"):
+        load_tokenizer(str(tmp_path / "nothing"))
+
+
+def test_non_finite_training_is_refused(tmp_path, tiny_tok):
+    from types import SimpleNamespace
+
+    from pipeline.modeling import check_finite_training
+
+    model = make_causal_lm(tmp_path / "m", tiny_tok)
+    fine = SimpleNamespace(state=SimpleNamespace(log_history=[{"loss": 1.0}]), model=model)
+    check_finite_training(fine, "SFT")
+    with pytest.raises(PipelineError, match="SFT: the loss became NaN"):
+        check_finite_training(
+            SimpleNamespace(state=SimpleNamespace(log_history=[{"loss": float("nan")}]), model=model), "SFT"
+        )
+    with torch.no_grad():
+        next(p for p in model.parameters()).fill_(float("inf"))
+    with pytest.raises(PipelineError, match="trainable weights became NaN"):
+        check_finite_training(fine, "SFT")
