@@ -112,6 +112,27 @@ class Layout:
         return self.ppo_run / METRICS
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Copy a directory tree as hard links (instant, no extra space); plain copies where links fail."""
+
+    def link(s, d):
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link)
+
+
 def stage_dir(artifact_dir: str | os.PathLike, stage: str) -> Path:
     return Layout(artifact_dir).stage(stage)
 
@@ -250,8 +271,39 @@ def is_complete_for(artifact_dir: str | os.PathLike, stage: str, fingerprint_: s
     return bool(manifest) and manifest.get("fingerprint") == fingerprint_
 
 
-def skip_if_complete(artifact_dir, stage: str, fingerprint_: str, force: bool, say=print) -> bool:
-    """True (and says so) when the stage is already complete for this fingerprint and not forced."""
+def recover_interrupted_commit(artifact_dir: str | os.PathLike, stage: str, fingerprint_: str) -> None:
+    """Finish or undo a publish that a kill interrupted (see :meth:`StageWriter.commit`).
+
+    A complete staging directory (its manifest written) for this fingerprint is published instead of
+    being redone; otherwise a previous artifact left aside as ``.<stage>.old`` between the two renames
+    is put back. Call it from the main process only, before deciding whether the stage must run.
+    """
+    layout = Layout(artifact_dir)
+    final, staging, old = layout.stage(stage), layout.staging(stage), layout.old(stage)
+    try:
+        staged = read_manifest(staging) if staging.is_dir() else None
+    except PipelineError:  # a manifest cut short: the staging directory is not complete
+        staged = None
+    if staged is not None and staged.get("fingerprint") == fingerprint_:
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(staging, final)
+        _fsync(final.parent)
+    elif not final.exists() and old.exists():
+        os.replace(old, final)
+        _fsync(final.parent)
+    if old.exists() and final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def skip_if_complete(
+    artifact_dir, stage: str, fingerprint_: str, force: bool, say=print, is_main_process: bool = True
+) -> bool:
+    """True (and says so) when the stage is already complete for this fingerprint and not forced.
+    The main process first finishes or undoes a publish that a kill interrupted."""
+    if is_main_process:
+        recover_interrupted_commit(artifact_dir, stage, fingerprint_)
     if force or not is_complete_for(artifact_dir, stage, fingerprint_):
         return False
     say(
@@ -291,12 +343,22 @@ class StageWriter:
             **self.extra,
         }
         tmp = self.path / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path / MANIFEST)
 
     def commit(self) -> None:
+        """Publish the staging directory: its files are flushed to disk, the previous artifact (if any) is
+        renamed aside, the staging directory renamed into place, the previous one removed. A kill at any
+        point leaves a state :func:`recover_interrupted_commit` completes or undoes."""
         if not (self.path / MANIFEST).exists():
             raise RuntimeError(f"{self.stage}: refusing to publish an artifact without a manifest")
+        for d, _, files in os.walk(self.path):
+            for name in files:
+                _fsync(Path(d) / name)
+            _fsync(Path(d))
         old = None
         if self.final.exists():
             old = self.old
@@ -304,6 +366,7 @@ class StageWriter:
                 shutil.rmtree(old)
             os.replace(self.final, old)
         os.replace(self.path, self.final)
+        _fsync(self.final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

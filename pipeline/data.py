@@ -7,6 +7,8 @@ Accepted row formats (TRL's standard ones, plus Anthropic HH raw text):
 kind               columns                                                     used by
 =================  ==========================================================  ==========
 conversational     ``messages`` (list of {role, content})                      sft, prompt
+ShareGPT           ``conversations`` (list of {from: human/gpt/system, value}) sft, prompt
+H4/UltraFeedback   ``prompt`` + ``chosen`` + ``rejected`` whole conversations  rm
 prompt-completion  ``prompt`` + ``completion`` (strings or message lists)      sft
 preference         ``prompt`` + ``chosen`` + ``rejected``                      rm
 implicit prompt    ``chosen`` + ``rejected`` (shared conversation prefix)      rm
@@ -35,6 +37,7 @@ Kind = Literal["sft", "preference", "prompt"]
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 _ROLES = {"system", "user", "assistant"}
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 
 
 # --------------------------------------------------------------------------- raw loading
@@ -108,6 +111,8 @@ def _as_messages(value: Any, default_role: str) -> list[dict]:
             return parse_hh(value)
         return [{"role": default_role, "content": value}]
     if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+        if all("from" in m and "value" in m for m in value):  # ShareGPT: {"from": "human", "value": ...}
+            value = [{"role": _SHAREGPT_ROLES.get(m["from"], m["from"]), "content": m["value"]} for m in value]
         for m in value:
             if m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
                 raise ValueError(f"messages need a role in {sorted(_ROLES)} and string content, got {m!r}")
@@ -139,9 +144,17 @@ def _common_prefix(a: list[dict], b: list[dict]) -> int:
     return n
 
 
+def _conversation(row: dict):
+    """The ``messages`` column, or ShareGPT's ``conversations``."""
+    for key in ("messages", "conversations"):
+        if row.get(key) is not None:
+            return row[key]
+    return None
+
+
 def convert_sft(row: dict) -> dict:
-    if "messages" in row and row["messages"] is not None:
-        prompt, completion = _split_last_assistant(_as_messages(row["messages"], "user"))
+    if _conversation(row) is not None:
+        prompt, completion = _split_last_assistant(_as_messages(_conversation(row), "user"))
     elif "prompt" in row and "completion" in row:
         prompt = _prompt_only(_as_messages(row["prompt"], "user"))
         completion = _as_messages(row["completion"], "assistant")
@@ -150,8 +163,16 @@ def convert_sft(row: dict) -> dict:
     elif "text" in row and _is_hh(row["text"]):
         prompt, completion = _split_last_assistant(parse_hh(row["text"]))
     else:
-        raise KeyError("expected columns `messages`, or `prompt` + `completion`, or HH-style `text`")
+        raise KeyError(
+            "expected columns `messages` (or ShareGPT `conversations`), or `prompt` + `completion`, or HH-style `text`"
+        )
     return {"prompt": prompt, "completion": completion}
+
+
+def _after_prompt(messages: list[dict], prompt: list[dict]) -> list[dict]:
+    """``messages`` without a leading copy of ``prompt``."""
+    n = len(prompt)
+    return messages[n:] if len(messages) > n and messages[:n] == prompt else messages
 
 
 def convert_preference(row: dict) -> dict:
@@ -159,8 +180,9 @@ def convert_preference(row: dict) -> dict:
         raise KeyError("expected columns `chosen` + `rejected` (and optionally `prompt`)")
     if row.get("prompt") is not None:
         prompt = _prompt_only(_as_messages(row["prompt"], "user"))
-        chosen = _as_messages(row["chosen"], "assistant")
-        rejected = _as_messages(row["rejected"], "assistant")
+        # UltraFeedback / H4 layout: chosen and rejected hold the whole conversation, the prompt included.
+        chosen = _after_prompt(_as_messages(row["chosen"], "assistant"), prompt)
+        rejected = _after_prompt(_as_messages(row["rejected"], "assistant"), prompt)
     else:  # implicit prompt: both sides hold the whole conversation
         c = _as_messages(row["chosen"], "assistant")
         r = _as_messages(row["rejected"], "assistant")
@@ -179,8 +201,8 @@ def convert_preference(row: dict) -> dict:
 def convert_prompt(row: dict) -> dict:
     if row.get("prompt") is not None:
         return {"prompt": _prompt_only(_as_messages(row["prompt"], "user"))}
-    if row.get("messages") is not None:
-        return {"prompt": _prompt_only(_as_messages(row["messages"], "user"))}
+    if _conversation(row) is not None:
+        return {"prompt": _prompt_only(_as_messages(_conversation(row), "user"))}
     if row.get("chosen") is not None and _is_hh(row["chosen"]):
         return {"prompt": _prompt_only(parse_hh(row["chosen"]))}
     raise KeyError("expected a `prompt` column (or `messages`)")

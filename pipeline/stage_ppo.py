@@ -116,6 +116,21 @@ def check_args(model_args, args: PPOArguments, has_cuda: bool) -> None:
         raise PipelineError(f"--target_kl {args.target_kl}: use a value > 0, or leave it unset for a fixed beta")
     if args.kl_horizon <= 0:
         raise PipelineError(f"--kl_horizon {args.kl_horizon}: use a value > 0")
+    if args.kl_estimator not in ("k1", "k3"):  # a YAML value never meets argparse's choices
+        raise PipelineError(f"--kl_estimator {args.kl_estimator!r}: use k1 or k3")
+    positive = ("num_iterations", "rollout_batch_size", "num_mini_batches", "per_device_train_batch_size",
+                "local_rollout_forward_batch_size", "num_ppo_epochs", "response_length", "save_every")  # fmt: skip
+    for name in positive:
+        value = getattr(args, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise PipelineError(f"--{name} {value!r}: use a whole number >= 1")
+    for name in ("temperature", "learning_rate", "max_grad_norm"):
+        if not getattr(args, name) > 0:
+            raise PipelineError(f"--{name} {getattr(args, name)}: use a value > 0")
+    if not 0 < args.top_p <= 1 or args.top_k < 0:
+        raise PipelineError(f"--top_p {args.top_p} / --top_k {args.top_k}: use 0 < top_p <= 1 and top_k >= 0")
+    if args.sample_every < 0 or args.max_nonfinite_steps < 0:
+        raise PipelineError("--sample_every and --max_nonfinite_steps: use a value >= 0")
 
 
 @dataclass
@@ -168,7 +183,7 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
     from pipeline import artifacts as art
     from pipeline.modeling import load_tokenizer, lora_config
     from pipeline.ppo.trainer import PolicyAndValue
-    from reward_models.learned import LearnedReward, load_reward_tokenizer
+    from reward_models.learned import LearnedReward, check_reward_model, load_reward_tokenizer
 
     layout = art.Layout(stage.artifact_dir)
     if model_args.model_name_or_path is None:
@@ -177,6 +192,7 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
         art.require_stage(stage.artifact_dir, "reward", "ppo")
     policy_path = model_args.model_name_or_path or str(layout.model("sft"))
     reward_path = args.reward_model_path or str(layout.model("reward"))
+    check_reward_model(reward_path)
     tok = load_tokenizer(policy_path, padding_side="left")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         raise PipelineError(f"{policy_path}: pad token equals EOS; start from an SFT artifact (it fixes this)")
@@ -260,7 +276,7 @@ def setup(stage: StageArguments, model_args, args: PPOArguments, accelerator):
     config = art.resolved_config(stage=stage, model=model_args, ppo=args, sizes=sizes)
     fingerprint = art.fingerprint(config, inputs)
     if args.resume_from_checkpoint is None and art.skip_if_complete(
-        stage.artifact_dir, "ppo", fingerprint, stage.force, accelerator.print
+        stage.artifact_dir, "ppo", fingerprint, stage.force, accelerator.print, accelerator.is_main_process
     ):
         return None
     judge = None
@@ -268,7 +284,7 @@ def setup(stage: StageArguments, model_args, args: PPOArguments, accelerator):
         from reward_models.gold_judge import score as judge
     return PPOTrainer(args, sizes, accelerator, built.model, built.tokenizer, built.reward_fn, prompts,
                       art.Layout(stage.artifact_dir), config, inputs, built.models["policy_path"], judge,
-                      built.models)  # fmt: skip
+                      built.models, stage.force)  # fmt: skip
 
 
 def main(stage: StageArguments, model_args, args: PPOArguments) -> dict | None:

@@ -80,7 +80,9 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     }
     inputs = {"start_model": start_record, "dataset": data_files}
     config = art.resolved_config(stage=stage_args, training=training_args, model=model_args)
-    if art.skip_if_complete(stage_args.artifact_dir, "reward", art.fingerprint(config, inputs), stage_args.force):
+    fingerprint = art.fingerprint(config, inputs)
+    is_main = training_args.process_index == 0
+    if art.skip_if_complete(stage_args.artifact_dir, "reward", fingerprint, stage_args.force, is_main_process=is_main):
         return None
 
     tokenizer = load_tokenizer(start)

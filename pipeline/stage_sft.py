@@ -124,7 +124,9 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     data_id = source_record("sft", data_source, stage_args.dataset_train_split)
     inputs = {"base_model": {**art.input_record(model_path), "name": base_id}, "dataset": data_id}
     config = art.resolved_config(stage=stage_args, training=training_args, model=model_args)
-    if art.skip_if_complete(stage_args.artifact_dir, "sft", art.fingerprint(config, inputs), stage_args.force):
+    fingerprint = art.fingerprint(config, inputs)
+    is_main = training_args.process_index == 0
+    if art.skip_if_complete(stage_args.artifact_dir, "sft", fingerprint, stage_args.force, is_main_process=is_main):
         return None
 
     tokenizer = load_tokenizer(model_path)

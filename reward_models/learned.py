@@ -55,6 +55,26 @@ def reward_scores(model, tokenizer, prompts, responses, batch_size: int = 16, ma
     return scores
 
 
+def check_reward_model(path: str) -> None:
+    """One-line error unless ``path`` holds a sequence-classification model with one output (a score)."""
+    from transformers import AutoConfig
+
+    from pipeline.errors import PipelineError
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"could not load a reward model from {path!r} ({str(e).splitlines()[0]})") from None
+    archs = config.architectures or []
+    if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise PipelineError(
+            f"{path} is a {archs[0]}, not a reward model (a ...ForSequenceClassification model with one output): "
+            "train one with `rlhf reward` or pass another --reward_model_path"
+        )
+    if config.num_labels != 1:
+        raise PipelineError(f"{path} has {config.num_labels} outputs; a reward model has one score (num_labels=1)")
+
+
 def load_reward_tokenizer(path: str, policy_tokenizer=None):
     """The reward model's tokenizer, ready to score: a pad token (EOS when it has none) and, for a
     model without a chat template (an encoder reward model), the policy's template, so it scores the

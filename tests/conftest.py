@@ -89,13 +89,13 @@ def make_causal_lm(path: Path, tok, seed: int = 0, **kw):
     return model
 
 
-def make_seq_cls(path: Path, tok, seed: int = 1, **kw):
+def make_seq_cls(path: Path, tok, seed: int = 1, num_labels: int = 1, **kw):
     import torch
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(seed)
     cfg = tiny_llama_config(tok, **kw)
-    cfg.num_labels = 1
+    cfg.num_labels = num_labels
     model = AutoModelForSequenceClassification.from_config(cfg)
     model.save_pretrained(path)
     tok.save_pretrained(path)

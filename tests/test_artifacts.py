@@ -71,3 +71,43 @@ def test_manifest_records_the_fingerprint_that_skips_a_rerun(tmp_path, capsys):
     assert "skipping" in capsys.readouterr().out
     assert not art.skip_if_complete(tmp_path, "eval", fp, force=True)
     assert not art.skip_if_complete(tmp_path, "eval", art.fingerprint({"x": {"a": 2}}, inputs), force=False)
+
+
+def _publish(root, config, payload: str):
+    with art.stage_output(root, "sft", config, {}) as out:
+        (out.path / "weights.txt").write_text(payload)
+        out.write_manifest({})
+
+
+@pytest.mark.parametrize("asked", ["new", "old"])
+def test_kill_between_the_two_renames_recovers(tmp_path, asked):
+    """Killed after the old artifact was renamed aside and before the new one was renamed in: the next run
+    publishes the complete new one when that is the run asked for, and otherwise puts the old one back."""
+    configs = {"old": {"v": 1}, "new": {"v": 2}}
+    _publish(tmp_path, configs["old"], "old")
+    layout = art.Layout(tmp_path)
+    writer = art.StageWriter(tmp_path, "sft", configs["new"], {})
+    writer.path.mkdir()
+    (writer.path / "weights.txt").write_text("new")
+    writer.write_manifest({})
+    layout.stage("sft").rename(layout.old("sft"))  # commit()'s first rename ... and the process dies here
+    assert not layout.stage("sft").exists()
+
+    assert art.skip_if_complete(tmp_path, "sft", art.fingerprint(configs[asked], {}), force=False)
+    assert (layout.stage("sft") / "weights.txt").read_text() == asked
+    assert not layout.old("sft").exists()
+
+
+def test_kill_after_the_manifest_publishes_the_finished_stage(tmp_path, capsys):
+    """Killed after the manifest was written, before the rename: the rerun publishes it instead of redoing it."""
+    config = {"v": 2}
+    _publish(tmp_path, {"v": 1}, "old")
+    layout = art.Layout(tmp_path)
+    writer = art.StageWriter(tmp_path, "sft", config, {})
+    writer.path.mkdir()
+    (writer.path / "weights.txt").write_text("new")
+    writer.write_manifest({})  # ... and the process dies here
+    assert art.skip_if_complete(tmp_path, "sft", art.fingerprint(config, {}), force=False)
+    assert "skipping" in capsys.readouterr().out
+    assert (layout.stage("sft") / "weights.txt").read_text() == "new"
+    assert not layout.staging("sft").exists() and not layout.old("sft").exists()

@@ -111,3 +111,33 @@ def test_empty_missing_and_unsupported_files(tmp_path):
     ):
         with pytest.raises(PipelineError, match=needle):
             load_for("sft", name)
+
+
+def test_sharegpt_conversations():
+    row = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Name a volcano."},
+            {"from": "gpt", "value": "Etna."},
+        ]
+    }
+    assert convert_sft(row) == {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a volcano."}],
+        "completion": [{"role": "assistant", "content": "Etna."}],
+    }
+    assert convert_prompt(row)["prompt"][-1] == {"role": "user", "content": "Name a volcano."}
+
+
+def test_ultrafeedback_h4_layout():
+    """A prompt string plus chosen/rejected holding the whole conversation (HuggingFaceH4/ultrafeedback_binarized)."""
+    user = {"role": "user", "content": "Name a volcano."}
+    row = {
+        "prompt": "Name a volcano.",
+        "chosen": [user, {"role": "assistant", "content": "Etna."}],
+        "rejected": [user, {"role": "assistant", "content": "A mountain."}],
+    }
+    assert convert_preference(row) == {
+        "prompt": [user],
+        "chosen": [{"role": "assistant", "content": "Etna."}],
+        "rejected": [{"role": "assistant", "content": "A mountain."}],
+    }

@@ -55,6 +55,35 @@ def test_precision_settings_are_checked(tiny_artifacts, prompts_file, capsys, se
     assert not (tiny_artifacts / "ppo").exists()
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(save_every=0), "--save_every 0: use a whole number >= 1"),
+        (dict(num_ppo_epochs=0), "--num_ppo_epochs 0: use a whole number >= 1"),
+        (dict(num_iterations=2.5), "--num_iterations 2.5: use a whole number >= 1"),  # a YAML float
+        (dict(temperature=0.0), "--temperature 0.0: use a value > 0"),
+        (dict(gamma=1.5), "--gamma 1.5: use a value in [0, 1]"),
+        (dict(lam=-0.1), "--lam -0.1: use a value in [0, 1]"),
+        (dict(kl_estimator="k2"), "--kl_estimator 'k2': use k1 or k3"),
+        (dict(target_kl=0.0), "--target_kl 0.0: use a value > 0, or leave it unset for a fixed beta"),
+    ],
+)
+def test_out_of_range_settings_are_one_line_errors_before_anything_is_touched(
+    tiny_artifacts, prompts_file, settings, message
+):
+    from pipeline.errors import PipelineError
+    from pipeline.stage_ppo import main
+
+    (tiny_artifacts / "ppo-run" / "checkpoints").mkdir(parents=True)  # a run in progress must survive
+    stage, model_args, args = ppo_arguments(tiny_artifacts, prompts_file)
+    for k, v in settings.items():  # as a YAML recipe sets them: argparse never sees the value
+        setattr(args, k, v)
+    with pytest.raises(PipelineError) as e:
+        main(stage, model_args, args)
+    assert str(e.value) == message
+    assert (tiny_artifacts / "ppo-run" / "checkpoints").is_dir() and not (tiny_artifacts / "ppo").exists()
+
+
 def test_precision_error_is_one_line(tiny_artifacts, prompts_file, capsys):
     assert run_ppo(tiny_artifacts, prompts_file, dtype="float16") == 2
     assert error_lines(capsys.readouterr().err) == [
@@ -160,6 +189,44 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_tok, prompts_file, monk
     assert any(torch.count_nonzero(v) for k, v in wa.items() if "lora_B" in k)
 
 
+def test_plain_rerun_continues_an_interrupted_run(tmp_path, tiny_tok, prompts_file):
+    """Re-running the same command after an interruption continues from the newest checkpoint (nothing is
+    deleted) and ends with the weights of an uninterrupted run; other settings are refused unless --force."""
+    from safetensors.torch import load_file
+
+    settings = dict(num_iterations=3, save_every=1, learning_rate=1e-2)
+    arts = {}
+    for name in ("full", "rerun"):
+        arts[name] = tmp_path / name
+        fake_stage(arts[name], "sft", make_causal_lm, tiny_tok)
+        fake_stage(arts[name], "reward", make_seq_cls, tiny_tok)
+    assert run_ppo(arts["full"], prompts_file, **settings) == 0
+
+    art = arts["rerun"]
+    assert run_ppo(art, prompts_file, **settings, stop_after_iterations=2) == 0
+    # Another config finds the interrupted run: refused, and its checkpoints are kept.
+    assert run_ppo(art, prompts_file, **{**settings, "learning_rate": 5e-3}) == 2
+    assert [p.name for p in sorted((art / "ppo-run" / "checkpoints").iterdir())] == ["iter-000001", "iter-000002"]
+    assert run_ppo(art, prompts_file, **settings) == 0  # the same command: continues at iteration 3
+    assert not (art / "ppo-run").exists()
+    assert [r["iteration"] for r in read_metrics(art / "ppo" / "metrics.jsonl")] == [1, 2, 3]
+    full = load_file(str(arts["full"] / "ppo" / "policy_adapter" / "adapter_model.safetensors"))
+    rerun = load_file(str(art / "ppo" / "policy_adapter" / "adapter_model.safetensors"))
+    assert full.keys() == rerun.keys() and all(torch.equal(full[k], rerun[k]) for k in full)
+    # The published checkpoints are whole (the run directory's copy was linked, then removed).
+    for it in (1, 2, 3):
+        assert (art / "ppo" / "checkpoints" / f"iter-{it:06d}" / "checkpoint.json").exists()
+
+
+def test_force_discards_an_interrupted_run_with_other_settings(tiny_artifacts, prompts_file, capsys):
+    assert run_ppo(tiny_artifacts, prompts_file, num_iterations=3, save_every=1, stop_after_iterations=1) == 0
+    assert run_ppo(tiny_artifacts, prompts_file, num_iterations=2, save_every=1) == 2
+    err = error_lines(capsys.readouterr().err)
+    assert len(err) == 1 and "interrupted PPO run with other inputs or config" in err[0] and "--force" in err[0]
+    assert run_ppo(tiny_artifacts, prompts_file, num_iterations=2, save_every=1, force="true") == 0
+    assert [r["iteration"] for r in read_metrics(tiny_artifacts / "ppo" / "metrics.jsonl")] == [1, 2]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", [{}, {"dtype": "bfloat16", "mixed_precision": "bf16"}], ids=["fp32", "bf16"])
 def test_two_process_run(tiny_artifacts, prompts_file, precision):
@@ -217,6 +284,20 @@ def test_missing_input_stage_is_a_clean_error(tmp_path, tiny_tok, prompts_file, 
     assert len(errs) == 1, errs
     assert str(art / missing) in errs[0] and command in errs[0] and "first" in errs[0]
     assert not (art / "ppo").exists() and not (art / "ppo-run").exists()
+
+
+def test_causal_lm_as_reward_model_is_refused(tiny_artifacts, prompts_file, capsys):
+    """A causal LM would get a random score head: refused with one line, before anything is loaded."""
+    assert run_ppo(tiny_artifacts, prompts_file, reward_model_path=str(tiny_artifacts / "sft" / "model")) == 2
+    errs = error_lines(capsys.readouterr().err)
+    assert len(errs) == 1 and "is a LlamaForCausalLM, not a reward model" in errs[0], errs
+    assert not (tiny_artifacts / "ppo").exists() and not (tiny_artifacts / "ppo-run").exists()
+
+
+def test_reward_model_with_two_outputs_is_refused(tiny_artifacts, tiny_tok, prompts_file, tmp_path, capsys):
+    make_seq_cls(tmp_path / "two", tiny_tok, num_labels=2)
+    assert run_ppo(tiny_artifacts, prompts_file, reward_model_path=str(tmp_path / "two")) == 2
+    assert "has 2 outputs; a reward model has one score (num_labels=1)" in error_lines(capsys.readouterr().err)[0]
 
 
 def test_non_divisible_batch_is_a_clean_error(tiny_artifacts, prompts_file, capsys):

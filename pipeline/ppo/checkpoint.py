@@ -43,6 +43,11 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith("iter-") and (p / COMPLETE).exists())
 
 
+def read_state(path: Path) -> dict:
+    """A checkpoint's ``state.json`` (iteration, data cursor, fingerprint, ...), without loading tensors."""
+    return json.loads((path / "state.json").read_text())
+
+
 def resolve(root: Path, spec: str) -> Path:
     """``latest`` -> newest complete checkpoint under ``root``; else a checkpoint path."""
     if spec == "latest":

@@ -181,6 +181,7 @@ class PPOTrainer:
         layout: the artifact layout. config, inputs: what the manifest records (and fingerprints).
         policy_path: the start policy, into which the published adapter is merged.
         judge: the embedded task's gold judge, logged beside the reward (never used as reward), or None.
+        models: the model paths the manifest records. force: discard an interrupted run rather than resume it.
     """
 
     def __init__(
@@ -198,6 +199,7 @@ class PPOTrainer:
         policy_path: str,
         judge: Callable[[str, str], float] | None = None,
         models: dict | None = None,
+        force: bool = False,
     ):
         from transformers import get_scheduler
 
@@ -205,6 +207,7 @@ class PPOTrainer:
         self.tokenizer, self.reward_fn, self.prompts, self.judge = tokenizer, reward_fn, prompts, judge
         self.layout, self.config, self.inputs, self.policy_path = layout, config, inputs, policy_path
         self.models = models or {}
+        self.force = force  # discard an interrupted run instead of continuing it
         self.fingerprint = art.fingerprint(config, inputs)
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5
@@ -468,10 +471,20 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
     def _start(self) -> None:
-        """Resume from ``--resume_from_checkpoint``, or start a fresh run directory."""
+        """Resume from ``--resume_from_checkpoint``, or from the newest checkpoint of an interrupted run with
+        the same fingerprint (a plain rerun continues), or start a fresh run directory (``--force``)."""
         acc, run = self.accelerator, self.layout.ppo_run
-        if self.args.resume_from_checkpoint:
-            path = ckpt.resolve(self.layout.run_checkpoints, self.args.resume_from_checkpoint)
+        spec = self.args.resume_from_checkpoint
+        found = ckpt.list_checkpoints(self.layout.run_checkpoints)
+        if spec is None and found and not self.force:
+            if ckpt.read_state(found[-1]).get("fingerprint") != self.fingerprint:
+                raise PipelineError(
+                    f"{run} holds an interrupted PPO run with other inputs or config; rerun with its settings to "
+                    "continue it, or add --force to discard it"
+                )
+            spec = str(found[-1])
+        if spec:
+            path = ckpt.resolve(self.layout.run_checkpoints, spec)
             state = ckpt.load(path, acc, self.unwrapped, self.optimizer, self.scheduler)
             if state.get("fingerprint") != self.fingerprint:
                 raise PipelineError(
@@ -521,7 +534,8 @@ class PPOTrainer:
                 merge_adapter_to_disk(self.policy_path, str(out.path / art.POLICY_ADAPTER), out.path / art.POLICY,
                                       AutoModelForCausalLM, self.tokenizer)  # fmt: skip
                 shutil.copy(self.layout.run_metrics, out.path / art.METRICS)
-                shutil.move(str(self.layout.run_checkpoints), str(out.path / art.CHECKPOINTS))
+                # Hard links, not a move: the run's own copy stays until the stage is published.
+                art.link_tree(self.layout.run_checkpoints, out.path / art.CHECKPOINTS)
                 metrics = {
                     "final": history[-1],
                     "first": history[0],
