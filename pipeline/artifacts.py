@@ -121,6 +121,40 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+LOCK = ".lock"
+
+
+@contextmanager
+def artifact_lock(artifact_dir: str | os.PathLike, command: str) -> Iterator[None]:
+    """Hold ``<artifact_dir>/.lock`` (an exclusive ``flock``) while a stage runs, so two runs never write one
+    artifact directory. A second writer gets a one-line error naming the holder; the kernel releases the
+    lock of a process that dies, so a killed run's lock is simply taken over by the next."""
+    import fcntl
+
+    root = Path(artifact_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise PipelineError(
+                f"{root} is in use by {holder}; wait for it to finish, or use another --artifact_dir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} ({command})")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            f.flush()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def link_tree(src: Path, dst: Path) -> None:
     """Copy a directory tree as hard links (instant, no extra space); plain copies where links fail."""
 

@@ -6,9 +6,12 @@ The model arguments (TRL's ``ModelConfig`` plus adapter placement) are in :mod:`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.errors import PipelineError
 
@@ -71,6 +74,20 @@ def cpu_only() -> bool:
     )
 
 
+@contextmanager
+def stage_lock(args):
+    """The artifact directory's lock (``artifacts.artifact_lock``), taken by the launcher's rank 0 only: when
+    it is refused, rank 0 exits with the error and the launcher stops the other ranks."""
+    from pipeline.artifacts import artifact_lock
+
+    artifact_dir = next((a.artifact_dir for a in args if hasattr(a, "artifact_dir")), None)
+    if artifact_dir is None or int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    with artifact_lock(artifact_dir, " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])):
+        yield
+
+
 def run_cli(make_parser: Callable, main: Callable, argv: list[str] | None = None) -> int:
     """Parse (``--config file.yaml`` and flags), run ``main``, turn PipelineError into one line + exit 2."""
     parser = make_parser()
@@ -84,7 +101,8 @@ def run_cli(make_parser: Callable, main: Callable, argv: list[str] | None = None
             if vars(args[-1]):
                 raise PipelineError(f"unknown settings {sorted(vars(args[-1]))}")
             args = args[:-1]
-        main(*args)
+        with stage_lock(args):
+            main(*args)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

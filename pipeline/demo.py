@@ -8,11 +8,13 @@ command apply to every stage that knows them, e.g. ``rlhf demo --artifact_dir ru
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
 from pipeline.artifacts import REPO_ROOT
 
+FORWARDED = (signal.SIGTERM, signal.SIGINT)
 STEPS = [  # (title, module, recipe)
     ("SFT", "pipeline.stage_sft", "configs/sft_demo.yaml"),
     ("reward model", "pipeline.stage_reward", "configs/reward_demo.yaml"),
@@ -21,9 +23,39 @@ STEPS = [  # (title, module, recipe)
 ]
 
 
-def cli(argv: list[str] | None = None) -> int:
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): get SIGTERM when the demo process dies, even by SIGKILL."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_stage(cmd: list[str]) -> int:
+    """Run one stage's process to its end: SIGTERM and SIGINT sent to the demo are passed on to it, and it
+    never outlives the demo (it is terminated if the demo stops early, and gets SIGTERM if the demo dies)."""
     import subprocess
 
+    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    previous = {s: signal.signal(s, lambda signum, _frame: proc.send_signal(signum)) for s in FORWARDED}
+    try:
+        rc = proc.wait()
+        return 128 - rc if rc < 0 else rc  # killed by signal N: 128 + N, as a shell reports it
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def cli(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rlhf demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact_dir", default="artifacts")
     parser.add_argument("--force", action="store_true", help="rerun every stage")
@@ -40,12 +72,12 @@ def cli(argv: list[str] | None = None) -> int:
             stage_argv.append("--force")
         t = time.perf_counter()
         # A fresh process per stage: each sets up its own Accelerate state (precision, processes).
-        rc = subprocess.run([sys.executable, "-m", module, *stage_argv], check=False).returncode
+        rc = run_stage([sys.executable, "-m", module, *stage_argv])
         timings.append((title, time.perf_counter() - t))
         if rc != 0:
             print(
                 f"demo: the {title} stage failed (exit {rc}); fix the error above and re-run `make demo` "
-                "(completed stages are skipped)",
+                "(completed stages are skipped, an interrupted PPO run continues)",
                 file=sys.stderr,
             )
             return rc

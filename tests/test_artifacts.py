@@ -111,3 +111,29 @@ def test_kill_after_the_manifest_publishes_the_finished_stage(tmp_path, capsys):
     assert "skipping" in capsys.readouterr().out
     assert (layout.stage("sft") / "weights.txt").read_text() == "new"
     assert not layout.staging("sft").exists() and not layout.old("sft").exists()
+
+
+def test_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tiny_artifacts, prompts_file, capsys):
+    import subprocess
+    import sys
+
+    from tests.conftest import error_lines, run_ppo
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pipeline.artifacts import artifact_lock\n"
+         f"with artifact_lock({str(tiny_artifacts)!r}, 'rlhf sft --config x.yaml'):\n"
+         "    print('locked', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, cwd=art.REPO_ROOT,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert run_ppo(tiny_artifacts, prompts_file) == 2
+        err = error_lines(capsys.readouterr().err)
+        assert err == [f"error: {tiny_artifacts} is in use by pid {holder.pid} (rlhf sft --config x.yaml); "
+                       "wait for it to finish, or use another --artifact_dir"]  # fmt: skip
+        assert not (tiny_artifacts / "ppo-run").exists()
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs; the kernel drops the lock
+        holder.wait()
+    with art.artifact_lock(tiny_artifacts, "next"):
+        assert "pid" in (tiny_artifacts / ".lock").read_text()
