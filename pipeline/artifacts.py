@@ -7,6 +7,7 @@ Layout (``--artifact_dir``, default ``artifacts/``), spelled out by :class:`Layo
     ppo/      manifest.json, policy_adapter/, policy/, value/, metrics.jsonl, checkpoints/
     eval/     manifest.json, report.json, report.md, report.html, results.json
     ppo-run/  checkpoints/, metrics.jsonl                (a PPO run in progress)
+    sft-run/, reward-run/  checkpoint-*/, fingerprint    (an SFT or reward run in progress: HF Trainer)
 
 A stage writes into a hidden staging sibling (``.<stage>.staging``), writes ``manifest.json``
 last, and renames the staging directory into place; a manifest therefore means "complete",
@@ -98,10 +99,15 @@ class Layout:
     def ppo_checkpoints(self) -> Path:
         return self.stage("ppo") / CHECKPOINTS
 
+    def run_dir(self, stage: str) -> Path:
+        """A run in progress (``sft-run/``, ``reward-run/``, ``ppo-run/``): its checkpoints, until the stage
+        publishes. A kill costs at most the work since the newest checkpoint there."""
+        return self.root / f"{self.stage(stage).name}-run"
+
     @property
     def ppo_run(self) -> Path:
         """A PPO run in progress: its checkpoints and live metrics, until the stage publishes."""
-        return self.root / "ppo-run"
+        return self.run_dir("ppo")
 
     @property
     def run_checkpoints(self) -> Path:

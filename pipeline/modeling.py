@@ -127,13 +127,41 @@ def check_finite_training(trainer, stage: str) -> None:
         )
 
 
+def resume_point(run_dir, fingerprint: str, force: bool, explicit: str | None, is_main_process: bool) -> str | None:
+    """Where an SFT or reward run starts: the newest complete HF Trainer checkpoint in ``run_dir`` when the run
+    there had this fingerprint (a plain rerun after a kill continues), ``explicit`` when given, else nothing
+    (a fresh ``run_dir``). Checkpoints of a run with other inputs or config are refused unless ``force``."""
+    import shutil
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    if explicit:
+        return explicit
+    stamp = run_dir / "fingerprint"
+    complete = sorted(
+        (p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    if complete and not force:
+        if not stamp.exists() or stamp.read_text() != fingerprint:
+            raise PipelineError(
+                f"{run_dir} holds an interrupted run with other inputs or config; rerun with its settings to "
+                "continue it, or add --force to discard it"
+            )
+        return str(complete[-1])
+    if is_main_process:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        stamp.write_text(fingerprint)
+    return None
+
+
 def publish_lora(trainer, out_path, base_path: str, model_cls, tokenizer, **load_kwargs) -> None:
     """Save a LoRA trainer's adapter (``adapter/``) and the merged model (``model/``) into a staging dir.
 
     ``save_model`` gathers the adapter across processes; only the main process merges and
     cleans up (the trainer's pickled ``training_args.bin`` goes: the config is in the manifest).
     """
-    import shutil
     from pathlib import Path
 
     out_path = Path(out_path)
@@ -143,4 +171,3 @@ def publish_lora(trainer, out_path, base_path: str, model_cls, tokenizer, **load
         merge_adapter_to_disk(
             base_path, str(out_path / "adapter"), out_path / "model", model_cls, tokenizer, **load_kwargs
         )
-        shutil.rmtree(out_path / "trainer", ignore_errors=True)

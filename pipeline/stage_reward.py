@@ -46,12 +46,14 @@ def pairwise_accuracy(model, tokenizer, pairs, batch_size: int = 16) -> dict:
 
 
 def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
+    import shutil
+
     import torch
     from transformers import AutoModelForSequenceClassification, set_seed
 
     from pipeline import artifacts as art
     from pipeline.data import load_for, source_record
-    from pipeline.modeling import check_finite_training, load_tokenizer, lora_config, publish_lora
+    from pipeline.modeling import check_finite_training, load_tokenizer, lora_config, publish_lora, resume_point
 
     if not model_args.use_peft:
         raise PipelineError("the reward stage trains a LoRA adapter with a full score head; drop --use_peft false")
@@ -85,6 +87,8 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     if art.skip_if_complete(stage_args.artifact_dir, "reward", fingerprint, stage_args.force, is_main_process=is_main):
         return None
 
+    run_dir = art.Layout(stage_args.artifact_dir).run_dir("reward")
+    resume = resume_point(run_dir, fingerprint, stage_args.force, training_args.resume_from_checkpoint, is_main)
     tokenizer = load_tokenizer(start)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise PipelineError(f"{start}: pad token equals EOS; start from an SFT artifact (it fixes this)")
@@ -98,7 +102,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     from trl import RewardTrainer
 
     with art.stage_output(stage_args.artifact_dir, "reward", config, inputs, training_args.process_index == 0) as out:
-        training_args.output_dir = str(out.path / "trainer")
+        training_args.output_dir = str(run_dir)
         trainer = RewardTrainer(
             model=model,
             args=training_args,
@@ -106,7 +110,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
             processing_class=tokenizer,
             peft_config=lora_config(model_args, "SEQ_CLS", ["score"], model, model_args.lora_layers),
         )
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=resume)
         check_finite_training(trainer, "reward model")
         publish_lora(trainer, out.path, start, AutoModelForSequenceClassification, tokenizer, num_labels=1)
         if trainer.accelerator.is_main_process:
@@ -130,6 +134,8 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
                 f"(train loss {result.training_loss:.4f}, {metrics['train_runtime_s']:.0f}s)"
             )
         trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return None
 
 

@@ -99,6 +99,8 @@ def completion_trainer_class():
 
 
 def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
+    import shutil
+
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -111,6 +113,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
         load_tokenizer,
         lora_config,
         publish_lora,
+        resume_point,
     )
 
     if not model_args.use_peft:
@@ -129,6 +132,8 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     if art.skip_if_complete(stage_args.artifact_dir, "sft", fingerprint, stage_args.force, is_main_process=is_main):
         return None
 
+    run_dir = art.Layout(stage_args.artifact_dir).run_dir("sft")
+    resume = resume_point(run_dir, fingerprint, stage_args.force, training_args.resume_from_checkpoint, is_main)
     tokenizer = load_tokenizer(model_path)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
     model = AutoModelForCausalLM.from_pretrained(
@@ -137,7 +142,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     ensure_distinct_pad_token(tokenizer, model)
 
     with art.stage_output(stage_args.artifact_dir, "sft", config, inputs, training_args.process_index == 0) as out:
-        training_args.output_dir = str(out.path / "trainer")
+        training_args.output_dir = str(run_dir)
         trainer = completion_trainer_class()(
             model=model,
             args=training_args,
@@ -145,7 +150,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
             processing_class=tokenizer,
             peft_config=lora_config(model_args, "CAUSAL_LM", model=model, top_n=model_args.lora_layers),
         )
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=resume)
         check_finite_training(trainer, "SFT")
         publish_lora(trainer, out.path, model_path, AutoModelForCausalLM, tokenizer)
         metrics = {
@@ -159,6 +164,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
             out.write_manifest(metrics, tokenizer)
         trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
+        shutil.rmtree(run_dir, ignore_errors=True)
         print(
             f"sft: wrote {art.stage_dir(stage_args.artifact_dir, 'sft')} (loss {result.training_loss:.4f}, "
             f"{metrics['train_runtime_s']:.0f}s)"

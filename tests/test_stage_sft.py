@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from pipeline.stage_sft import cli as sft_cli
 from tests.conftest import FAST, error_line, make_causal_lm, run_rm, run_sft, sft_rows, write_jsonl
@@ -188,3 +189,66 @@ def test_lora_layers_puts_the_adapter_on_the_top_layers(setup, capsys, stage):
     assert run(s, "--lora_layers", "3", "--force", "true") == 2
     assert "--lora_layers 3: the model has 2 layers; pass 1..2" in error_line(capsys)
     assert (s["artifacts"] / stage / "manifest.json").read_text() == before
+
+
+class _Killed(Exception):
+    """Stands in for a kill in the middle of training."""
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_plain_rerun_after_a_kill_continues_from_the_newest_checkpoint(setup, tmp_path, monkeypatch, stage):
+    """A run killed at step 3 of 4 (checkpoints every step) resumes from checkpoint-2 on the same command and
+    ends with the adapter of an uninterrupted run; the run directory goes once the stage is published."""
+    import transformers
+    from safetensors.torch import load_file
+
+    def run(s, *extra):
+        if stage == "sft":
+            return run_sft(s, "--max_steps", "4", "--save_steps", "1", *extra)
+        return run_rm(s, "--max_steps", "4", "--save_steps", "1", *extra)
+
+    runs = {}
+    for name in ("full", "killed"):
+        runs[name] = {**setup, "artifacts": tmp_path / name}
+        if stage == "reward":
+            assert run_sft(runs[name]) == 0  # the same SFT model under both
+    assert run(runs["full"]) == 0
+
+    real_step = transformers.Trainer.training_step
+    calls = {"n": 0}
+
+    def dying_step(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise _Killed
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", dying_step)
+    with pytest.raises(_Killed):
+        run(runs["killed"])
+    monkeypatch.setattr(transformers.Trainer, "training_step", real_step)
+    art_dir = runs["killed"]["artifacts"]
+    assert not (art_dir / stage).exists()
+    assert sorted(p.name for p in (art_dir / f"{stage}-run").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+    assert run(runs["killed"]) == 0
+    assert not (art_dir / f"{stage}-run").exists()
+    want = load_file(str(runs["full"]["artifacts"] / stage / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(art_dir / stage / "adapter" / "adapter_model.safetensors"))
+    assert want.keys() == got.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_checkpoints_of_another_run_are_refused_unless_forced(setup, capsys):
+    assert run_sft(setup, "--max_steps", "2", "--save_steps", "1") == 0
+    run_dir = setup["artifacts"] / "sft-run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint-1").mkdir()
+    (run_dir / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    (run_dir / "fingerprint").write_text("another run")
+    assert run_sft(setup, "--max_steps", "3", "--save_steps", "1") == 2
+    assert "holds an interrupted run with other inputs or config" in error_line(capsys)
+    assert (run_dir / "checkpoint-1").exists()
+    assert run_sft(setup, "--max_steps", "3", "--save_steps", "1", "--force") == 0
+    assert not run_dir.exists()
