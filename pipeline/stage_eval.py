@@ -185,8 +185,31 @@ def evaluate_policy(model, sft, tok, prompts, args: EvalArguments, score, name: 
     return entry
 
 
+def finished_checkpoints(run_dir: Path, fingerprint: str, force: bool) -> dict[str, dict]:
+    """Results of the policies an interrupted evaluation with this fingerprint finished (``<name>.json`` in
+    ``run_dir``); another run's results are refused unless ``force``, which starts ``run_dir`` afresh."""
+    import json
+    import shutil
+
+    stamp = run_dir / "fingerprint"
+    done = {p.stem: json.loads(p.read_text()) for p in sorted(run_dir.glob("*.json"))}
+    if done and not force:
+        if not stamp.exists() or stamp.read_text() != fingerprint:
+            raise PipelineError(
+                f"{run_dir} holds an interrupted evaluation with other inputs or config; rerun with its settings "
+                "to continue it, or add --force to discard it"
+            )
+        return done
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    stamp.write_text(fingerprint)
+    return {}
+
+
 def main(stage: StageArguments, args: EvalArguments) -> dict | None:
     import json
+    import os
+    import shutil
 
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -218,8 +241,11 @@ def main(stage: StageArguments, args: EvalArguments) -> dict | None:
     inputs = {s: art.input_record(layout.stage(s)) for s in ("sft", "reward") + (("ppo",) if want_ppo else ())}
     inputs["dataset"] = source_record("prompt", stage.dataset_name, split)
     config = art.resolved_config(stage=stage, eval=args)
-    if art.skip_if_complete(stage.artifact_dir, "eval", art.fingerprint(config, inputs), stage.force):
+    fingerprint = art.fingerprint(config, inputs)
+    if art.skip_if_complete(stage.artifact_dir, "eval", fingerprint, stage.force):
         return None
+    run_dir = layout.run_dir("eval")
+    finished = finished_checkpoints(run_dir, fingerprint, stage.force)
 
     torch.manual_seed(args.seed)
     sft_path = str(layout.model("sft"))
@@ -239,6 +265,10 @@ def main(stage: StageArguments, args: EvalArguments) -> dict | None:
 
     results = {"config": config, "prompts": [prompt_text(p) for p in prompts], "has_gold": has_gold, "checkpoints": {}}
     for name, kind, iteration, adapter in plan_checkpoints(args, layout):
+        if name in finished:  # evaluated before an interruption: every policy samples with its own seed
+            results["checkpoints"][name] = entry = finished[name]
+            print(f"eval: {name:<22} kept from the interrupted run", flush=True)
+            continue
         if kind == "base":
             model = load_base_model(sft_manifest, len(tok), dtype).to(device)
         elif kind == "sft":
@@ -248,6 +278,9 @@ def main(stage: StageArguments, args: EvalArguments) -> dict | None:
         entry = {"kind": kind, "iteration": iteration, "path": str(adapter or (sft_path if kind == "sft" else "base"))}
         entry.update(evaluate_policy(model, sft, tok, prompts, args, score, name, greedy=kind != "ppo_checkpoint"))
         results["checkpoints"][name] = entry
+        tmp = run_dir / f".{name}.json.tmp"
+        tmp.write_text(json.dumps(entry))
+        os.replace(tmp, run_dir / f"{name}.json")
         msg = f"eval: {name:<22} reward {sum(entry['sampled']['reward']) / len(prompts):+.3f}"
         if judge:
             msg += f"  gold {sum(entry['sampled']['gold']) / len(prompts):.3f}"
@@ -260,6 +293,7 @@ def main(stage: StageArguments, args: EvalArguments) -> dict | None:
         (out.path / "results.json").write_text(json.dumps(results))
         write_reports(report, results, out.path)
         out.write_manifest({k: report[k] for k in ("checkpoints", "pairwise")}, tok)
+    shutil.rmtree(run_dir, ignore_errors=True)
     final = layout.stage("eval")
     print(summary_table(report))
     print(f"eval: report at {final / 'report.html'} (also report.md, report.json)")

@@ -92,3 +92,44 @@ def test_eval_stage_end_to_end(ppo_artifacts, bf16, capsys):
     out = capsys.readouterr().out
     assert "is complete for these inputs and config; skipping" in out and "report at" not in out
     assert (ppo_artifacts / "eval" / "manifest.json").read_text() == manifest
+
+
+class _Killed(Exception):
+    """Stands in for a kill in the middle of the evaluation."""
+
+
+def test_rerun_after_a_kill_keeps_finished_checkpoints(ppo_artifacts, monkeypatch):
+    """A kill while evaluating the final PPO policy: the rerun evaluates only that one and writes the same
+    results as an uninterrupted evaluation."""
+    import shutil
+
+    import pipeline.stage_eval as stage_eval
+
+    argv = ["--artifact_dir", str(ppo_artifacts), "--max_eval_samples", "4", "--batch_size", "4",
+            "--response_length", "5", "--checkpoints", "sft", "ppo", "--greedy", "false"]  # fmt: skip
+    assert stage_eval.cli(argv) == 0
+    uninterrupted = json.loads((ppo_artifacts / "eval" / "results.json").read_text())
+    shutil.rmtree(ppo_artifacts / "eval")
+
+    real = stage_eval.evaluate_policy
+    evaluated = []
+
+    def dies_on_final_ppo(model, sft, tok, prompts, args, score, name, greedy):
+        if name == "ppo":
+            raise _Killed
+        return real(model, sft, tok, prompts, args, score, name, greedy)
+
+    monkeypatch.setattr(stage_eval, "evaluate_policy", dies_on_final_ppo)
+    with pytest.raises(_Killed):
+        stage_eval.cli(argv)
+    assert sorted(p.name for p in (ppo_artifacts / "eval-run").glob("*.json")) == ["ppo-iter-000001.json", "sft.json"]
+
+    def counting(model, sft, tok, prompts, args, score, name, greedy):
+        evaluated.append(name)
+        return real(model, sft, tok, prompts, args, score, name, greedy)
+
+    monkeypatch.setattr(stage_eval, "evaluate_policy", counting)
+    assert stage_eval.cli(argv) == 0
+    assert evaluated == ["ppo"]
+    assert json.loads((ppo_artifacts / "eval" / "results.json").read_text()) == uninterrupted
+    assert not (ppo_artifacts / "eval-run").exists()
