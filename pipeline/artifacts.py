@@ -200,7 +200,33 @@ def require_stage(artifact_dir: str | os.PathLike, stage: str, for_stage: str) -
         raise PipelineError(
             f"the {for_stage} stage needs {d}, which {why}: run `{MAKES[stage]} --artifact_dir {artifact_dir}` first"
         )
+    check_files(d, manifest, hashes=False)
     return manifest
+
+
+def weight_files(stage_path: Path) -> dict[str, dict]:
+    """``{relative path: {"size", "sha256"}}`` of every safetensors file under a stage directory."""
+    out = {}
+    for p in sorted(Path(stage_path).rglob("*.safetensors")):
+        out[str(p.relative_to(stage_path))] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
+    return out
+
+
+def check_files(stage_path: Path, manifest: dict, hashes: bool = False) -> None:
+    """One-line error when a weight file the manifest lists is missing, has another size (a copy cut
+    short, a full disk) or, with ``hashes``, other contents."""
+    stage = manifest.get("stage", Path(stage_path).name)
+    for rel, want in (manifest.get("files") or {}).items():
+        p = Path(stage_path) / rel
+        why = None
+        if not p.is_file():
+            why = "is missing"
+        elif p.stat().st_size != want["size"]:
+            why = f"has {p.stat().st_size} bytes where its manifest recorded {want['size']}"
+        elif hashes and file_sha256(p) != want["sha256"]:
+            why = "differs from the file its manifest recorded"
+        if why:
+            raise PipelineError(f"{p} {why}: the artifact is damaged; rerun `{MAKES[stage]} --force`")
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -380,6 +406,7 @@ class StageWriter:
             "started_at": self.started_at,
             "finished_at": now(),
             "metrics": _jsonable(metrics),
+            "files": weight_files(self.path),
             **self.extra,
         }
         tmp = self.path / (MANIFEST + ".tmp")

@@ -92,12 +92,25 @@ def stage_lock(args):
 
 def run_cli(make_parser: Callable, main: Callable, argv: list[str] | None = None) -> int:
     """Parse (``--config file.yaml`` and flags), run ``main``, turn PipelineError into one line + exit 2."""
+    import yaml
+
     parser = make_parser()
+
+    def error(message: str):  # argparse would print the whole usage block and exit
+        raise PipelineError(f"{message} (see --help)")
+
+    parser.error = error
     try:
         try:
             args = parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
         except ValueError as e:  # unknown flags or config keys, bad values
             raise PipelineError(f"{str(e).splitlines()[0]} (see --help)") from None
+        except OSError as e:  # --config FILE missing or unreadable
+            raise PipelineError(f"--config {e.filename}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            raise PipelineError(f"--config: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
         # HfArgumentParser appends a Namespace of defaults no dataclass claimed: a stale default is a bug.
         if args and isinstance(args[-1], argparse.Namespace):
             if vars(args[-1]):

@@ -43,18 +43,21 @@ _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "use
 # --------------------------------------------------------------------------- raw loading
 def _check_jsonl(path: Path) -> None:
     """Fail on the first malformed line with its number (datasets' own error is pages long)."""
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PipelineError(
-                    f"{path}: line {i}: invalid JSON ({e.msg}); expected one JSON object per line"
-                ) from None
-            if not isinstance(obj, dict):
-                raise PipelineError(f"{path}: line {i}: expected a JSON object, got {type(obj).__name__}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PipelineError(
+                f"{path}: line {i}: invalid JSON ({e.msg}); expected one JSON object per line"
+            ) from None
+        if not isinstance(obj, dict):
+            raise PipelineError(f"{path}: line {i}: expected a JSON object, got {type(obj).__name__}")
 
 
 def load_rows(name: str, split: str = "train", config: str | None = None):

@@ -229,7 +229,13 @@ def main(stage: StageArguments, args: EvalArguments) -> dict | None:
     art.require_stage(stage.artifact_dir, "reward", "eval")
     want_ppo = "ppo" in args.checkpoints
     if want_ppo:
-        art.require_stage(stage.artifact_dir, "ppo", "eval")
+        ppo_manifest = art.require_stage(stage.artifact_dir, "ppo", "eval")
+        trained_on = ppo_manifest.get("inputs", {}).get("policy", {})
+        if trained_on.get("sha256") not in (None, art.artifact_hash(layout.stage("sft"))):
+            raise PipelineError(
+                f"{layout.stage('ppo')} was trained on another SFT model than {layout.stage('sft')} holds now; "
+                "rerun PPO (`accelerate launch pipeline/stage_ppo.py --force`) or evaluate without --checkpoints ppo"
+            )
     split = stage.dataset_test_split
     rows = load_for("prompt", stage.dataset_name, split, stage.dataset_config, stage.max_eval_samples)
     prompts = [r["prompt"] for r in rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pipeline import artifacts as art
 
@@ -137,3 +138,25 @@ def test_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tiny_art
         holder.wait()
     with art.artifact_lock(tiny_artifacts, "next"):
         assert "pid" in (tiny_artifacts / ".lock").read_text()
+
+
+def test_manifest_records_weight_files_and_a_damaged_one_is_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    with art.stage_output(tmp_path, "sft", {"a": 1}, {}) as out:
+        (out.path / "model").mkdir()
+        save_file({"w": torch.ones(64)}, str(out.path / "model" / "model.safetensors"))
+        out.write_manifest({})
+    manifest = art.require_stage(tmp_path, "sft", "reward")
+    entry = manifest["files"]["model/model.safetensors"]
+    weights = tmp_path / "sft" / "model" / "model.safetensors"
+    assert entry == {"size": weights.stat().st_size, "sha256": art.file_sha256(weights)}
+
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # a copy cut short
+    with pytest.raises(art.PipelineError, match="has .* bytes where its manifest recorded .*rerun `rlhf sft --force`"):
+        art.require_stage(tmp_path, "sft", "reward")
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, other contents: found by hash
+    art.require_stage(tmp_path, "sft", "reward")
+    with pytest.raises(art.PipelineError, match="differs from the file its manifest recorded"):
+        art.check_files(tmp_path / "sft", manifest, hashes=True)

@@ -141,3 +141,10 @@ def test_ultrafeedback_h4_layout():
         "chosen": [{"role": "assistant", "content": "Etna."}],
         "rejected": [{"role": "assistant", "content": "A mountain."}],
     }
+
+
+def test_non_utf8_file_is_one_line(tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"prompt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(PipelineError, match="not UTF-8 text .*save the file as UTF-8"):
+        load_for("prompt", str(bad))

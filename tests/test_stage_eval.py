@@ -133,3 +133,15 @@ def test_rerun_after_a_kill_keeps_finished_checkpoints(ppo_artifacts, monkeypatc
     assert evaluated == ["ppo"]
     assert json.loads((ppo_artifacts / "eval" / "results.json").read_text()) == uninterrupted
     assert not (ppo_artifacts / "eval-run").exists()
+
+
+def test_ppo_trained_on_another_sft_model_is_refused(ppo_artifacts, capsys):
+    from pipeline.stage_eval import cli
+    from tests.conftest import error_lines
+
+    manifest = ppo_artifacts / "sft" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"test"', '"a later SFT run"'))  # sft/ was redone since
+    assert cli(["--artifact_dir", str(ppo_artifacts), "--max_eval_samples", "2", "--checkpoints", "sft", "ppo"]) == 2
+    errs = error_lines(capsys.readouterr().err)
+    assert len(errs) == 1 and "was trained on another SFT model" in errs[0]
+    assert not (ppo_artifacts / "eval").exists()

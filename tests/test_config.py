@@ -1,0 +1,35 @@
+"""Tests of ``pipeline/config.py``: the command line of every stage turns bad input into one line and exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import error_line
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config", "no/such.yaml"], "error: --config no/such.yaml: No such file or directory"),
+        (["--max_steps", "abc"], "error: argument --max_steps/--max-steps: invalid int value: 'abc' (see --help)"),
+        (
+            ["--no_such_flag", "1"],
+            "error: Some specified arguments are not used by the HfArgumentParser: ['--no_such_flag', '1'] (see --help)",
+        ),
+    ],
+)
+def test_bad_command_lines_are_one_line(argv, message, capsys, tmp_path):
+    from pipeline.stage_sft import cli
+
+    assert cli([*argv, "--artifact_dir", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [message]
+
+
+def test_malformed_yaml_config_is_one_line(tmp_path, capsys):
+    from pipeline.stage_ppo import cli
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("num_iterations: [1\n")
+    assert cli(["--config", str(bad)]) == 2
+    assert error_line(capsys).startswith("error: --config: not valid YAML (line 2, column 1)")
