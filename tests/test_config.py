@@ -14,7 +14,8 @@ from tests.conftest import error_line
         (["--max_steps", "abc"], "error: argument --max_steps/--max-steps: invalid int value: 'abc' (see --help)"),
         (
             ["--no_such_flag", "1"],
-            "error: Some specified arguments are not used by the HfArgumentParser: ['--no_such_flag', '1'] (see --help)",
+            "error: Some specified arguments are not used by the HfArgumentParser: ['--no_such_flag', '1'] "
+            "(see --help)",
         ),
     ],
 )
