@@ -8,6 +8,8 @@ Layout (``--artifact_dir``, default ``artifacts/``), spelled out by :class:`Layo
     eval/     manifest.json, report.json, report.md, report.html, results.json
     ppo-run/  checkpoints/, metrics.jsonl                (a PPO run in progress)
     sft-run/, reward-run/  checkpoint-*/, fingerprint    (an SFT or reward run in progress: HF Trainer)
+    eval-run/ <policy>.json, fingerprint                (an evaluation in progress)
+    logs/     <stage>/                                   (tracker output, --report_to tensorboard)
 
 A stage writes into a hidden staging sibling (``.<stage>.staging``), writes ``manifest.json``
 last, and renames the staging directory into place; a manifest therefore means "complete",
@@ -103,6 +105,10 @@ class Layout:
         """A run in progress (``sft-run/``, ``reward-run/``, ``ppo-run/``): its checkpoints, until the stage
         publishes. A kill costs at most the work since the newest checkpoint there."""
         return self.root / f"{self.stage(stage).name}-run"
+
+    def logs(self, stage: str) -> Path:
+        """Tracker output (``--report_to tensorboard``) of a stage: ``logs/<stage>/``, kept across runs."""
+        return self.root / "logs" / self.stage(stage).name
 
     @property
     def ppo_run(self) -> Path:

@@ -90,6 +90,33 @@ def stage_lock(args):
         yield
 
 
+_USER_TENSORBOARD_DIR = os.environ.get("TENSORBOARD_LOGGING_DIR")
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml"}
+
+
+def check_trackers(args) -> None:
+    """One line, before any work, when ``--report_to`` names a tracker whose package is not installed."""
+    import importlib.util
+
+    for a in args:
+        report_to = getattr(a, "report_to", None)
+        names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+        for name in names:
+            package = TRACKER_PACKAGES.get(name)
+            if package and importlib.util.find_spec(package) is None:
+                extra = " (pip install 'rlhf-pipeline[trackers]')" if name == "tensorboard" else ""
+                raise PipelineError(f"--report_to {name} needs the {package} package{extra}")
+
+
+def tensorboard_dir(artifact_dir: str, stage: str) -> None:
+    """Point the HF Trainer's TensorBoard callback at ``<artifact_dir>/logs/<stage>`` (its default lies in the
+    output directory, which a finished stage removes), unless ``TENSORBOARD_LOGGING_DIR`` is set."""
+    from pipeline.artifacts import Layout
+
+    if _USER_TENSORBOARD_DIR is None:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(Layout(artifact_dir).logs(stage))
+
+
 def run_cli(make_parser: Callable, main: Callable, argv: list[str] | None = None) -> int:
     """Parse (``--config file.yaml`` and flags), run ``main``, turn PipelineError into one line + exit 2."""
     import yaml
@@ -116,6 +143,7 @@ def run_cli(make_parser: Callable, main: Callable, argv: list[str] | None = None
             if vars(args[-1]):
                 raise PipelineError(f"unknown settings {sorted(vars(args[-1]))}")
             args = args[:-1]
+        check_trackers(args)
         with stage_lock(args):
             main(*args)
     except PipelineError as e:

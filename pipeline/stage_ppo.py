@@ -292,10 +292,13 @@ def main(stage: StageArguments, model_args, args: PPOArguments) -> dict | None:
     from accelerate import Accelerator
 
     check_args(model_args, args, torch.cuda.is_available())
+    from pipeline.artifacts import Layout
+
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
+        project_dir=str(Layout(stage.artifact_dir).logs("ppo")),
     )
     try:
         trainer = setup(stage, model_args, args, accelerator)

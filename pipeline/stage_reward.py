@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python pipeline/stage_reward.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import TRAINER_DEFAULTS, StageArguments, cpu_only, run_cli
+from pipeline.config import TRAINER_DEFAULTS, StageArguments, cpu_only, run_cli, tensorboard_dir
 from pipeline.errors import PipelineError
 
 DEFAULTS = {
@@ -89,6 +89,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
 
     run_dir = art.Layout(stage_args.artifact_dir).run_dir("reward")
     resume = resume_point(run_dir, fingerprint, stage_args.force, training_args.resume_from_checkpoint, is_main)
+    tensorboard_dir(stage_args.artifact_dir, "reward")
     tokenizer = load_tokenizer(start)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise PipelineError(f"{start}: pad token equals EOS; start from an SFT artifact (it fixes this)")

@@ -25,7 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python pipeline/stage_sft.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import TRAINER_DEFAULTS, StageArguments, cpu_only, run_cli
+from pipeline.config import TRAINER_DEFAULTS, StageArguments, cpu_only, run_cli, tensorboard_dir
 from pipeline.errors import PipelineError
 
 DEFAULTS = {**TRAINER_DEFAULTS, "learning_rate": 2e-4, "completion_only_loss": True}
@@ -134,6 +134,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
 
     run_dir = art.Layout(stage_args.artifact_dir).run_dir("sft")
     resume = resume_point(run_dir, fingerprint, stage_args.force, training_args.resume_from_checkpoint, is_main)
+    tensorboard_dir(stage_args.artifact_dir, "sft")
     tokenizer = load_tokenizer(model_path)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
     model = AutoModelForCausalLM.from_pretrained(

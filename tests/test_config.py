@@ -34,3 +34,31 @@ def test_malformed_yaml_config_is_one_line(tmp_path, capsys):
     bad.write_text("num_iterations: [1\n")
     assert cli(["--config", str(bad)]) == 2
     assert error_line(capsys).startswith("error: --config: not valid YAML (line 2, column 1)")
+
+
+def test_missing_tracker_package_is_one_line(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    from pipeline.stage_sft import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
+    assert cli(["--report_to", "tensorboard", "--artifact_dir", str(tmp_path / "a")]) == 2
+    assert error_line(capsys) == (
+        "error: --report_to tensorboard needs the tensorboard package (pip install 'rlhf-pipeline[trackers]')"
+    )
+
+
+def test_tensorboard_event_files_for_every_training_stage(setup, prompts_file):
+    """SFT, reward and PPO write TensorBoard events under <artifact_dir>/logs/<stage>/ (kept after publishing)."""
+    from tests.conftest import run_ppo, run_rm, run_sft
+
+    assert run_sft(setup, "--report_to", "tensorboard") == 0
+    assert run_rm(setup, "--report_to", "tensorboard") == 0
+    art = setup["artifacts"]
+    assert run_ppo(art, prompts_file, report_to="tensorboard") == 0
+    for stage in ("sft", "reward", "ppo"):
+        events = list((art / "logs" / stage).rglob("events.out.tfevents.*"))
+        assert events and all(e.stat().st_size > 0 for e in events), stage
