@@ -255,8 +255,15 @@ def setup(stage: StageArguments, model_args, args: PPOArguments, accelerator):
 
     from pipeline import artifacts as art
     from pipeline.data import load_for, source_record
+    from pipeline.ppo.generation import sharded_weights
     from pipeline.ppo.trainer import PPOTrainer
 
+    sharding = sharded_weights(accelerator)
+    if sharding:  # checkpoints and adapters would be saved from rank 0's shard only
+        raise PipelineError(
+            f"PPO does not support {sharding} yet (its checkpoints would hold one process's shard); "
+            "use DDP (accelerate_configs/multi_gpu_ddp.yaml) or DeepSpeed ZeRO-2"
+        )
     sizes = derive_sizes(args, accelerator.num_processes)
     accelerator.gradient_accumulation_steps = sizes.gradient_accumulation_steps
     set_seed(args.seed, device_specific=True)

@@ -353,3 +353,13 @@ def test_value_lora_layers_with_full_finetune_is_a_clean_error(tiny_artifacts, p
     assert run_ppo(tiny_artifacts, prompts_file, value_lora_layers=1, value_full_finetune=True) == 2
     assert "--value_lora_layers" in capsys.readouterr().err
     assert not (tiny_artifacts / "ppo").exists()
+
+
+def test_sharded_training_is_refused_with_one_line(tiny_artifacts, prompts_file, monkeypatch, capsys):
+    import pipeline.ppo.generation as generation
+
+    monkeypatch.setattr(generation, "sharded_weights", lambda accelerator: "DeepSpeed ZeRO-3")
+    assert run_ppo(tiny_artifacts, prompts_file) == 2
+    errs = error_lines(capsys.readouterr().err)
+    assert len(errs) == 1 and "PPO does not support DeepSpeed ZeRO-3 yet" in errs[0] and "ZeRO-2" in errs[0]
+    assert not (tiny_artifacts / "ppo-run").exists()

@@ -33,19 +33,26 @@ def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
     return {name: mod for name, mod in peft_model.get_base_model().named_modules() if isinstance(mod, LoraLayer)}
 
 
+def sharded_weights(accelerator) -> str | None:
+    """Which sharding holds only a part of each weight per process (FSDP, DeepSpeed ZeRO-3), or None."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return "FSDP"
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
 def unsupported_reason(peft_model: nn.Module, accelerator=None) -> str | None:
     """Why a merged copy cannot stand in for ``peft_model`` here, or None when it can."""
     from peft.tuners.lora import Embedding as LoraEmbedding
     from peft.tuners.lora import Linear as LoraLinear
 
-    if accelerator is not None:
-        from accelerate.utils import DistributedType
-
-        if accelerator.distributed_type == DistributedType.FSDP:
-            return "FSDP shards the weights"
-        plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-        if accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3:
-            return "DeepSpeed ZeRO-3 shards the weights"
+    sharding = sharded_weights(accelerator) if accelerator is not None else None
+    if sharding:
+        return f"{sharding} shards the weights"
     layers = lora_layers(peft_model)
     if not layers:
         return "the policy has no LoRA layers"

@@ -102,3 +102,22 @@ def test_unsupported_adapters_fall_back(tmp_path):
 
     policy, _ = _peft_policy(tmp_path, use_dora=True)
     assert "DoRA" in unsupported_reason(policy)
+
+
+def test_sharded_weights_are_named():
+    """FSDP and ZeRO-3 hold a shard of each weight per process: no merged copy, and the PPO stage refuses them."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from pipeline.ppo.generation import sharded_weights
+
+    def acc(kind, zero_stage=None):
+        plugin = SimpleNamespace(zero_stage=zero_stage) if zero_stage else None
+        return SimpleNamespace(distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    assert sharded_weights(acc(DistributedType.FSDP)) == "FSDP"
+    assert sharded_weights(acc(DistributedType.DEEPSPEED, 3)) == "DeepSpeed ZeRO-3"
+    assert sharded_weights(acc(DistributedType.DEEPSPEED, 2)) is None
+    assert sharded_weights(acc(DistributedType.MULTI_GPU)) is None
+    assert sharded_weights(acc(DistributedType.NO)) is None
