@@ -31,11 +31,20 @@ def ensure_distinct_pad_token(tokenizer, model=None) -> None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_tokenizer(path: str, padding_side: str = "right"):
+def check_model_args(model_args) -> None:
+    """Refuse, in one line, the ModelConfig flags no stage applies yet (rather than record and ignore them)."""
+    for flag in ("load_in_4bit", "load_in_8bit"):
+        if getattr(model_args, flag, False):
+            raise PipelineError(f"--{flag}: quantised (QLoRA) loading is not supported yet; drop the flag")
+    if getattr(model_args, "lora_target_parameters", None):
+        raise PipelineError("--lora_target_parameters is not supported; use --lora_target_modules")
+
+
+def load_tokenizer(path: str, padding_side: str = "right", revision: str | None = None):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:
         raise PipelineError(f"could not load a tokenizer from {path!r} ({str(e).splitlines()[0]})") from None
     if tokenizer.chat_template is None:
@@ -91,6 +100,7 @@ def lora_config(
         if modules_to_save is not None
         else getattr(model_args, "lora_modules_to_save", None),
         use_rslora=getattr(model_args, "use_rslora", False),
+        use_dora=getattr(model_args, "use_dora", False),
         layers_to_transform=layers,
     )
 

@@ -92,8 +92,11 @@ class PPOArguments:
 
 def check_args(model_args, args: PPOArguments, has_cuda: bool) -> None:
     """Settings that cannot run, as one-line errors before anything is loaded."""
+    from pipeline.modeling import check_model_args
+
     if not model_args.use_peft:
         raise PipelineError("PPO trains a LoRA adapter on the policy; drop --use_peft false")
+    check_model_args(model_args)
     if model_args.dtype not in PRECISION_PAIRS:
         raise PipelineError(f"--dtype {model_args.dtype!r}: use one of {', '.join(PRECISION_PAIRS)}")
     if args.mixed_precision not in ("no", "bf16", "fp16"):
@@ -193,7 +196,7 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
     policy_path = model_args.model_name_or_path or str(layout.model("sft"))
     reward_path = args.reward_model_path or str(layout.model("reward"))
     check_reward_model(reward_path)
-    tok = load_tokenizer(policy_path, padding_side="left")
+    tok = load_tokenizer(policy_path, padding_side="left", revision=model_args.model_revision)
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         raise PipelineError(f"{policy_path}: pad token equals EOS; start from an SFT artifact (it fixes this)")
     reward_tok = load_reward_tokenizer(reward_path, tok)
@@ -201,7 +204,7 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
     value_path = args.value_model_path or (reward_path if same_tok else policy_path)
 
     dtype = getattr(torch, model_args.dtype)
-    policy_base = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)
+    policy_base = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype, revision=model_args.model_revision)
     policy_base.config.pad_token_id = tok.pad_token_id
     policy = get_peft_model(
         policy_base, lora_config(model_args, "CAUSAL_LM", None, policy_base, model_args.lora_layers)

@@ -53,10 +53,18 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
 
     from pipeline import artifacts as art
     from pipeline.data import load_for, source_record
-    from pipeline.modeling import check_finite_training, load_tokenizer, lora_config, publish_lora, resume_point
+    from pipeline.modeling import (
+        check_finite_training,
+        check_model_args,
+        load_tokenizer,
+        lora_config,
+        publish_lora,
+        resume_point,
+    )
 
     if not model_args.use_peft:
         raise PipelineError("the reward stage trains a LoRA adapter with a full score head; drop --use_peft false")
+    check_model_args(model_args)
     if model_args.model_name_or_path:
         start = model_args.model_name_or_path
         start_record = art.input_record(start)
@@ -90,14 +98,16 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     run_dir = art.Layout(stage_args.artifact_dir).run_dir("reward")
     resume = resume_point(run_dir, fingerprint, stage_args.force, training_args.resume_from_checkpoint, is_main)
     tensorboard_dir(stage_args.artifact_dir, "reward")
-    tokenizer = load_tokenizer(start)
+    tokenizer = load_tokenizer(start, revision=model_args.model_revision)
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise PipelineError(f"{start}: pad token equals EOS; start from an SFT artifact (it fixes this)")
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
     # The new score head is initialised here, before the trainer seeds itself: seed first, so one seed gives
     # one reward model (without this, two runs of one recipe gave different reward models).
     set_seed(training_args.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(start, num_labels=1, dtype=dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        start, num_labels=1, dtype=dtype, revision=model_args.model_revision
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
 
     from trl import RewardTrainer

@@ -109,6 +109,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     from pipeline.embedded import is_embedded, resolve_model_path
     from pipeline.modeling import (
         check_finite_training,
+        check_model_args,
         ensure_distinct_pad_token,
         load_tokenizer,
         lora_config,
@@ -118,6 +119,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
 
     if not model_args.use_peft:
         raise PipelineError("the SFT stage trains a LoRA adapter; drop --use_peft false")
+    check_model_args(model_args)
     data_source = stage_args.dataset_name
     train = load_for(
         "sft", data_source, stage_args.dataset_train_split, stage_args.dataset_config, stage_args.max_train_samples
@@ -135,10 +137,10 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     run_dir = art.Layout(stage_args.artifact_dir).run_dir("sft")
     resume = resume_point(run_dir, fingerprint, stage_args.force, training_args.resume_from_checkpoint, is_main)
     tensorboard_dir(stage_args.artifact_dir, "sft")
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, revision=model_args.model_revision)
     dtype = getattr(torch, model_args.dtype) if model_args.dtype not in (None, "auto") else "auto"
     model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, attn_implementation=model_args.attn_implementation
+        model_path, revision=model_args.model_revision, dtype=dtype, attn_implementation=model_args.attn_implementation
     )
     ensure_distinct_pad_token(tokenizer, model)
 

@@ -252,3 +252,13 @@ def test_checkpoints_of_another_run_are_refused_unless_forced(setup, capsys):
     assert (run_dir / "checkpoint-1").exists()
     assert run_sft(setup, "--max_steps", "3", "--save_steps", "1", "--force") == 0
     assert not run_dir.exists()
+
+
+def test_model_flags_are_applied_or_refused(setup, capsys):
+    """No ModelConfig flag is recorded and ignored: --use_dora trains a DoRA adapter, quantised loading is refused."""
+    assert run_sft(setup, "--load_in_4bit", "true") == 2
+    assert "--load_in_4bit: quantised (QLoRA) loading is not supported yet" in error_line(capsys)
+    assert not (setup["artifacts"] / "sft").exists()
+    assert run_sft(setup, "--use_dora", "true") == 0
+    adapter = json.loads((setup["artifacts"] / "sft" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["use_dora"] is True
