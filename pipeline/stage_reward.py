@@ -45,6 +45,32 @@ def pairwise_accuracy(model, tokenizer, pairs, batch_size: int = 16) -> dict:
     }
 
 
+def start_model(artifact_dir: str, model_name_or_path: str | None) -> tuple[str, dict]:
+    """The model the reward model starts from (default: the SFT stage's merged model) and its input record."""
+    from pipeline import artifacts as art
+
+    if model_name_or_path:
+        return model_name_or_path, art.input_record(model_name_or_path)
+    art.require_stage(artifact_dir, "sft", "reward")
+    return str(art.model_dir(artifact_dir, "sft")), art.input_record(art.stage_dir(artifact_dir, "sft"))
+
+
+def load_pairs(stage_args: StageArguments):
+    """``(train pairs, held-out pairs, their input records)``; the held-out ones come from
+    ``--eval_dataset_name`` when given, else from the test split of ``--dataset_name``."""
+    from pipeline.data import load_for, source_record
+
+    a = stage_args
+    source, test_source = a.dataset_name, a.eval_dataset_name or a.dataset_name
+    train = load_for("preference", source, a.dataset_train_split, a.dataset_config, a.max_train_samples)
+    test = load_for("preference", test_source, a.dataset_test_split, a.dataset_config, a.max_eval_samples)
+    records = {
+        "train": source_record("preference", source, a.dataset_train_split),
+        "test": source_record("preference", test_source, a.dataset_test_split),
+    }
+    return train, test, records
+
+
 def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     import shutil
 
@@ -52,7 +78,6 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     from transformers import AutoModelForSequenceClassification, set_seed
 
     from pipeline import artifacts as art
-    from pipeline.data import load_for, source_record
     from pipeline.modeling import (
         check_finite_training,
         check_model_args,
@@ -65,29 +90,8 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     if not model_args.use_peft:
         raise PipelineError("the reward stage trains a LoRA adapter with a full score head; drop --use_peft false")
     check_model_args(model_args)
-    if model_args.model_name_or_path:
-        start = model_args.model_name_or_path
-        start_record = art.input_record(start)
-    else:
-        art.require_stage(stage_args.artifact_dir, "sft", "reward")
-        start = str(art.model_dir(stage_args.artifact_dir, "sft"))
-        start_record = art.input_record(art.stage_dir(stage_args.artifact_dir, "sft"))
-    source = stage_args.dataset_name
-    test_source = stage_args.eval_dataset_name or source
-    train = load_for(
-        "preference", source, stage_args.dataset_train_split, stage_args.dataset_config, stage_args.max_train_samples
-    )
-    test = load_for(
-        "preference",
-        test_source,
-        stage_args.dataset_test_split,
-        stage_args.dataset_config,
-        stage_args.max_eval_samples,
-    )
-    data_files = {
-        "train": source_record("preference", source, stage_args.dataset_train_split),
-        "test": source_record("preference", test_source, stage_args.dataset_test_split),
-    }
+    start, start_record = start_model(stage_args.artifact_dir, model_args.model_name_or_path)
+    train, test, data_files = load_pairs(stage_args)
     inputs = {"start_model": start_record, "dataset": data_files}
     config = art.resolved_config(stage=stage_args, training=training_args, model=model_args)
     fingerprint = art.fingerprint(config, inputs)
@@ -141,7 +145,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
             }
             out.write_manifest(metrics, tokenizer)
             print(
-                f"rm: held-out pairwise accuracy {held_out['accuracy']:.3f} on {held_out['num_pairs']} pairs "
+                f"reward: held-out pairwise accuracy {held_out['accuracy']:.3f} on {held_out['num_pairs']} pairs "
                 f"(train loss {result.training_loss:.4f}, {metrics['train_runtime_s']:.0f}s)"
             )
         trainer.accelerator.wait_for_everyone()
