@@ -206,6 +206,11 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
     dtype = getattr(torch, model_args.dtype)
     policy_base = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype, revision=model_args.model_revision)
     policy_base.config.pad_token_id = tok.pad_token_id
+    if len(tok) > policy_base.get_input_embeddings().weight.shape[0]:
+        raise PipelineError(
+            f"{policy_path}: its tokenizer has {len(tok)} tokens and the model's embedding "
+            f"{policy_base.get_input_embeddings().weight.shape[0]}; pass a model and tokenizer that belong together"
+        )
     policy = get_peft_model(
         policy_base, lora_config(model_args, "CAUSAL_LM", None, policy_base, model_args.lora_layers)
     )

@@ -153,6 +153,11 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
             processing_class=tokenizer,
             peft_config=lora_config(model_args, "CAUSAL_LM", model=model, top_n=model_args.lora_layers),
         )
+        if len(trainer.train_dataset) == 0:  # TRL drops rows whose completion is cut away entirely
+            raise PipelineError(
+                f"every row of the SFT data is longer than --max_length {training_args.max_length} tokens "
+                "before its completion starts; raise --max_length"
+            )
         result = trainer.train(resume_from_checkpoint=resume)
         check_finite_training(trainer, "SFT")
         publish_lora(trainer, out.path, model_path, AutoModelForCausalLM, tokenizer)

@@ -363,3 +363,21 @@ def test_sharded_training_is_refused_with_one_line(tiny_artifacts, prompts_file,
     errs = error_lines(capsys.readouterr().err)
     assert len(errs) == 1 and "PPO does not support DeepSpeed ZeRO-3 yet" in errs[0] and "ZeRO-2" in errs[0]
     assert not (tiny_artifacts / "ppo-run").exists()
+
+
+def test_tokenizer_larger_than_the_embedding_is_one_line(tmp_path, tiny_tok, prompts_file, capsys):
+    art = tmp_path / "artifacts"
+    fake_stage(art, "sft", make_causal_lm, tiny_tok, vocab_size=len(tiny_tok) - 10)
+    fake_stage(art, "reward", make_seq_cls, tiny_tok)
+    assert run_ppo(art, prompts_file) == 2
+    errs = error_lines(capsys.readouterr().err)
+    assert len(errs) == 1 and f"its tokenizer has {len(tiny_tok)} tokens" in errs[0], errs
+
+
+def test_resuming_a_finished_run_is_one_line(tiny_artifacts, prompts_file, capsys):
+    assert run_ppo(tiny_artifacts, prompts_file, save_every=1) == 0
+    final = tiny_artifacts / "ppo" / "checkpoints" / "iter-000002"
+    assert run_ppo(tiny_artifacts, prompts_file, save_every=1, resume_from_checkpoint=str(final)) == 2
+    errs = error_lines(capsys.readouterr().err)
+    assert len(errs) == 1 and "ends a finished run (iteration 2 of 2)" in errs[0], errs
+    assert (tiny_artifacts / "ppo" / "manifest.json").exists()

@@ -262,3 +262,9 @@ def test_model_flags_are_applied_or_refused(setup, capsys):
     assert run_sft(setup, "--use_dora", "true") == 0
     adapter = json.loads((setup["artifacts"] / "sft" / "adapter" / "adapter_config.json").read_text())
     assert adapter["use_dora"] is True
+
+
+def test_every_row_longer_than_max_length_is_one_line(setup, capsys):
+    assert run_sft(setup, "--max_length", "4") == 2
+    assert "every row of the SFT data is longer than --max_length 4" in error_line(capsys)
+    assert not (setup["artifacts"] / "sft").exists()

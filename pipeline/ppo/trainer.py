@@ -490,6 +490,11 @@ class PPOTrainer:
                 raise PipelineError(
                     f"{path} belongs to a run with other inputs or config; start anew without --resume_from_checkpoint"
                 )
+            if state["iteration"] >= self.args.num_iterations:
+                raise PipelineError(
+                    f"{path} ends a finished run (iteration {state['iteration']} of {self.args.num_iterations}): "
+                    "there is nothing to resume; its stage output is the result"
+                )
             self.iteration, self.cursor, self.history = state["iteration"], state["cursor"], state["history"]
             self.kl_ctl.load_state_dict(state["kl_controller"])
             self.score_moments.load_state_dict(state["score_moments"])
