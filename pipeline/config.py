@@ -6,6 +6,7 @@ The model arguments (TRL's ``ModelConfig`` plus adapter placement) are in :mod:`
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -148,5 +149,15 @@ def run_cli(make_parser: Callable, main: Callable, argv: list[str] | None = None
             main(*args)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        print(
+            f"error: no space left on the device while writing {e.filename or 'the artifacts'}; free some and rerun "
+            "(the previous artifact is untouched and an interrupted run continues from its last checkpoint)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 2
     return 0

@@ -62,3 +62,23 @@ def test_tensorboard_event_files_for_every_training_stage(setup, prompts_file):
     for stage in ("sft", "reward", "ppo"):
         events = list((art / "logs" / stage).rglob("events.out.tfevents.*"))
         assert events and all(e.stat().st_size > 0 for e in events), stage
+
+
+def test_disk_full_is_one_line_and_keeps_the_previous_artifact(setup, monkeypatch, capsys):
+    import errno
+
+    from pipeline import artifacts as art
+    from tests.conftest import run_sft
+
+    assert run_sft(setup) == 0
+    before = (setup["artifacts"] / "sft" / "manifest.json").read_text()
+
+    def full(self, metrics, tokenizer=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "manifest.json"))
+
+    monkeypatch.setattr(art.StageWriter, "write_manifest", full)
+    assert run_sft(setup, "--force") == 2
+    line = error_line(capsys)
+    assert line.startswith("error: no space left on the device while writing ") and "free some and rerun" in line
+    assert (setup["artifacts"] / "sft" / "manifest.json").read_text() == before
+    assert not (setup["artifacts"] / ".sft.staging").exists()
