@@ -280,7 +280,15 @@ def setup(stage: StageArguments, model_args, args: PPOArguments, accelerator):
     rows = load_for("prompt", stage.dataset_name, split, stage.dataset_config, stage.max_train_samples)
     built = build(stage, model_args, args, accelerator)
     inputs = {**built.inputs, "dataset": source_record("prompt", stage.dataset_name, split)}
-    prompts = [r["prompt"] for r in rows if prompt_length(built.tokenizer, r["prompt"]) <= args.max_prompt_length]
+    lengths = [prompt_length(built.tokenizer, r["prompt"]) for r in rows]
+    prompts = [r["prompt"] for r, n in zip(rows, lengths) if n <= args.max_prompt_length]
+    context = getattr(built.model.policy.config, "max_position_embeddings", None)
+    longest = max((n for n in lengths if n <= args.max_prompt_length), default=0)
+    if context and longest + args.response_length > context:
+        raise PipelineError(
+            f"a prompt of {longest} tokens plus --response_length {args.response_length} exceeds the policy's "
+            f"context of {context} tokens; lower --max_prompt_length or --response_length"
+        )
     if len(prompts) < len(rows):
         accelerator.print(
             f"ppo: dropped {len(rows) - len(prompts)} prompts longer than {args.max_prompt_length} tokens"

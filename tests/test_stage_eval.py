@@ -145,3 +145,11 @@ def test_ppo_trained_on_another_sft_model_is_refused(ppo_artifacts, capsys):
     errs = error_lines(capsys.readouterr().err)
     assert len(errs) == 1 and "was trained on another SFT model" in errs[0]
     assert not (ppo_artifacts / "eval").exists()
+
+
+def test_a_typo_in_checkpoints_is_one_line(tiny_artifacts, capsys):
+    from pipeline.stage_eval import cli
+    from tests.conftest import error_lines
+
+    assert cli(["--artifact_dir", str(tiny_artifacts), "--checkpoints", "sft", "pp0"]) == 2
+    assert error_lines(capsys.readouterr().err) == ["error: --checkpoints sft pp0: name one or more of base, sft, ppo"]

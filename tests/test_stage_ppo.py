@@ -381,3 +381,28 @@ def test_resuming_a_finished_run_is_one_line(tiny_artifacts, prompts_file, capsy
     errs = error_lines(capsys.readouterr().err)
     assert len(errs) == 1 and "ends a finished run (iteration 2 of 2)" in errs[0], errs
     assert (tiny_artifacts / "ppo" / "manifest.json").exists()
+
+
+def test_max_prompt_length_counts_tokens(tiny_artifacts, tmp_path, capsys):
+    """Prompts longer than --max_prompt_length tokens (as the rollout encodes them) are dropped, with a count."""
+    from accelerate import Accelerator
+
+    from pipeline.modeling import load_tokenizer
+    from pipeline.stage_ppo import prompt_length, setup
+    from tests.conftest import prompt_rows, write_jsonl
+
+    rows = prompt_rows(16) + [{"prompt": [{"role": "user", "content": "volcanoes " * 60}]} for _ in range(3)]
+    lengths = [prompt_length(load_tokenizer(str(tiny_artifacts / "sft" / "model")), r["prompt"]) for r in rows]
+    limit = max(lengths[:16])
+    assert limit < min(lengths[16:])
+    prompts = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    stage, model_args, args = ppo_arguments(tiny_artifacts, prompts, max_prompt_length=limit)
+    trainer = setup(stage, model_args, args, Accelerator(cpu=True))
+    assert trainer.prompts == [r["prompt"] for r in rows[:16]]
+    assert f"dropped 3 prompts longer than {limit} tokens" in capsys.readouterr().out
+
+
+def test_prompt_plus_response_longer_than_the_context_is_one_line(tiny_artifacts, prompts_file, capsys):
+    assert run_ppo(tiny_artifacts, prompts_file, response_length=600) == 2  # the tiny model's context is 512
+    errs = error_lines(capsys.readouterr().err)
+    assert len(errs) == 1 and "exceeds the policy's context of 512 tokens" in errs[0], errs
