@@ -8,7 +8,7 @@ reward = the same module with the adapter disabled. The loop is ``pipeline/ppo/t
     accelerate launch --config_file accelerate_configs/multi_cpu.yaml pipeline/stage_ppo.py \
         --config configs/ppo_demo.yaml
     rlhf ppo --config configs/ppo_demo.yaml                   # one process, no launcher
-    accelerate launch pipeline/stage_ppo.py --config configs/ppo_demo.yaml --resume_from_checkpoint latest
+    accelerate launch pipeline/stage_ppo.py --config configs/ppo_demo.yaml   # again after a kill: continues
 
 Writes ``<artifact_dir>/ppo/``: ``policy_adapter/``, ``policy/`` (merged), ``value/``,
 ``metrics.jsonl``, ``checkpoints/iter-*/``, ``manifest.json``. While running, checkpoints and

@@ -250,13 +250,13 @@ class PPOTrainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         """Run (or resume) the iterations; publish ``ppo/`` when the last one is done."""
+        from tqdm.auto import tqdm
+
         args, acc = self.args, self.accelerator
         self._start()
         stop_at = args.num_iterations
         if args.stop_after_iterations is not None:
             stop_at = min(stop_at, self.iteration + args.stop_after_iterations)
-        from tqdm.auto import tqdm
-
         bar = tqdm(range(self.iteration, stop_at), initial=self.iteration, total=args.num_iterations,
                    desc="ppo", disable=not acc.is_main_process)  # fmt: skip
         for iteration in bar:
@@ -276,7 +276,7 @@ class PPOTrainer:
         bar.close()
         if stop_at < args.num_iterations:
             acc.print(f"ppo: stopped after iteration {stop_at} of {args.num_iterations}; "
-                      "continue with --resume_from_checkpoint latest")  # fmt: skip
+                      "re-run the same command to continue")  # fmt: skip
             return {"stopped_at": stop_at, "history": self.history}
         self.publish()
         return {"history": self.history}
