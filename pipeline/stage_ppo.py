@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # `accelerate launch pipeline/stage_ppo.py`
 from pipeline.config import StageArguments, run_cli
 from pipeline.errors import PipelineError
 
+ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
 # Base-weight dtype -> the autocast precision it needs (None: plain float32).
 PRECISION_PAIRS = {"float32": None, "bfloat16": "bf16", "float16": "fp16"}
 # PPO's settings of TRL's ModelConfig fields (the policy adapter; LoRA dropout is off in RLHF [N+]).
@@ -54,6 +55,9 @@ class PPOArguments:
     per_device_train_batch_size: int = arg(8, "Micro-batch; gradient accumulation = minibatch / this.")
     local_rollout_forward_batch_size: int = arg(8, "Batch for generation and rollout forwards.")
     num_ppo_epochs: int = arg(1, "Passes over each rollout batch.")
+    num_samples_per_prompt: int = arg(1, "Responses sampled per prompt each iteration (k; >= 2 for rloo, grpo).")
+    advantage_estimator: str = arg("gae", "gae (a value model), or critic-free rloo, grpo, reinforce_pp.",
+                                   choices=list(ESTIMATORS))  # fmt: skip
     # sampling
     response_length: int = arg(64, "Maximum new tokens per response.")
     max_prompt_length: int = arg(256, "Prompts longer than this (in tokens) are dropped, with a count.")
@@ -119,10 +123,20 @@ def check_args(model_args, args: PPOArguments, has_cuda: bool) -> None:
         raise PipelineError(f"--target_kl {args.target_kl}: use a value > 0, or leave it unset for a fixed beta")
     if args.kl_horizon <= 0:
         raise PipelineError(f"--kl_horizon {args.kl_horizon}: use a value > 0")
+    if args.advantage_estimator not in ESTIMATORS:
+        raise PipelineError(f"--advantage_estimator {args.advantage_estimator!r}: use one of {', '.join(ESTIMATORS)}")
+    if args.advantage_estimator in ("rloo", "grpo") and args.num_samples_per_prompt < 2:
+        raise PipelineError(f"--advantage_estimator {args.advantage_estimator} compares the samples of a prompt: "
+                            "set --num_samples_per_prompt 2 or more")  # fmt: skip
+    critic = ("value_model_path", "value_lora_layers")
+    if args.advantage_estimator != "gae" and (args.value_full_finetune or any(getattr(args, n) for n in critic)):
+        raise PipelineError(f"--advantage_estimator {args.advantage_estimator} uses no value model: drop "
+                            "--value_model_path, --value_lora_layers and --value_full_finetune")  # fmt: skip
     if args.kl_estimator not in ("k1", "k3"):  # a YAML value never meets argparse's choices
         raise PipelineError(f"--kl_estimator {args.kl_estimator!r}: use k1 or k3")
     positive = ("num_iterations", "rollout_batch_size", "num_mini_batches", "per_device_train_batch_size",
-                "local_rollout_forward_batch_size", "num_ppo_epochs", "response_length", "save_every")  # fmt: skip
+                "local_rollout_forward_batch_size", "num_ppo_epochs", "response_length", "save_every",
+                "num_samples_per_prompt")  # fmt: skip
     for name in positive:
         value = getattr(args, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -141,28 +155,28 @@ class Sizes:
     """Batch bookkeeping derived once from the arguments and the number of processes."""
 
     world_size: int
-    local_mini_batch_size: int  # rollout_batch_size / num_mini_batches
+    local_mini_batch_size: int  # responses per minibatch: rollout_batch_size * k / num_mini_batches
     gradient_accumulation_steps: int  # minibatch / per_device_train_batch_size
-    batch_size: int  # episodes per iteration, all processes
+    batch_size: int  # prompts per iteration, all processes
+    episodes: int = 0  # responses per iteration, all processes: batch_size * num_samples_per_prompt
 
 
 def derive_sizes(args: PPOArguments, world_size: int) -> Sizes:
     """Batch sizes, once, after parsing; an inexact division is a one-line error."""
     from pipeline.ppo.core import exact_div
 
+    responses = args.rollout_batch_size * args.num_samples_per_prompt  # per process and iteration
+    what = "rollout_batch_size * num_samples_per_prompt"
     try:
-        mini = exact_div(args.rollout_batch_size, args.num_mini_batches, "rollout_batch_size / num_mini_batches")
+        mini = exact_div(responses, args.num_mini_batches, f"{what} / num_mini_batches")
         accumulation = exact_div(
             mini, args.per_device_train_batch_size, "minibatch size / per_device_train_batch_size"
         )
-        exact_div(
-            args.rollout_batch_size,
-            min(args.local_rollout_forward_batch_size, args.rollout_batch_size),
-            "rollout_batch_size / local_rollout_forward_batch_size",
-        )
+        exact_div(responses, min(args.local_rollout_forward_batch_size, responses),
+                  f"{what} / local_rollout_forward_batch_size")  # fmt: skip
     except ValueError as e:  # a user setting, not a crash
         raise PipelineError(str(e)) from None
-    return Sizes(world_size, mini, accumulation, args.rollout_batch_size * world_size)
+    return Sizes(world_size, mini, accumulation, args.rollout_batch_size * world_size, responses * world_size)
 
 
 @dataclass
@@ -214,15 +228,17 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
     policy = get_peft_model(
         policy_base, lora_config(model_args, "CAUSAL_LM", None, policy_base, model_args.lora_layers)
     )
-    value_base = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=dtype)
-    value_base.config.pad_token_id = tok.pad_token_id
-    if args.value_full_finetune:
-        value = value_base
-    else:
-        value_lora = lora_config(model_args, "SEQ_CLS", ["score"], value_base, args.value_lora_layers,
-                                 "--value_lora_layers")  # fmt: skip
-        value = get_peft_model(value_base, value_lora)
-    for m in (policy, value):
+    value = None  # critic-free estimators load no value model
+    if args.advantage_estimator == "gae":
+        value_base = AutoModelForSequenceClassification.from_pretrained(value_path, num_labels=1, dtype=dtype)
+        value_base.config.pad_token_id = tok.pad_token_id
+        if args.value_full_finetune:
+            value = value_base
+        else:
+            value_lora = lora_config(model_args, "SEQ_CLS", ["score"], value_base, args.value_lora_layers,
+                                     "--value_lora_layers")  # fmt: skip
+            value = get_peft_model(value_base, value_lora)
+    for m in (policy, value) if value is not None else (policy,):
         for mod in m.modules():  # [N+]: no dropout in RLHF
             if isinstance(mod, torch.nn.Dropout):
                 mod.p = 0.0
@@ -231,7 +247,7 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
                 p.data = p.data.float()
     model = PolicyAndValue(policy, value)
     batch = args.local_rollout_forward_batch_size
-    if value_path == reward_path and not args.value_full_finetune:
+    if value is not None and value_path == reward_path and not args.value_full_finetune:
         # The reward is the value module with its adapter off: the module every Accelerate wrapper holds.
         reward_fn = LearnedReward(model.value, reward_tok, batch, disable_adapter=True)
     else:
@@ -244,6 +260,8 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
         "reward": (layout.stage("reward"), args.reward_model_path),
     }
     inputs = {k: art.input_record(path or stage_dir) for k, (stage_dir, path) in stage_or_path.items()}
+    if value is None:
+        value_path = None
     inputs["value_init"] = value_path
     models = {"policy_path": policy_path, "value_path": value_path, "reward_path": reward_path,
               "same_tokenizer": same_tok}  # fmt: skip

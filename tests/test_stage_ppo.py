@@ -99,15 +99,23 @@ def letter_share(prompts, responses):
     return torch.tensor([sum(c in LETTERS for c in r) / max(1, len(r)) for r in responses])
 
 
-def test_learns_rule_reward(tmp_path, tiny_tok, prompts_file, monkeypatch):
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        {},
+        {"advantage_estimator": "rloo", "num_samples_per_prompt": 4, "rollout_batch_size": 2},
+        {"advantage_estimator": "grpo", "num_samples_per_prompt": 4, "rollout_batch_size": 2},
+        {"advantage_estimator": "reinforce_pp"},
+    ],
+    ids=["gae", "rloo", "grpo", "reinforce_pp"],
+)
+def test_learns_rule_reward(tmp_path, tiny_tok, prompts_file, monkeypatch, estimator):
     art = tmp_path / "artifacts"
     # A larger init than the default 0.02 gives the tiny model logits big enough that a LoRA can move them.
     fake_stage(art, "sft", make_causal_lm, tiny_tok, initializer_range=0.3)
     fake_stage(art, "reward", make_seq_cls, tiny_tok)
     replace_reward(monkeypatch, letter_share)
-    rc = run_ppo(
-        art,
-        prompts_file,
+    settings = dict(
         num_iterations=30,
         rollout_batch_size=8,
         num_mini_batches=1,
@@ -124,7 +132,7 @@ def test_learns_rule_reward(tmp_path, tiny_tok, prompts_file, monkeypatch):
         missing_eos_penalty=0.0,
         seed=3,
     )
-    assert rc == 0
+    assert run_ppo(art, prompts_file, **{**settings, **estimator}) == 0
     scores = [row["objective/scores"] for row in read_metrics(art / "ppo" / "metrics.jsonl")]
     assert len(scores) == 30
     first5, last5 = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
@@ -406,3 +414,30 @@ def test_prompt_plus_response_longer_than_the_context_is_one_line(tiny_artifacts
     assert run_ppo(tiny_artifacts, prompts_file, response_length=600) == 2  # the tiny model's context is 512
     errs = error_lines(capsys.readouterr().err)
     assert len(errs) == 1 and "exceeds the policy's context of 512 tokens" in errs[0], errs
+
+
+def test_rloo_run_publishes_a_policy_and_no_value_model(tiny_artifacts, prompts_file):
+    assert run_ppo(tiny_artifacts, prompts_file, advantage_estimator="rloo", num_samples_per_prompt=2) == 0
+    out = tiny_artifacts / "ppo"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["models"]["value_path"] is None and not (out / "value").exists()
+    rows = read_metrics(out / "metrics.jsonl")
+    # 4 prompts x 2 samples per iteration
+    assert [r["episode"] for r in rows] == [4, 8] and all("loss/value_avg" not in r for r in rows)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(advantage_estimator="rloo"), "set --num_samples_per_prompt 2 or more"),
+        (dict(advantage_estimator="grpo", num_samples_per_prompt=2, value_lora_layers=1), "uses no value model"),
+        (
+            dict(num_samples_per_prompt=3, per_device_train_batch_size=4),
+            "minibatch size / per_device_train_batch_size",
+        ),
+    ],
+)
+def test_estimator_settings_are_checked(tiny_artifacts, prompts_file, capsys, settings, message):
+    assert run_ppo(tiny_artifacts, prompts_file, **settings) == 2
+    errs = error_lines(capsys.readouterr().err)
+    assert len(errs) == 1 and message in errs[0], errs

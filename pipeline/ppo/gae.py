@@ -1,4 +1,5 @@
-"""Generalized Advantage Estimation (Schulman et al. 2016, https://arxiv.org/abs/1506.02438).
+"""Advantage estimators: GAE with a value model (Schulman et al. 2016, https://arxiv.org/abs/1506.02438), and the
+critic-free RLOO, GRPO and REINFORCE++ over k samples per prompt.
 
 Per-token tensors are ``[B, T]`` over response tokens; ``mask`` marks valid tokens as a contiguous
 prefix of each row (see :mod:`pipeline.ppo.core` for the conventions).
@@ -53,3 +54,41 @@ def compute_gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam
     advantages = torch.stack(advantages_reversed[::-1], dim=1)
     returns = (advantages + v) * m_f
     return advantages, returns
+
+
+# --------------------------------------------------------------------------- critic-free estimators
+# Sequence-level estimators take ``scores`` ``[B]`` with the ``k`` samples of each prompt next to each other
+# (rows ``i*k .. i*k+k-1`` answer prompt ``i``) and return one advantage per sequence ``[B]``; the trainer
+# gives every valid token of a response its sequence's advantage. In this project the KL penalty enters
+# the reward for every estimator: ``scores`` are the reward model's score minus ``beta * sum_t KL_t``.
+
+
+def rloo_advantages(scores: Tensor, k: int) -> Tensor:
+    """REINFORCE leave-one-out (Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740): each sample's
+    baseline is the mean score of the other ``k - 1`` samples of its prompt. ``[B]`` -> ``[B]``, ``k >= 2``."""
+    g = scores.view(-1, k)
+    baseline = (g.sum(1, keepdim=True) - g) / (k - 1)
+    return (g - baseline).reshape(-1)
+
+
+def grpo_advantages(scores: Tensor, k: int, eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages (Shao et al. 2024, DeepSeekMath, https://arxiv.org/abs/2402.03300): the score
+    minus its prompt group's mean, over the group's (unbiased) standard deviation. ``[B]`` -> ``[B]``."""
+    g = scores.view(-1, k)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).reshape(-1)
+
+
+@torch.no_grad()
+def reward_to_go(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Discounted returns ``G_t = r_t + gamma * G_{t+1}`` over valid tokens, 0 on padding: ``[B, T]`` -> ``[B, T]``.
+    With per-token KL rewards and the score on the last token, these are REINFORCE++'s token returns
+    (Hu 2025, https://arxiv.org/abs/2501.03262), which it normalises over the whole batch (no critic, no
+    per-prompt baseline)."""
+    m = mask.bool()
+    r = torch.where(m, rewards, torch.zeros_like(rewards))
+    running = torch.zeros_like(r[:, 0])
+    out: list[Tensor] = []
+    for t in reversed(range(r.shape[1])):
+        running = (r[:, t] + gamma * running) * m[:, t].to(r.dtype)
+        out.append(running)
+    return torch.stack(out[::-1], dim=1)

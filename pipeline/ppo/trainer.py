@@ -34,12 +34,13 @@ from pipeline.ppo.core import (
     kl_estimate,
     logprobs_from_logits,
     masked_mean,
+    masked_var,
     masked_whiten,
     policy_loss,
     token_rewards,
     value_loss,
 )
-from pipeline.ppo.gae import compute_gae
+from pipeline.ppo.gae import compute_gae, grpo_advantages, reward_to_go, rloo_advantages
 from pipeline.sampling import sampling_kwargs
 from pipeline.sequences import position_ids_from, response_logits, response_logprobs, response_mask
 
@@ -70,14 +71,17 @@ class PolicyAndValue(nn.Module):
     def __init__(self, policy: nn.Module, value: nn.Module):
         super().__init__()
         self.policy = policy  # PeftModel (causal LM); reference = policy.disable_adapter()
-        self.value = value  # PeftModel (seq-cls, reward = value.disable_adapter()) or a plain seq-cls model
+        # PeftModel (seq-cls, reward = value.disable_adapter()), a plain seq-cls model, or None (critic-free)
+        self.value = value
 
     def value_backbone(self) -> nn.Module:
         return self.value.get_base_model() if hasattr(self.value, "get_base_model") else self.value
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0
+    ) -> tuple[Tensor, Tensor | None]:
         """``logits_to_keep=n``: policy logits of the last ``n`` positions only (0 = all), which skips
-        the vocabulary projection of the prompt."""
+        the vocabulary projection of the prompt. Values are None without a value model."""
         logits = self.policy(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -85,6 +89,8 @@ class PolicyAndValue(nn.Module):
             use_cache=False,
             logits_to_keep=logits_to_keep,
         ).logits
+        if self.value is None:
+            return logits, None
         return logits, token_values(self.value_backbone(), input_ids, attention_mask)
 
 
@@ -261,12 +267,13 @@ class PPOTrainer:
                    desc="ppo", disable=not acc.is_main_process)  # fmt: skip
         for iteration in bar:
             t0 = time.perf_counter()
-            prompts = self.prompts_for(self.cursor)
+            k = args.num_samples_per_prompt
+            prompts = [p for p in self.prompts_for(self.cursor) for _ in range(k)]  # each prompt's k samples adjacent
             self.cursor += self.sizes.batch_size
             ro = self.rollout(prompts)  # steps 1-5: generate, score, reward, advantages
             t_rollout = time.perf_counter() - t0
             update_stats = self.update(ro)  # step 6: PPO epochs over minibatches
-            self.kl_ctl.update(ro.stats["objective/kl"], self.sizes.batch_size)
+            self.kl_ctl.update(ro.stats["objective/kl"], self.sizes.batch_size * k)
             row = {"iteration": iteration + 1, "episode": self.cursor, **ro.stats, **update_stats,
                    "time/rollout_s": t_rollout, "time/iteration_s": time.perf_counter() - t0}  # fmt: skip
             self.log(row, ro, bar)
@@ -326,9 +333,8 @@ class PPOTrainer:
         kl = kl_estimate(logprobs, ref_logprobs, args.kl_estimator)  # [B, R]
         rewards = token_rewards(kl, scores, mask, self.kl_ctl.value)
 
-        # 5. GAE advantages and returns over response tokens; whitened advantages.
-        advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.lam)
-        advantages = masked_whiten(advantages, mask)
+        # 5. Advantages over response tokens: GAE against the value model (whitened), or critic-free.
+        advantages, returns = self._advantages(rewards, values, mask)
 
         kl_seq = torch.where(mask, kl, 0.0).sum(1)  # [B] sequence KL (nats)
         non_score = rewards.sum(1) - torch.where(mask.sum(1) > 0, scores, 0.0)
@@ -343,10 +349,32 @@ class PPOTrainer:
             "objective/kl_coef": self.kl_ctl.value,
             "val/eos_rate": g(has_eos.float()).mean().item(),
             "val/response_length": g(mask.sum(1).float()).mean().item(),
-            "val/explained_variance": explained_variance(g(values), g(returns), g(mask)).item(),
         }
+        if self.unwrapped.value is not None:
+            stats["val/explained_variance"] = explained_variance(g(values), g(returns), g(mask)).item()
         texts = [(p[-1]["content"], r, float(s)) for p, r, s in zip(prompts, response_texts, raw_scores.cpu())]
         return Rollout(query_response, attention_mask, P, mask, logprobs, values, advantages, returns, stats, texts)
+
+    def _advantages(self, rewards: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``(advantages, returns)`` ``[B, R]`` by ``--advantage_estimator``. The KL penalty is in ``rewards``
+        for every estimator. Critic-free returns are zeros (no value loss)."""
+        args = self.args
+        if args.advantage_estimator == "gae":
+            advantages, returns = compute_gae(rewards, values, mask, args.gamma, args.lam)
+            return masked_whiten(advantages, mask), returns
+        if args.advantage_estimator == "reinforce_pp":
+            # Token returns normalised over the whole batch, every process included.
+            g = self.accelerator.gather_for_metrics
+            returns = reward_to_go(rewards, mask, args.gamma)
+            all_returns, all_mask = g(returns), g(mask)
+            mean, var = masked_mean(all_returns, all_mask), masked_var(all_returns, all_mask)
+            advantages = torch.where(mask, (returns - mean) * torch.rsqrt(var + 1e-8), 0.0)
+        else:
+            sequence = rewards.sum(1)  # score - beta * sum_t KL_t
+            estimator = rloo_advantages if args.advantage_estimator == "rloo" else grpo_advantages
+            per_sequence = estimator(sequence, args.num_samples_per_prompt)
+            advantages = torch.where(mask, per_sequence.unsqueeze(1), 0.0)
+        return advantages, torch.zeros_like(advantages)
 
     def _generate(self, prompts: list[list[dict]]) -> tuple[Tensor, Tensor, int, Tensor, Tensor]:
         """``(query_response [B, P+R], attention_mask [B, P+R], P, mask [B, R], has_eos [B])``: left-padded
@@ -392,7 +420,7 @@ class PPOTrainer:
             rl = response_logits(logits, R, args.temperature)
             logprobs.append(logprobs_from_logits(rl, resp))
             entropies.append(entropy_from_logits(rl))
-            values.append(v[:, P - 1 : -1])
+            values.append(v[:, P - 1 : -1] if v is not None else torch.zeros_like(logprobs[-1]))
             with net.policy.disable_adapter():  # the reference policy is the SFT model itself
                 ref_logprobs.append(response_logprobs(net.policy, qr, am, resp, args.temperature))
         return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values), torch.cat(entropies)
@@ -419,9 +447,12 @@ class PPOTrainer:
                         rl = response_logits(logits, R, args.temperature)
                         new_logprobs = logprobs_from_logits(rl, ro.query_response[inds, P:])
                         pg = policy_loss(new_logprobs, ro.logprobs[inds], ro.advantages[inds], mask, args.cliprange)
-                        vf = value_loss(values[:, P - 1 : -1], ro.values[inds], ro.returns[inds], mask,
-                                        args.cliprange_value)  # fmt: skip
-                        loss = pg["loss"] + args.vf_coef * vf["loss"]
+                        loss = pg["loss"]
+                        vf = {"loss": torch.zeros_like(loss), "clipfrac": torch.zeros_like(loss)}  # critic-free
+                        if values is not None:
+                            vf = value_loss(values[:, P - 1 : -1], ro.values[inds], ro.returns[inds], mask,
+                                            args.cliprange_value)  # fmt: skip
+                            loss = loss + args.vf_coef * vf["loss"]
                         acc.backward(loss)
                         if acc.sync_gradients:
                             grad_norm = acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
@@ -441,6 +472,8 @@ class PPOTrainer:
         means = acc.reduce(means, "mean").tolist()  # across processes
         names = [f"{k}_avg" if k in AVERAGED else k for k in UPDATE_STATS] + ["policy/grad_norm"]
         out = dict(zip(names, means))
+        if self.unwrapped.value is None:  # no value loss to report
+            del out["loss/value_avg"], out["val/clipfrac_avg"]
         ratios = per_minibatch[:, UPDATE_STATS.index("val/ratio")].float()
         out["val/ratio_var"] = ratios.var().item() if len(ratios) > 1 else 0.0
         out["lr"] = self.scheduler.get_last_lr()[0]
@@ -535,7 +568,8 @@ class PPOTrainer:
             if is_main:
                 net = self.unwrapped
                 net.policy.save_pretrained(str(out.path / art.POLICY_ADAPTER))
-                net.value.save_pretrained(str(out.path / art.VALUE))
+                if net.value is not None:
+                    net.value.save_pretrained(str(out.path / art.VALUE))
                 merge_adapter_to_disk(self.policy_path, str(out.path / art.POLICY_ADAPTER), out.path / art.POLICY,
                                       AutoModelForCausalLM, self.tokenizer)  # fmt: skip
                 shutil.copy(self.layout.run_metrics, out.path / art.METRICS)

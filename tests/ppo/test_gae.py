@@ -121,3 +121,35 @@ def test_detached_and_no_grad() -> None:
     values = torch.randn(2, 3, requires_grad=True)
     adv, ret = compute_gae(torch.randn(2, 3), values, torch.ones(2, 3), 1.0, 0.95)
     assert not adv.requires_grad and not ret.requires_grad
+
+
+# ----------------------------------------------------------------- critic-free estimators
+
+
+def test_rloo_by_hand() -> None:
+    from pipeline.ppo.gae import rloo_advantages
+
+    # Two prompts, k = 3: scores 1, 2, 6 and 0, 0, 3.
+    adv = rloo_advantages(torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0]), k=3)
+    # 1 - (2+6)/2 = -3; 2 - (1+6)/2 = -1.5; 6 - (1+2)/2 = 4.5; 0 - 1.5; 0 - 1.5; 3 - 0
+    torch.testing.assert_close(adv, torch.tensor([-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]))
+
+
+def test_grpo_by_hand() -> None:
+    from pipeline.ppo.gae import grpo_advantages
+
+    adv = grpo_advantages(torch.tensor([1.0, 3.0, 5.0, 2.0, 2.0, 2.0]), k=3, eps=0.0 + 1e-12)
+    # Group 1: mean 3, unbiased std 2 -> -1, 0, 1. Group 2: all equal -> 0 (no signal), not NaN.
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+
+
+def test_reward_to_go_by_hand() -> None:
+    from pipeline.ppo.gae import reward_to_go
+
+    rewards = torch.tensor([[-0.1, -0.2, 1.0, 7.0], [-0.5, 2.0, 9.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    got = reward_to_go(rewards, mask, gamma=0.5)
+    # Row 1: G2 = 1, G1 = -0.2 + 0.5 * 1 = 0.3, G0 = -0.1 + 0.5 * 0.3 = 0.05; padding 0.
+    # Row 2: G1 = 2, G0 = -0.5 + 0.5 * 2 = 0.5.
+    torch.testing.assert_close(got, torch.tensor([[0.05, 0.3, 1.0, 0.0], [0.5, 2.0, 0.0, 0.0]]))
+    torch.testing.assert_close(reward_to_go(rewards, mask, 1.0)[0, 0], torch.tensor(0.7))

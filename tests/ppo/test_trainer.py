@@ -240,3 +240,40 @@ def test_nonfinite_skip_agrees_across_ranks(tmp_path):
     assert [r["rank"] for r in rows] == [0, 1]
     for r in rows:
         assert r["decisions"] == [False, False, False, True] and r["total"] == 3 and r["in_a_row"] == 0, r
+
+
+@pytest.mark.parametrize("estimator", ["rloo", "grpo", "reinforce_pp"])
+def test_critic_free_estimators_train_the_policy_only(tiny_artifacts, prompts_file, estimator):
+    """No value model is loaded or trained; each prompt's k samples sit side by side; for RLOO and GRPO
+    every token of a response carries its sequence's advantage, and a prompt's advantages sum to zero."""
+    from pipeline.ppo.gae import grpo_advantages, rloo_advantages
+
+    k = 4
+    trainer, _, batch = make_trainer(
+        tiny_artifacts, prompts_file, advantage_estimator=estimator, num_samples_per_prompt=k,
+        rollout_batch_size=2, num_mini_batches=2, per_device_train_batch_size=4,
+        local_rollout_forward_batch_size=8, temperature=1.0, learning_rate=1e-2, missing_eos_penalty=0.0,
+    )  # fmt: skip
+    net = trainer.unwrapped
+    assert net.value is None and trainer.sizes.local_mini_batch_size == 4 and trainer.sizes.episodes == 8
+    trained = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trained and all(n.startswith("policy.") for n in trained)
+    group = [p for p in batch[:2] for _ in range(k)]
+    ro = trainer.rollout(group)
+    assert ro.mask.shape[0] == 8 and ro.stats["objective/kl"] == 0.0
+    assert "val/explained_variance" not in ro.stats and (ro.returns == 0).all()
+    assert (ro.advantages[~ro.mask] == 0).all()
+    if estimator != "reinforce_pp":
+        per_seq = ro.advantages.sum(1) / ro.mask.sum(1)  # the one value each response's tokens carry
+        assert torch.allclose(ro.advantages, torch.where(ro.mask, per_seq.unsqueeze(1), 0.0))
+        scores = torch.tensor([s for _, _, s in ro.texts])  # kl_coef term is 0 at the start
+        fn = rloo_advantages if estimator == "rloo" else grpo_advantages
+        torch.testing.assert_close(per_seq, fn(scores, k), atol=1e-5, rtol=1e-5)
+        assert torch.allclose(per_seq.view(2, k).sum(1), torch.zeros(2), atol=1e-4)
+    else:
+        assert abs(ro.advantages[ro.mask].mean().item()) < 1e-4  # whitened over the batch
+    before = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+    stats = trainer.update(ro)
+    assert trainer.minibatch(0)["val/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert "loss/value_avg" not in stats and math.isfinite(stats["loss/policy_avg"])
+    assert any(not torch.equal(before[n], p) for n, p in net.named_parameters() if p.requires_grad)
