@@ -422,8 +422,8 @@ def test_rloo_run_publishes_a_policy_and_no_value_model(tiny_artifacts, prompts_
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["metrics"]["models"]["value_path"] is None and not (out / "value").exists()
     rows = read_metrics(out / "metrics.jsonl")
-    # 4 prompts x 2 samples per iteration
-    assert [r["episode"] for r in rows] == [4, 8] and all("loss/value_avg" not in r for r in rows)
+    # episodes count responses: 4 prompts x 2 samples per iteration
+    assert [r["episode"] for r in rows] == [8, 16] and all("loss/value_avg" not in r for r in rows)
 
 
 @pytest.mark.parametrize(

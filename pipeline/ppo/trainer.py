@@ -274,7 +274,7 @@ class PPOTrainer:
             t_rollout = time.perf_counter() - t0
             update_stats = self.update(ro)  # step 6: PPO epochs over minibatches
             self.kl_ctl.update(ro.stats["objective/kl"], self.sizes.batch_size * k)
-            row = {"iteration": iteration + 1, "episode": self.cursor, **ro.stats, **update_stats,
+            row = {"iteration": iteration + 1, "episode": self.cursor * k, **ro.stats, **update_stats,
                    "time/rollout_s": t_rollout, "time/iteration_s": time.perf_counter() - t0}  # fmt: skip
             self.log(row, ro, bar)
             self.iteration = iteration + 1
