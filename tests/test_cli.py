@@ -48,8 +48,13 @@ def test_ppo_recipe_sizes_divide():
 
     _, _, ppo = make_parser().parse_args_and_config(args=["--config", str(REPO_ROOT / "configs/ppo_demo.yaml")])[:3]
     # 32 prompts per process in 4 minibatches of 8, one micro-batch of 8 each.
-    assert derive_sizes(ppo, world_size=1) == Sizes(1, 8, 1, 32)
-    assert derive_sizes(ppo, world_size=2) == Sizes(2, 8, 1, 64)
+    assert derive_sizes(ppo, world_size=1) == Sizes(1, 8, 1, 32, 32)
+    assert derive_sizes(ppo, world_size=2) == Sizes(2, 8, 1, 64, 64)
+    # RLOO: 8 prompts x 4 samples = 32 responses per process, the same minibatches.
+    _, _, rloo = make_parser().parse_args_and_config(args=["--config", str(REPO_ROOT / "configs/ppo_rloo_demo.yaml")])[
+        :3
+    ]
+    assert derive_sizes(rloo, world_size=1) == Sizes(1, 8, 1, 8, 32)
 
 
 def test_script_help_runs_as_a_plain_script():
