@@ -124,6 +124,35 @@ class Layout:
         return self.ppo_run / METRICS
 
 
+RUN_STAMP = "fingerprint"
+
+
+def run_fingerprint(run_dir: Path) -> str:
+    """The fingerprint a run in progress stamped on its run directory ("" when there is none)."""
+    stamp = Path(run_dir) / RUN_STAMP
+    return stamp.read_text() if stamp.exists() else ""
+
+
+def continue_run(
+    run_dir: Path, fingerprint_: str, recorded: str | None, force: bool, what: str, is_main_process: bool = True
+) -> bool:
+    """Whether a stage continues the interrupted run in ``run_dir``, whose work was done under the fingerprint
+    ``recorded`` (None: there is no work to continue). Work of another run is refused with one line unless
+    ``force``. When the stage starts afresh, the main process empties ``run_dir`` and stamps it."""
+    if recorded is not None and not force:
+        if recorded != fingerprint_:
+            raise PipelineError(
+                f"{run_dir} holds an interrupted {what} with other inputs or config; rerun with its settings to "
+                "continue it, or add --force to discard it"
+            )
+        return True
+    if is_main_process:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        Path(run_dir).mkdir(parents=True)
+        (Path(run_dir) / RUN_STAMP).write_text(fingerprint_)
+    return False
+
+
 def _fsync(path: Path) -> None:
     """Flush a file's (or a directory's entries') data to disk."""
     fd = os.open(path, os.O_RDONLY)
@@ -179,14 +208,6 @@ def link_tree(src: Path, dst: Path) -> None:
     shutil.copytree(src, dst, copy_function=link)
 
 
-def stage_dir(artifact_dir: str | os.PathLike, stage: str) -> Path:
-    return Layout(artifact_dir).stage(stage)
-
-
-def model_dir(artifact_dir: str | os.PathLike, stage: str) -> Path:
-    return Layout(artifact_dir).model(stage)
-
-
 def read_manifest(path: str | os.PathLike) -> dict | None:
     p = Path(path) / MANIFEST
     if not p.exists():
@@ -199,7 +220,7 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
 
 def require_stage(artifact_dir: str | os.PathLike, stage: str, for_stage: str) -> dict:
     """The manifest of a completed input stage, or a PipelineError saying what to run first."""
-    d = stage_dir(artifact_dir, stage)
+    d = Layout(artifact_dir).stage(stage)
     manifest = read_manifest(d)
     if manifest is None:
         why = "is missing" if not d.exists() else "is incomplete (no manifest.json)"
@@ -339,8 +360,19 @@ def now() -> str:
 
 def is_complete_for(artifact_dir: str | os.PathLike, stage: str, fingerprint_: str) -> bool:
     """True when the stage's manifest shows it complete for the same config and inputs."""
-    manifest = read_manifest(stage_dir(artifact_dir, stage))
+    manifest = read_manifest(Layout(artifact_dir).stage(stage))
     return bool(manifest) and manifest.get("fingerprint") == fingerprint_
+
+
+def _swap_in(staging: Path, final: Path, old: Path) -> None:
+    """Rename ``staging`` into place as ``final``: a previous ``final`` is renamed aside to ``old`` first and
+    removed after. A kill between the two renames leaves ``old`` and ``staging``, no ``final``."""
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(staging, final)
+    _fsync(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def recover_interrupted_commit(artifact_dir: str | os.PathLike, stage: str, fingerprint_: str) -> None:
@@ -357,11 +389,7 @@ def recover_interrupted_commit(artifact_dir: str | os.PathLike, stage: str, fing
     except PipelineError:  # a manifest cut short: the staging directory is not complete
         staged = None
     if staged is not None and staged.get("fingerprint") == fingerprint_:
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(staging, final)
-        _fsync(final.parent)
+        _swap_in(staging, final, old)
     elif not final.exists() and old.exists():
         os.replace(old, final)
         _fsync(final.parent)
@@ -378,9 +406,8 @@ def skip_if_complete(
         recover_interrupted_commit(artifact_dir, stage, fingerprint_)
     if force or not is_complete_for(artifact_dir, stage, fingerprint_):
         return False
-    say(
-        f"{stage}: {stage_dir(artifact_dir, stage)} is complete for these inputs and config; skipping (--force reruns)"
-    )
+    where = Layout(artifact_dir).stage(stage)
+    say(f"{stage}: {where} is complete for these inputs and config; skipping (--force reruns)")
     return True
 
 
@@ -432,16 +459,7 @@ class StageWriter:
             for name in files:
                 _fsync(Path(d) / name)
             _fsync(Path(d))
-        old = None
-        if self.final.exists():
-            old = self.old
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.final, old)
-        os.replace(self.path, self.final)
-        _fsync(self.final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _swap_in(self.path, self.final, self.old)
 
 
 @contextmanager

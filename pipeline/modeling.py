@@ -141,29 +141,18 @@ def resume_point(run_dir, fingerprint: str, force: bool, explicit: str | None, i
     """Where an SFT or reward run starts: the newest complete HF Trainer checkpoint in ``run_dir`` when the run
     there had this fingerprint (a plain rerun after a kill continues), ``explicit`` when given, else nothing
     (a fresh ``run_dir``). Checkpoints of a run with other inputs or config are refused unless ``force``."""
-    import shutil
     from pathlib import Path
 
-    run_dir = Path(run_dir)
+    from pipeline.artifacts import continue_run, run_fingerprint
+
     if explicit:
         return explicit
-    stamp = run_dir / "fingerprint"
     complete = sorted(
-        (p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()),
+        (p for p in Path(run_dir).glob("checkpoint-*") if (p / "trainer_state.json").exists()),
         key=lambda p: int(p.name.split("-")[-1]),
     )
-    if complete and not force:
-        if not stamp.exists() or stamp.read_text() != fingerprint:
-            raise PipelineError(
-                f"{run_dir} holds an interrupted run with other inputs or config; rerun with its settings to "
-                "continue it, or add --force to discard it"
-            )
-        return str(complete[-1])
-    if is_main_process:
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        stamp.write_text(fingerprint)
-    return None
+    recorded = run_fingerprint(run_dir) if complete else None
+    return str(complete[-1]) if continue_run(run_dir, fingerprint, recorded, force, "run", is_main_process) else None
 
 
 def publish_lora(trainer, out_path, base_path: str, model_cls, tokenizer, **load_kwargs) -> None:

@@ -189,21 +189,10 @@ def finished_checkpoints(run_dir: Path, fingerprint: str, force: bool) -> dict[s
     """Results of the policies an interrupted evaluation with this fingerprint finished (``<name>.json`` in
     ``run_dir``); another run's results are refused unless ``force``, which starts ``run_dir`` afresh."""
     import json
-    import shutil
 
-    stamp = run_dir / "fingerprint"
     done = {p.stem: json.loads(p.read_text()) for p in sorted(run_dir.glob("*.json"))}
-    if done and not force:
-        if not stamp.exists() or stamp.read_text() != fingerprint:
-            raise PipelineError(
-                f"{run_dir} holds an interrupted evaluation with other inputs or config; rerun with its settings "
-                "to continue it, or add --force to discard it"
-            )
-        return done
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    stamp.write_text(fingerprint)
-    return {}
+    recorded = art.run_fingerprint(run_dir) if done else None
+    return done if art.continue_run(run_dir, fingerprint, recorded, force, "evaluation") else {}
 
 
 def main(stage: StageArguments, args: EvalArguments) -> dict | None:

@@ -158,7 +158,7 @@ class Sizes:
     local_mini_batch_size: int  # responses per minibatch: rollout_batch_size * k / num_mini_batches
     gradient_accumulation_steps: int  # minibatch / per_device_train_batch_size
     batch_size: int  # prompts per iteration, all processes
-    episodes: int = 0  # responses per iteration, all processes: batch_size * num_samples_per_prompt
+    episodes: int  # responses per iteration, all processes: batch_size * num_samples_per_prompt
 
 
 def derive_sizes(args: PPOArguments, world_size: int) -> Sizes:

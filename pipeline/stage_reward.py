@@ -52,7 +52,8 @@ def start_model(artifact_dir: str, model_name_or_path: str | None) -> tuple[str,
     if model_name_or_path:
         return model_name_or_path, art.input_record(model_name_or_path)
     art.require_stage(artifact_dir, "sft", "reward")
-    return str(art.model_dir(artifact_dir, "sft")), art.input_record(art.stage_dir(artifact_dir, "sft"))
+    layout = art.Layout(artifact_dir)
+    return str(layout.model("sft")), art.input_record(layout.stage("sft"))
 
 
 def load_pairs(stage_args: StageArguments):

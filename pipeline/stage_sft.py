@@ -174,7 +174,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     if trainer.accelerator.is_main_process:
         shutil.rmtree(run_dir, ignore_errors=True)
         print(
-            f"sft: wrote {art.stage_dir(stage_args.artifact_dir, 'sft')} (loss {result.training_loss:.4f}, "
+            f"sft: wrote {art.Layout(stage_args.artifact_dir).stage('sft')} (loss {result.training_loss:.4f}, "
             f"{metrics['train_runtime_s']:.0f}s)"
         )
     return metrics

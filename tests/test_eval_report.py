@@ -56,7 +56,13 @@ def make_results(has_gold: bool = True, with_ppo: bool = True, n: int = N) -> di
             s["gold"] = None
             if gr:
                 gr["gold"] = None
-        cks[name] = {"kind": kind, "iteration": it, "path": f"/tmp/art/{name}", "sampled": s, "greedy": gr}
+        cks[name] = {
+            "kind": kind,
+            "iteration": it,
+            "path": f"artifacts/ppo/checkpoints/{name}",
+            "sampled": s,
+            "greedy": gr,
+        }
     cks["base"]["sampled"]["responses"] = ["the cat sat"] * n  # distinct-2 = 2 / (2 n)
     if with_ppo:  # plant the biggest PPO-over-SFT gain on one prompt, with HTML in the response
         cks["ppo"]["sampled"]["responses"][EVIL_PROMPT] = EVIL

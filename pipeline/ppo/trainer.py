@@ -273,7 +273,7 @@ class PPOTrainer:
             ro = self.rollout(prompts)  # steps 1-5: generate, score, reward, advantages
             t_rollout = time.perf_counter() - t0
             update_stats = self.update(ro)  # step 6: PPO epochs over minibatches
-            self.kl_ctl.update(ro.stats["objective/kl"], self.sizes.batch_size * k)
+            self.kl_ctl.update(ro.stats["objective/kl"], self.sizes.episodes)
             row = {"iteration": iteration + 1, "episode": self.cursor * k, **ro.stats, **update_stats,
                    "time/rollout_s": t_rollout, "time/iteration_s": time.perf_counter() - t0}  # fmt: skip
             self.log(row, ro, bar)
@@ -508,14 +508,11 @@ class PPOTrainer:
         the same fingerprint (a plain rerun continues), or start a fresh run directory (``--force``)."""
         acc, run = self.accelerator, self.layout.ppo_run
         spec = self.args.resume_from_checkpoint
-        found = ckpt.list_checkpoints(self.layout.run_checkpoints)
-        if spec is None and found and not self.force:
-            if ckpt.read_state(found[-1]).get("fingerprint") != self.fingerprint:
-                raise PipelineError(
-                    f"{run} holds an interrupted PPO run with other inputs or config; rerun with its settings to "
-                    "continue it, or add --force to discard it"
-                )
-            spec = str(found[-1])
+        if spec is None:
+            found = ckpt.list_checkpoints(self.layout.run_checkpoints)
+            recorded = ckpt.read_state(found[-1]).get("fingerprint", "") if found else None
+            if art.continue_run(run, self.fingerprint, recorded, self.force, "PPO run", acc.is_main_process):
+                spec = str(found[-1])
         if spec:
             path = ckpt.resolve(self.layout.run_checkpoints, spec)
             state = ckpt.load(path, acc, self.unwrapped, self.optimizer, self.scheduler)
@@ -533,8 +530,6 @@ class PPOTrainer:
             self.score_moments.load_state_dict(state["score_moments"])
             self.guard.load_state_dict(state["nonfinite_steps"])
             acc.print(f"ppo: resumed from {path} at iteration {self.iteration}")
-        elif acc.is_main_process:
-            shutil.rmtree(run, ignore_errors=True)
         if acc.is_main_process:
             run.mkdir(parents=True, exist_ok=True)
             self.layout.run_metrics.write_text("".join(json.dumps(h) + "\n" for h in self.history))
