@@ -28,6 +28,7 @@ from pipeline.config import StageArguments, run_cli
 from pipeline.errors import PipelineError
 
 ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
+AGGREGATIONS = ("mean", "min", "mean_minus_std")  # reward_models.composite.AGGREGATIONS, without its imports
 # Base-weight dtype -> the autocast precision it needs (None: plain float32).
 PRECISION_PAIRS = {"float32": None, "bfloat16": "bf16", "float16": "fp16"}
 # PPO's settings of TRL's ModelConfig fields (the policy adapter; LoRA dropout is off in RLHF [N+]).
@@ -44,7 +45,21 @@ class PPOArguments:
     """PPO hyper-parameters. Defaults follow the N+ study (Huang et al. 2024) unless noted."""
 
     # models (the policy and its adapter: --model_name_or_path, --lora_r, ... of TRL's ModelConfig)
-    reward_model_path: str | None = arg(None, "Reward model (default: <artifact_dir>/reward/model); any tokenizer.")
+    reward_model_path: list[str] | None = arg(
+        None,
+        "Reward model (default: <artifact_dir>/reward/model); any tokenizer. Several (the flag again, or several "
+        "paths) make an ensemble; LoRA reward adapters (<dir>/reward/adapter) on one base share it. 'none': "
+        "--reward_funcs only.",
+        action="extend",
+    )
+    reward_aggregation: str = arg("mean", "How an ensemble's scores combine: mean, min, or mean_minus_std "
+                                  "(mean - coef * std over members; Coste et al. 2023).", choices=list(AGGREGATIONS))  # fmt: skip
+    reward_ensemble_coef: float = arg(1.0, "The std coefficient of --reward_aggregation mean_minus_std.")
+    reward_funcs: list[str] | None = arg(
+        None, "Rule rewards package.module:function, each (prompt messages, response text) -> float, weighted and "
+        "added to the learned score (repeatable).", action="extend")  # fmt: skip
+    reward_weights: list[float] | None = arg(None, "One weight per --reward_funcs entry (default 1 each).",
+                                             action="extend")  # fmt: skip
     value_model_path: str | None = arg(None, "Value init (default: the reward model if it shares the tokenizer).")
     value_full_finetune: bool = arg(False, "Train all value weights, not a LoRA adapter (a third base model).")
     value_lora_layers: int | None = arg(None, "Value adapter on the top N layers only (default: every layer).")
@@ -132,6 +147,21 @@ def check_args(model_args, args: PPOArguments, has_cuda: bool) -> None:
     if args.advantage_estimator != "gae" and (args.value_full_finetune or any(getattr(args, n) for n in critic)):
         raise PipelineError(f"--advantage_estimator {args.advantage_estimator} uses no value model: drop "
                             "--value_model_path, --value_lora_layers and --value_full_finetune")  # fmt: skip
+    if isinstance(args.reward_model_path, str):  # a YAML scalar
+        args.reward_model_path = [args.reward_model_path]
+    if isinstance(args.reward_funcs, str):
+        args.reward_funcs = [args.reward_funcs]
+    paths = args.reward_model_path or []
+    if "none" in paths and (len(paths) > 1 or not args.reward_funcs):
+        raise PipelineError("--reward_model_path none trains on --reward_funcs alone: give one or more "
+                            "--reward_funcs and no other reward model")  # fmt: skip
+    if args.reward_aggregation not in AGGREGATIONS:
+        raise PipelineError(f"--reward_aggregation {args.reward_aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
+    if args.reward_ensemble_coef < 0:
+        raise PipelineError(f"--reward_ensemble_coef {args.reward_ensemble_coef}: use a value >= 0")
+    if args.reward_weights and len(args.reward_weights) != len(args.reward_funcs or []):
+        raise PipelineError(f"{len(args.reward_weights)} --reward_weights for {len(args.reward_funcs or [])} "
+                            "--reward_funcs: give one weight per function")  # fmt: skip
     if args.kl_estimator not in ("k1", "k3"):  # a YAML value never meets argparse's choices
         raise PipelineError(f"--kl_estimator {args.kl_estimator!r}: use k1 or k3")
     positive = ("num_iterations", "rollout_batch_size", "num_mini_batches", "per_device_train_batch_size",
@@ -187,7 +217,7 @@ class Built:
     tokenizer: object
     reward_fn: object  # (prompts, responses) -> Tensor [B]
     inputs: dict
-    models: dict  # policy_path, value_path, reward_path, same_tokenizer
+    models: dict  # policy_path, value_path, reward_paths, same_tokenizer
 
 
 def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) -> Built:
@@ -200,7 +230,14 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
     from pipeline import artifacts as art
     from pipeline.modeling import load_tokenizer, lora_config
     from pipeline.ppo.trainer import PolicyAndValue
-    from reward_models.learned import LearnedReward, check_reward_model, load_reward_tokenizer
+    from reward_models.composite import CompositeReward, load_reward_func
+    from reward_models.learned import (
+        LearnedReward,
+        adapter_base,
+        check_reward_model,
+        load_reward_members,
+        load_reward_tokenizer,
+    )
 
     layout = art.Layout(stage.artifact_dir)
     if model_args.model_name_or_path is None:
@@ -208,14 +245,18 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
     if args.reward_model_path is None:
         art.require_stage(stage.artifact_dir, "reward", "ppo")
     policy_path = model_args.model_name_or_path or str(layout.model("sft"))
-    reward_path = args.reward_model_path or str(layout.model("reward"))
-    check_reward_model(reward_path)
+    reward_paths = [p for p in args.reward_model_path or [str(layout.model("reward"))] if p != "none"]
+    for path in reward_paths:
+        check_reward_model(path)
+    funcs = [(spec, load_reward_func(spec)) for spec in args.reward_funcs or []]
     tok = load_tokenizer(policy_path, padding_side="left", revision=model_args.model_revision)
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         raise PipelineError(f"{policy_path}: pad token equals EOS; start from an SFT artifact (it fixes this)")
-    reward_tok = load_reward_tokenizer(reward_path, tok)
-    same_tok = reward_tok.get_vocab() == tok.get_vocab()
-    value_path = args.value_model_path or (reward_path if same_tok else policy_path)
+    # One full reward model sharing the policy's tokenizer is also the value model's init, and then serves as
+    # the reward with the value adapter off (one base for two roles). Otherwise the value starts from the policy.
+    single = reward_paths[0] if len(reward_paths) == 1 and adapter_base(reward_paths[0]) is None else None
+    same_tok = single is not None and load_reward_tokenizer(single, tok).get_vocab() == tok.get_vocab()
+    value_path = args.value_model_path or (single if same_tok else policy_path)
 
     dtype = getattr(torch, model_args.dtype)
     policy_base = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype, revision=model_args.model_revision)
@@ -247,23 +288,24 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
                 p.data = p.data.float()
     model = PolicyAndValue(policy, value)
     batch = args.local_rollout_forward_batch_size
-    if value is not None and value_path == reward_path and not args.value_full_finetune:
+    if value is not None and value_path == single and not args.value_full_finetune:
         # The reward is the value module with its adapter off: the module every Accelerate wrapper holds.
-        reward_fn = LearnedReward(model.value, reward_tok, batch, disable_adapter=True)
+        members = [LearnedReward(model.value, load_reward_tokenizer(single, tok), batch, disable_adapter=True)]
     else:
-        reward_model = AutoModelForSequenceClassification.from_pretrained(reward_path, num_labels=1, dtype=dtype)
-        reward_model.eval().requires_grad_(False).to(accelerator.device)
-        reward_fn = LearnedReward(reward_model, reward_tok, batch)
+        members = load_reward_members(reward_paths, tok, dtype, accelerator.device, batch)
+    reward_fn = CompositeReward(members, args.reward_aggregation, args.reward_ensemble_coef, funcs,
+                                args.reward_weights)  # fmt: skip
 
-    stage_or_path = {
-        "policy": (layout.stage("sft"), model_args.model_name_or_path),
-        "reward": (layout.stage("reward"), args.reward_model_path),
-    }
-    inputs = {k: art.input_record(path or stage_dir) for k, (stage_dir, path) in stage_or_path.items()}
+    inputs = {"policy": art.input_record(model_args.model_name_or_path or layout.stage("sft"))}
+    if args.reward_model_path is None:
+        inputs["reward"] = art.input_record(layout.stage("reward"))
+    else:  # one record per member: the ensemble's lineage
+        for i, path in enumerate(reward_paths):
+            inputs["reward" if i == 0 else f"reward_{i}"] = art.input_record(path)
     if value is None:
         value_path = None
     inputs["value_init"] = value_path
-    models = {"policy_path": policy_path, "value_path": value_path, "reward_path": reward_path,
+    models = {"policy_path": policy_path, "value_path": value_path, "reward_paths": reward_paths,
               "same_tokenizer": same_tok}  # fmt: skip
     return Built(model, tok, reward_fn, inputs, models)
 

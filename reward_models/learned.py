@@ -55,12 +55,37 @@ def reward_scores(model, tokenizer, prompts, responses, batch_size: int = 16, ma
     return scores
 
 
+def adapter_base(path: str) -> str | None:
+    """The base model of a PEFT adapter directory (``adapter_config.json``), or None for a full model."""
+    import json
+    from pathlib import Path
+
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("base_model_name_or_path")
+
+
 def check_reward_model(path: str) -> None:
-    """One-line error unless ``path`` holds a sequence-classification model with one output (a score)."""
+    """One-line error unless ``path`` holds a sequence-classification model with one output (a score), or a
+    sequence-classification LoRA adapter (``reward/adapter``) whose base loads."""
+    import json
+    from pathlib import Path
+
     from transformers import AutoConfig
 
     from pipeline.errors import PipelineError
 
+    base = adapter_base(path)
+    if base is not None:
+        task = json.loads((Path(path) / "adapter_config.json").read_text()).get("task_type")
+        if task != "SEQ_CLS":
+            raise PipelineError(f"{path} is a {task} adapter, not a reward adapter (SEQ_CLS): pass a reward model")
+        try:
+            AutoConfig.from_pretrained(base)
+        except (OSError, ValueError) as e:
+            raise PipelineError(f"{path}: its base model {base!r} does not load ({str(e).splitlines()[0]})") from None
+        return
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -78,10 +103,14 @@ def check_reward_model(path: str) -> None:
 def load_reward_tokenizer(path: str, policy_tokenizer=None):
     """The reward model's tokenizer, ready to score: a pad token (EOS when it has none) and, for a
     model without a chat template (an encoder reward model), the policy's template, so it scores the
-    same rendered conversation."""
+    same rendered conversation. A LoRA adapter directory without tokenizer files uses its base's."""
+    from pathlib import Path
+
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = adapter_base(path)
+    has_own = base is None or any((Path(path) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(path if has_own else base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None and policy_tokenizer is not None:
@@ -95,14 +124,52 @@ class LearnedReward:
     ``disable_adapter=True`` scores with a PEFT model's adapter switched off: PPO's value model is the
     reward model plus a LoRA adapter, so the same module with the adapter off is the frozen reward.
     Pass the module every Accelerate wrapper (DDP, DeepSpeed, FSDP) holds inside.
+    ``adapter=NAME`` scores with that adapter of a multi-adapter PEFT model active: ensemble members
+    trained as LoRA adapters on one base share it (see :func:`load_reward_members`).
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 16, disable_adapter: bool = False):
+    def __init__(self, model, tokenizer, batch_size: int = 16, disable_adapter: bool = False, adapter=None):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.disable_adapter = disable_adapter
+        self.adapter = adapter
 
     def __call__(self, prompts: list[list[dict]], responses: list[str]):
+        if self.adapter is not None:
+            self.model.set_adapter(self.adapter)
         with self.model.disable_adapter() if self.disable_adapter else nullcontext():
             return reward_scores(self.model, self.tokenizer, prompts, responses, self.batch_size)
+
+
+def load_reward_members(paths: list[str], policy_tokenizer, dtype, device, batch_size: int) -> list[LearnedReward]:
+    """Frozen scorers for ``paths``: full reward models load one each; LoRA reward adapters on the same base
+    load that base once, as one PEFT model holding every adapter, and each member switches to its own."""
+    from pathlib import Path
+
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    def load(path):
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        return model.eval().requires_grad_(False).to(device)
+
+    members: list[LearnedReward | None] = [None] * len(paths)
+    by_base: dict[str, list[int]] = {}
+    for i, path in enumerate(paths):
+        base = adapter_base(path)
+        if base is None:
+            members[i] = LearnedReward(load(path), load_reward_tokenizer(path, policy_tokenizer), batch_size)
+        else:
+            by_base.setdefault(str(Path(base).resolve()) if Path(base).exists() else base, []).append(i)
+    for base, idx in by_base.items():
+        model = PeftModel.from_pretrained(load(base), paths[idx[0]], adapter_name=f"member{idx[0]}")
+        for i in idx[1:]:
+            model.load_adapter(paths[i], adapter_name=f"member{i}")
+        model.eval().requires_grad_(False).to(device)
+        for i in idx:
+            tok = load_reward_tokenizer(paths[i], policy_tokenizer)
+            if model.config.pad_token_id is None:  # the score is read at the last non-pad token
+                model.config.pad_token_id = tok.pad_token_id
+            members[i] = LearnedReward(model, tok, batch_size, adapter=f"member{i}")
+    return members

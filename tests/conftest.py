@@ -170,7 +170,7 @@ PPO_BASE = dict(
 def flags(settings: dict) -> list[str]:
     out = []
     for k, v in settings.items():
-        out += [f"--{k}", str(v)]
+        out += [f"--{k}", *map(str, v)] if isinstance(v, list) else [f"--{k}", str(v)]
     return out
 
 

@@ -18,6 +18,7 @@ from tests.conftest import (
     flags,
     launch_two_processes,
     make_causal_lm,
+    make_trainer,
     make_seq_cls,
     make_tokenizer,
     ppo_arguments,
@@ -275,7 +276,7 @@ def test_reward_model_with_other_tokenizer(tiny_artifacts, tiny_tok, prompts_fil
     manifest = json.loads((tiny_artifacts / "ppo" / "manifest.json").read_text())
     models = manifest["metrics"]["models"]
     assert models["same_tokenizer"] is False
-    assert models["reward_path"] == str(rm_path)
+    assert models["reward_paths"] == [str(rm_path)]
     assert models["value_path"] == models["policy_path"] == str(tiny_artifacts / "sft" / "model")
     rows = read_metrics(tiny_artifacts / "ppo" / "metrics.jsonl")
     assert rows and all(math.isfinite(r["objective/scores"]) and math.isfinite(r["loss/value_avg"]) for r in rows)
@@ -441,3 +442,90 @@ def test_estimator_settings_are_checked(tiny_artifacts, prompts_file, capsys, se
     assert run_ppo(tiny_artifacts, prompts_file, **settings) == 2
     errs = error_lines(capsys.readouterr().err)
     assert len(errs) == 1 and message in errs[0], errs
+
+
+def letter_share_rule(prompt, response):
+    """``--reward_funcs`` form of :func:`letter_share`: one (prompt messages, response text) pair -> float."""
+    assert isinstance(prompt, list) and prompt[-1]["role"] == "user"
+    return sum(c in LETTERS for c in response) / max(1, len(response))
+
+
+def failing_rule(prompt, response):
+    raise ValueError("cannot parse the answer")
+
+
+def test_learns_a_rule_function_without_a_reward_model(tmp_path, tiny_tok, prompts_file):
+    art = tmp_path / "artifacts"
+    fake_stage(art, "sft", make_causal_lm, tiny_tok, initializer_range=0.3)  # no reward stage at all
+    settings = dict(num_iterations=30, rollout_batch_size=2, num_samples_per_prompt=4, num_mini_batches=1,
+                    per_device_train_batch_size=8, local_rollout_forward_batch_size=8, response_length=8,
+                    learning_rate=3e-2, lr_scheduler_type="constant", temperature=1.0, num_ppo_epochs=2, lora_r=8,
+                    lora_alpha=16, kl_coef=0.01, missing_eos_penalty=0.0, seed=3, advantage_estimator="rloo",
+                    reward_model_path="none", reward_funcs=f"{__name__}:letter_share_rule",
+                    reward_weights=2.0)  # fmt: skip
+    assert run_ppo(art, prompts_file, **settings) == 0
+    rows = read_metrics(art / "ppo" / "metrics.jsonl")
+    rule, scores = [r["objective/rule_0"] for r in rows], [r["objective/scores"] for r in rows]
+    assert all(math.isclose(s, 2.0 * r, rel_tol=1e-5) for s, r in zip(scores, rule))  # weight 2, nothing else
+    assert sum(rule[-5:]) / 5 > sum(rule[:5]) / 5 + 0.12, f"rule reward did not rise: {[round(x, 2) for x in rule]}"
+    manifest = json.loads((art / "ppo" / "manifest.json").read_text())
+    assert manifest["metrics"]["models"]["reward_paths"] == [] and "reward" not in manifest["inputs"]
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(reward_funcs=f"{__name__}:failing_rule"), f"reward function {__name__}:failing_rule raised ValueError"),
+        (dict(reward_funcs="tests.no_such_module:f"), "--reward_funcs tests.no_such_module:f: cannot import"),
+        (dict(reward_funcs=f"{__name__}:letter_share_rule", reward_weights=[1.0, 2.0]), "2 --reward_weights for 1"),
+        (dict(reward_model_path="none"), "--reward_model_path none trains on --reward_funcs alone"),
+        (dict(reward_aggregation="max"), "--reward_aggregation"),
+    ],
+)
+def test_reward_settings_and_failing_functions_are_one_line(tiny_artifacts, prompts_file, capsys, settings, message):
+    assert run_ppo(tiny_artifacts, prompts_file, **settings) == 2
+    errs = error_lines(capsys.readouterr().err)
+    assert len(errs) == 1 and message in errs[0], errs
+    assert not (tiny_artifacts / "ppo").exists()
+
+
+def make_reward_adapter(path, base_path, seed):
+    """A LoRA reward adapter (score head included) on ``base_path``, as ``rlhf reward`` writes ``reward/adapter``."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=1)
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.score.modules_to_save["default"].weight.normal_(0, 1.0)
+    model.save_pretrained(path)
+    return path
+
+
+def test_ensemble_of_reward_adapters_shares_one_base_and_aggregates(tiny_artifacts, prompts_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from reward_models.learned import load_reward_tokenizer, reward_scores
+
+    base = str(tiny_artifacts / "sft" / "model")
+    paths = [str(make_reward_adapter(tmp_path / f"rm{i}", base, seed=i)) for i in range(3)]
+    trainer, reward, prompts = make_trainer(tiny_artifacts, prompts_file, reward_model_path=paths,
+                                            reward_aggregation="mean_minus_std", reward_ensemble_coef=0.5)  # fmt: skip
+    assert len({id(m.model) for m in reward.members}) == 1  # one base model in memory, three adapters
+    responses = ["a short answer", "another one, longer than the first", "x"] * (len(prompts) // 3) + ["y"] * (
+        len(prompts) % 3
+    )
+    got = reward(prompts, responses)
+    tok = load_reward_tokenizer(paths[0], trainer.tokenizer)
+    separate = []
+    for path in paths:  # each member loaded on its own base
+        model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=1), path)
+        model.config.pad_token_id = tok.pad_token_id
+        separate.append(reward_scores(model.eval(), tok, prompts, responses))
+    separate = torch.stack(separate)
+    assert separate.std(0).min() > 1e-3  # the members disagree, so the aggregation matters
+    expected = separate.mean(0) - 0.5 * separate.std(0, unbiased=False)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert trainer.models["reward_paths"] == paths and trainer.models["value_path"] == base

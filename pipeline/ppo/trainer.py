@@ -350,6 +350,11 @@ class PPOTrainer:
             "val/eos_rate": g(has_eos.float()).mean().item(),
             "val/response_length": g(mask.sum(1).float()).mean().item(),
         }
+        parts = getattr(self.reward_fn, "last_components", {})
+        if parts.get("members") is not None and len(parts["members"]) > 1:  # ensemble disagreement
+            stats["objective/ensemble_std"] = g(parts["members"].std(0).to(device)).mean().item()
+        for i, row in enumerate(parts.get("rules", ())):  # each rule reward's mean, unweighted
+            stats[f"objective/rule_{i}"] = g(row.to(device)).mean().item()
         if self.unwrapped.value is not None:
             stats["val/explained_variance"] = explained_variance(g(values), g(returns), g(mask)).item()
         texts = [(p[-1]["content"], r, float(s)) for p, r, s in zip(prompts, response_texts, raw_scores.cpu())]
