@@ -53,7 +53,8 @@ class PPOArguments:
         action="extend",
     )
     reward_aggregation: str = arg("mean", "How an ensemble's scores combine: mean, min, or mean_minus_std "
-                                  "(mean - coef * std over members; Coste et al. 2023).", choices=list(AGGREGATIONS))  # fmt: skip
+                                  "(mean - coef * std over members; Coste et al. 2023).",
+                                  choices=list(AGGREGATIONS))  # fmt: skip
     reward_ensemble_coef: float = arg(1.0, "The std coefficient of --reward_aggregation mean_minus_std.")
     reward_funcs: list[str] | None = arg(
         None, "Rule rewards package.module:function, each (prompt messages, response text) -> float, weighted and "
