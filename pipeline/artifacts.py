@@ -65,6 +65,7 @@ EMBEDDED_FILES = {
     ("preference", "test"): "pref_test.jsonl",
     ("prompt", "train"): "ppo_prompts.jsonl",
     ("prompt", "test"): "eval_prompts.jsonl",
+    ("prompt", "test_rephrased"): "eval_prompts_rephrased.jsonl",  # the same prompts, held-out phrasings
 }
 
 

@@ -138,8 +138,32 @@ def _iteration_key(item):
     return (math.inf if it is None else it, item.get("_order", 0))
 
 
-def aggregate(results: dict, n_boot: int = 1000, seed: int = 0) -> dict:
-    """The report dict (see module docstring) from the raw results of the eval stage."""
+PICK_RULE = (
+    "the highest reward-model score on the held-out prompts among SFT and the PPO checkpoints whose KL to SFT is "
+    "at most the budget; the gold judge is not consulted"
+)
+
+
+def recommend(curves: list[dict], kl_budget: float | None) -> dict:
+    """The checkpoint to ship, chosen without the gold judge: among SFT and the PPO checkpoints within the KL
+    budget (nats), the highest mean reward-model score on the held-out prompts. Reward models are over-optimised
+    past some KL (Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization"), so the budget caps how far
+    the proxy is trusted. Its gold score is reported beside it, never used."""
+    out = {"name": None, "rule": PICK_RULE, "kl_budget": kl_budget}
+    if kl_budget is None:
+        return out
+    ok = [c for c in curves if c["kl_to_sft"] is not None and c["reward_mean"] is not None]
+    within = [c for c in ok if c["kind"] == "sft" or c["kl_to_sft"] <= kl_budget]
+    if not within:
+        return out
+    best = max(within, key=lambda c: c["reward_mean"])
+    keys = ("name", "kind", "iteration", "kl_to_sft", "reward_mean", "gold_score", "gold_rephrased")
+    return {**out, **{k: best.get(k) for k in keys}}
+
+
+def aggregate(results: dict, n_boot: int = 1000, seed: int = 0, kl_budget: float | None = None) -> dict:
+    """The report dict (see module docstring) from the raw results of the eval stage; ``kl_budget`` (nats)
+    enables the checkpoint recommendation (:func:`recommend`)."""
     has_gold = bool(results.get("has_gold"))
     distinct, win = load_metric("distinct_n"), load_metric("win_rate")
     cks = results["checkpoints"]
@@ -148,6 +172,7 @@ def aggregate(results: dict, n_boot: int = 1000, seed: int = 0) -> dict:
     for name, ck in cks.items():
         meta = {"iteration": ck.get("iteration"), "kind": ck.get("kind")}
         sampled[name] = {**_block_stats(ck["sampled"], has_gold, distinct, with_kl=True), **meta}
+        sampled[name]["gold_rephrased"] = _mean((ck.get("rephrased") or {}).get("gold")) if has_gold else None
         if ck.get("greedy") is not None:
             greedy[name] = {**_block_stats(ck["greedy"], has_gold, distinct, with_kl=False), **meta}
 
@@ -171,6 +196,7 @@ def aggregate(results: dict, n_boot: int = 1000, seed: int = 0) -> dict:
                 "kl_to_sft": s["kl_to_sft"],
                 "reward_mean": s["reward_mean"],
                 "gold_score": s["gold_score"],
+                "gold_rephrased": s["gold_rephrased"],
                 "_order": order,
             }
         )
@@ -183,6 +209,7 @@ def aggregate(results: dict, n_boot: int = 1000, seed: int = 0) -> dict:
         "checkpoints_greedy": greedy,
         "pairwise": pairwise,
         "curves": curves,
+        "recommended": recommend(curves, kl_budget),
         "examples": _examples(results, has_gold),
         "has_gold": has_gold,
         "num_prompts": len(results.get("prompts") or []),
@@ -212,6 +239,7 @@ def _fmt_ci(ci) -> str:
 SUMMARY_COLS = [  # (key, header)
     ("reward_mean", "reward"),
     ("gold_score", "gold"),
+    ("gold_rephrased", "gold, held-out phrasing"),
     ("kl_to_sft", "KL to SFT"),
     ("response_length_mean", "length"),
     ("eos_rate", "EOS rate"),
@@ -243,7 +271,21 @@ def summary_table(report: dict) -> str:
     else:
         out.append("")
         out.append("PPO vs SFT: no PPO checkpoint evaluated")
+    out += ["", recommendation_line(report)]
     return "\n".join(out)
+
+
+def recommendation_line(report: dict) -> str:
+    rec = report.get("recommended") or {}
+    if not rec.get("name"):
+        return "Recommended checkpoint: none (no KL budget, or no SFT or PPO checkpoint was evaluated)"
+    line = (
+        f"Recommended checkpoint: {rec['name']} (KL {_fmt(rec['kl_to_sft'], 2)} <= {_fmt(rec['kl_budget'], 2)}, "
+        f"reward {_fmt(rec['reward_mean'])}; chosen without the gold judge)"
+    )
+    if rec.get("gold_score") is not None:
+        line += f"; its gold score: {_fmt(rec['gold_score'])}"
+    return line
 
 
 # -------------------------------------------------------------------------------------------- plots
@@ -310,6 +352,13 @@ def plot_curves(report: dict) -> str:
     ax.tick_params(axis="y", labelcolor="tab:blue")
     for x, y, lab in zip(kl, rw, labels):
         ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8, color="tab:blue")
+    pick = (report.get("recommended") or {}).get("name")
+    for c, x, y in zip(pts, kl, rw):
+        if c["name"] == pick:
+            handles += ax.plot([x], [y], "*", markersize=16, color="tab:green", label="recommended (no gold)")
+    budget = (report.get("recommended") or {}).get("kl_budget")
+    if budget is not None:
+        ax.axvline(budget, color="grey", linestyle=":", linewidth=1)
     if report.get("has_gold") and any(c["gold_score"] is not None for c in pts):
         ax2 = ax.twinx()
         gd = [np.nan if c["gold_score"] is None else c["gold_score"] for c in pts]
@@ -399,11 +448,16 @@ def _pair_rows(report: dict) -> list[list]:
 
 
 PAIR_HEADER = ["comparison", "win rate (reward)", "95% CI", "win rate (gold)", "95% CI", "prompts"]
-CURVE_HEADER = ["checkpoint", "iteration", "KL to SFT", "reward", "gold"]
+CURVE_HEADER = ["checkpoint", "iteration", "KL to SFT", "reward", "gold", "gold, held-out phrasing"]
 
 
 def _curve_rows(report: dict) -> list[list]:
-    return [[c["name"], c["iteration"], c["kl_to_sft"], c["reward_mean"], c["gold_score"]] for c in report["curves"]]
+    pick = (report.get("recommended") or {}).get("name")
+    return [
+        [c["name"] + (" (recommended)" if c["name"] == pick else ""), c["iteration"], c["kl_to_sft"], c["reward_mean"],
+         c["gold_score"], c.get("gold_rephrased")]
+        for c in report["curves"]
+    ]  # fmt: skip
 
 
 def _example_title(report: dict) -> str:
@@ -448,6 +502,7 @@ def render_markdown(report: dict) -> str:
         out += ["No PPO checkpoint was evaluated.", ""]
     out += [_md_table(PAIR_HEADER, _pair_rows(report)) if report.get("pairwise") else "", ""]
     out += ["## Reward and gold vs KL", "", _md_table(CURVE_HEADER, _curve_rows(report)), ""]
+    out += [recommendation_line(report) + f". Rule: {PICK_RULE}.", ""]
     out += ["## Examples", "", _example_title(report), ""]
     for key, title in (("best", "PPO gained most"), ("worst", "PPO lost most")):
         exs = report.get("examples", {}).get(key, [])
@@ -576,6 +631,7 @@ def render_html(report: dict, results: dict) -> str:
     b.append("<h2>Reward and gold vs KL</h2>")
     b.append(f'<img class="plot" alt="reward and gold vs KL to SFT" src="{plot_curves(report)}">')
     b.append(_html_table(CURVE_HEADER, _curve_rows(report)))
+    b.append(f'<p class="note">{_e(recommendation_line(report))}. Rule: {_e(PICK_RULE)}.</p>')
     b.append("<h2>Score distributions</h2>")
     b.append(
         f'<img class="plot" alt="score distributions per checkpoint" '

@@ -46,6 +46,26 @@ class EvalArguments:
     response_length: int = field(default=64, metadata={"help": "Maximum new tokens."})
     batch_size: int = field(default=16, metadata={"help": "Generation and scoring batch size."})
     seed: int = field(default=1234, metadata={"help": "Sampling seed (the same for every checkpoint)."})
+    heldout_phrasing: bool = field(
+        default=True,
+        metadata={
+            "help": "Embedded task: also sample every policy but the base model on the same prompts with their "
+            "constraints in words no training prompt uses (eval_prompts_rephrased.jsonl), scored by the gold judge."
+        },
+    )
+    kl_budget: float = field(
+        default=4.0,
+        metadata={
+            "help": "The recommended checkpoint: the highest reward-model score on the held-out prompts among SFT "
+            "and the PPO checkpoints whose KL to SFT is at most this (nats); the gold judge is not consulted."
+        },
+    )
+    publish_recommended: bool = field(
+        default=False,
+        metadata={
+            "help": "Also publish the recommended PPO checkpoint's adapter as <artifact_dir>/eval/policy_adapter."
+        },
+    )
     bf16: bool = field(
         default=False,
         metadata={
@@ -229,12 +249,20 @@ def main(stage: StageArguments, args: EvalArguments) -> dict | None:
     rows = load_for("prompt", stage.dataset_name, split, stage.dataset_config, stage.max_eval_samples)
     prompts = [r["prompt"] for r in rows]
     has_gold = stage.dataset_name is None
-    judge = None
+    judge, rephrased = None, None
     if has_gold:
         from reward_models.gold_judge import score as judge
 
+        if args.heldout_phrasing:
+            rephrased = load_for("prompt", None, f"{split}_rephrased", None, stage.max_eval_samples)
+            rephrased = [r["prompt"] for r in rephrased]
+    if args.kl_budget < 0:
+        raise PipelineError(f"--kl_budget {args.kl_budget}: use a value >= 0 (nats)")
+
     inputs = {s: art.input_record(layout.stage(s)) for s in ("sft", "reward") + (("ppo",) if want_ppo else ())}
     inputs["dataset"] = source_record("prompt", stage.dataset_name, split)
+    if rephrased is not None:
+        inputs["dataset_rephrased"] = source_record("prompt", None, f"{split}_rephrased")
     config = art.resolved_config(stage=stage, eval=args)
     fingerprint = art.fingerprint(config, inputs)
     if art.skip_if_complete(stage.artifact_dir, "eval", fingerprint, stage.force):
@@ -272,6 +300,9 @@ def main(stage: StageArguments, args: EvalArguments) -> dict | None:
             model = load_merged_policy(sft_path, adapter, dtype).to(device)
         entry = {"kind": kind, "iteration": iteration, "path": str(adapter or (sft_path if kind == "sft" else "base"))}
         entry.update(evaluate_policy(model, sft, tok, prompts, args, score, name, greedy=kind != "ppo_checkpoint"))
+        if rephrased is not None and kind != "base":  # the same sampling seed, prompts in other words
+            texts = generate(model, tok, rephrased, args, True, f"{name} (held-out phrasing)")[0]
+            entry["rephrased"] = {"responses": texts, "gold": [judge(p, r) for p, r in zip(rephrased, texts)]}
         results["checkpoints"][name] = entry
         tmp = run_dir / f".{name}.json.tmp"
         tmp.write_text(json.dumps(entry))
@@ -279,15 +310,22 @@ def main(stage: StageArguments, args: EvalArguments) -> dict | None:
         msg = f"eval: {name:<22} reward {sum(entry['sampled']['reward']) / len(prompts):+.3f}"
         if judge:
             msg += f"  gold {sum(entry['sampled']['gold']) / len(prompts):.3f}"
+        if "rephrased" in entry:
+            msg += f"  gold (held-out phrasing) {sum(entry['rephrased']['gold']) / len(rephrased):.3f}"
         print(msg + f"  kl {sum(entry['sampled']['kl_to_sft']) / len(prompts):.2f}", flush=True)
         if model is not sft:
             del model
 
-    report = aggregate(results)
+    report = aggregate(results, kl_budget=args.kl_budget)
+    pick = report["recommended"]
     with art.stage_output(stage.artifact_dir, "eval", config, inputs) as out:
         (out.path / "results.json").write_text(json.dumps(results))
         write_reports(report, results, out.path)
-        out.write_manifest({k: report[k] for k in ("checkpoints", "pairwise")}, tok)
+        adapter = results["checkpoints"].get(pick.get("name") or "", {}).get("path")
+        if args.publish_recommended and pick.get("kind") in ("ppo", "ppo_checkpoint"):
+            art.link_tree(Path(adapter), out.path / art.POLICY_ADAPTER)
+            pick = {**pick, "published": art.POLICY_ADAPTER}
+        out.write_manifest({**{k: report[k] for k in ("checkpoints", "pairwise")}, "recommended": pick}, tok)
     shutil.rmtree(run_dir, ignore_errors=True)
     final = layout.stage("eval")
     print(summary_table(report))

@@ -617,19 +617,58 @@ def comply_all(text: str, constraints: list[tuple[str, dict]], rng: random.Rando
     return text
 
 
+# Held-out phrasings: every constraint said in words no training prompt uses, for the evaluation split
+# ``eval_prompts_rephrased.jsonl`` (a gain that holds only for the training phrasing shows up there). The
+# judge parses both phrasings to the same parameters; each regex has the training pattern's groups.
+HELD_OUT_PHRASINGS: dict[str, tuple[str, re.Pattern]] = {
+    "word_limit": ("Keep your reply to {n} words or fewer.", re.compile(r"Keep your reply to (\d+) words or fewer\.")),
+    "lowercase": ("Use no capital letters anywhere in your reply.",
+                  re.compile(r"Use no capital letters anywhere in your reply\.")),
+    "end_phrase": ('Make "{phrase}" the very last words of your reply.',
+                   re.compile(r'Make "([^"\n]+)" the very last words of your reply\.')),
+    "keyword": ('Mention the word "{word}" somewhere in your reply.',
+                re.compile(r'Mention the word "([A-Za-z]+)" somewhere in your reply\.')),
+    "bullets": ('Reply as a list of {n} items, one per line, each beginning with "- ".',
+                re.compile(r'Reply as a list of (\d+) items, one per line, each beginning with "- "\.')),
+    "no_commas": ("Avoid the comma character entirely.", re.compile(r"Avoid the comma character entirely\.")),
+    "json": ('Reply only with JSON: an object whose one key is "{key}".',
+             re.compile(r'Reply only with JSON: an object whose one key is "([a-z_]+)"\.')),
+    "starts_with": ('Make "{word}" the first word of your reply.',
+                    re.compile(r'Make "([A-Za-z]+)" the first word of your reply\.')),
+    "quotes": ("Put your whole reply inside double quotes.",
+               re.compile(r"Put your whole reply inside double quotes\.")),
+    "n_sentences": ("Write {n} sentences, no more and no fewer.",
+                    re.compile(r"Write (\d+) sentences, no more and no fewer\.")),
+}  # fmt: skip
+
+
+def _patterns(fam: Constraint) -> tuple[re.Pattern, ...]:
+    held_out = HELD_OUT_PHRASINGS.get(fam.name)
+    return (fam.pattern,) if held_out is None else (fam.pattern, held_out[1])
+
+
 def parse_constraints(prompt: str) -> list[tuple[str, dict]]:
-    """Every constraint sentence found in ``prompt``, in prompt order."""
+    """Every constraint sentence found in ``prompt`` (training or held-out phrasing), in prompt order."""
     found: list[tuple[int, str, dict]] = []
     for fam in FAMILIES:
-        for m in fam.pattern.finditer(prompt):
-            found.append((m.start(), fam.name, fam._params_from_match(m)))
+        for pattern in _patterns(fam):
+            for m in pattern.finditer(prompt):
+                found.append((m.start(), fam.name, fam._params_from_match(m)))
     found.sort(key=lambda x: x[0])
     return [(name, params) for _, name, params in found]
 
 
 def instruction_spans(prompt: str) -> list[tuple[int, int]]:
-    spans = [(m.start(), m.end()) for fam in FAMILIES for m in fam.pattern.finditer(prompt)]
+    spans = [(m.start(), m.end()) for fam in FAMILIES for p in _patterns(fam) for m in p.finditer(prompt)]
     return sorted(spans)
+
+
+def rephrase(prompt: str) -> str:
+    """``prompt`` with every training-phrased constraint sentence in its held-out phrasing (same parameters)."""
+    for fam in FAMILIES:
+        template = HELD_OUT_PHRASINGS[fam.name][0]
+        prompt = fam.pattern.sub(lambda m, f=fam, t=template: t.format(**f._params_from_match(m)), prompt)
+    return prompt
 
 
 def check_all(response: str, constraints: list[tuple[str, dict]]) -> list[tuple[str, bool]]:

@@ -181,6 +181,12 @@ def load_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def rephrased_row(row: dict) -> dict:
+    """An evaluation row with its constraint sentences in their held-out phrasings."""
+    prompt = [{**m, "content": C.rephrase(m["content"])} if m["role"] == "user" else m for m in row["prompt"]]
+    return {**row, "prompt": prompt}
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w") as f:
         for r in rows:
@@ -685,6 +691,7 @@ def main(argv=None) -> int:
         "pref_test.jsonl": pref_test,
         "ppo_prompts.jsonl": ppo,
         "eval_prompts.jsonl": evalp,
+        "eval_prompts_rephrased.jsonl": [rephrased_row(r) for r in evalp],
     }
     for name, rows in files.items():
         write_jsonl(out / name, strip_private(rows))
@@ -801,6 +808,10 @@ All files are JSON lines in TRL's conversational format.
 6. **PPO prompts** (`ppo_prompts.jsonl`, training topics) and **evaluation prompts**
    (`eval_prompts.jsonl`, the {len(EVAL_TOPICS)} evaluation topics only, disjoint from the
    {len(TRAIN_TOPICS)} training topics): `prompt` only.
+7. **Held-out phrasings** (`eval_prompts_rephrased.jsonl`): the same evaluation prompts with every
+   constraint sentence said in words no training prompt uses (`constraints.HELD_OUT_PHRASINGS`, e.g.
+   "Keep your reply to 20 words or fewer." for "Answer in at most 20 words."), same parameters; the
+   judge parses both. Gold on this split shows whether a gain holds beyond the training phrasing.
 
 ## Sizes and statistics
 

@@ -266,3 +266,47 @@ def test_report_renders_in_headless_chromium(written, tmp_path):
     )
     assert p.returncode == 0, p.stdout + p.stderr
     assert png.stat().st_size > 10_000
+
+
+def curve(name, kind, kl, reward, gold=0.5, iteration=None):
+    return {"name": name, "kind": kind, "iteration": iteration, "kl_to_sft": kl, "reward_mean": reward,
+            "gold_score": gold, "gold_rephrased": None}  # fmt: skip
+
+
+CURVES = [
+    curve("sft", "sft", 0.0, 0.10, iteration=0),
+    curve("ppo-iter-000004", "ppo_checkpoint", 3.0, 0.40, iteration=4),
+    curve("ppo-iter-000008", "ppo_checkpoint", 5.0, 0.60, iteration=8),
+    curve("ppo", "ppo", 7.0, 0.90, gold=0.9, iteration=12),
+]
+
+
+@pytest.mark.parametrize(
+    "budget, want",
+    [(4.0, "ppo-iter-000004"), (5.0, "ppo-iter-000008"), (100.0, "ppo"), (1.0, "sft"), (None, None)],
+)
+def test_recommend_highest_reward_within_the_kl_budget(budget, want):
+    from pipeline.eval_report import recommend
+
+    pick = recommend(CURVES, budget)
+    assert pick["name"] == want and pick["kl_budget"] == budget
+    if want:
+        assert pick["reward_mean"] == next(c["reward_mean"] for c in CURVES if c["name"] == want)
+
+
+def test_recommend_ignores_gold():
+    from pipeline.eval_report import recommend
+
+    gold_favours_sft = [{**c, "gold_score": 1.0 if c["kind"] == "sft" else 0.0} for c in CURVES]
+    assert recommend(gold_favours_sft, 4.0)["name"] == recommend(CURVES, 4.0)["name"] == "ppo-iter-000004"
+    worse_than_sft = [{**c, "reward_mean": -1.0} if c["kind"] != "sft" else c for c in CURVES]
+    assert recommend(worse_than_sft, 100.0)["name"] == "sft"  # no PPO checkpoint beats SFT on the reward model
+
+
+def test_report_names_the_recommendation(results):
+    report = aggregate(results, kl_budget=1e9)
+    rec = report["recommended"]
+    best = max(report["curves"], key=lambda c: c["reward_mean"])
+    assert rec["name"] == best["name"]
+    assert f"Recommended checkpoint: {best['name']}" in summary_table(report)
+    assert aggregate(results)["recommended"]["name"] is None  # no budget, no recommendation

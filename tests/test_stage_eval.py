@@ -68,6 +68,10 @@ def test_eval_stage_end_to_end(ppo_artifacts, bf16, capsys):
         "false",
         "--bf16",
         bf16,
+        "--kl_budget",
+        "1000",
+        "--publish_recommended",
+        "true",
     ]
     assert cli(argv) == 0
     report = json.loads((ppo_artifacts / "eval" / "report.json").read_text())
@@ -84,8 +88,23 @@ def test_eval_stage_end_to_end(ppo_artifacts, bf16, capsys):
     ppo, sft = (results["checkpoints"][n]["sampled"]["gold"] for n in ("ppo", "sft"))
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ppo, sft)]
     assert pair["win_rate_gold"] == pytest.approx(sum(wins) / 6)
+    for name, c in cks.items():  # the held-out phrasing: the same prompts in other words, scored by the gold judge
+        rephrased = results["checkpoints"][name]["rephrased"]
+        assert len(rephrased["responses"]) == 6 and c["gold_rephrased"] == pytest.approx(sum(rephrased["gold"]) / 6)
+    # The recommendation, recomputed from the per-prompt results: with a budget no checkpoint exceeds, the
+    # highest mean reward-model score wins, whatever the gold judge says.
+    means = {n: sum(results["checkpoints"][n]["sampled"]["reward"]) / 6 for n in cks}
+    want = max(means, key=means.get)
+    manifest_json = json.loads((ppo_artifacts / "eval" / "manifest.json").read_text())
+    pick = manifest_json["metrics"]["recommended"]
+    assert pick["name"] == want and pick["reward_mean"] == pytest.approx(means[want])
+    published = ppo_artifacts / "eval" / "policy_adapter"
+    assert published.is_dir() == (want != "sft") and pick.get("published") == (
+        "policy_adapter" if want != "sft" else None
+    )
     for f in ("report.md", "report.html", "results.json", "manifest.json"):
         assert (ppo_artifacts / "eval" / f).is_file()
+    assert "Recommended checkpoint: " + want in (ppo_artifacts / "eval" / "report.md").read_text()
     manifest = (ppo_artifacts / "eval" / "manifest.json").read_text()
     capsys.readouterr()
     assert cli(argv) == 0  # complete for the same inputs and config: skipped, artifact unchanged
