@@ -70,3 +70,31 @@ def test_pairwise_accuracy_counts_ties_as_wrong(monkeypatch):
     out = pairwise_accuracy(None, None, pairs)
     # wins on pairs 0 and 2, a loss on 1, a tie on 3 (counted wrong); margins 2, -1, 1, 0
     assert out == {"accuracy": 0.5, "margin_mean": 0.5, "num_pairs": 4}
+
+
+def test_reward_adapters_of_two_seeds_form_an_ensemble_on_one_base(setup):
+    """Two reward stages on one SFT model (``--seed``): PPO's ensemble loader keeps one base and switches
+    adapters, and each member scores exactly as that stage's merged ``reward/model`` does."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from reward_models.learned import load_reward_members, load_reward_tokenizer, reward_scores
+
+    s = setup
+    assert run_sft(s) == 0
+    sft_model = str(s["artifacts"] / "sft" / "model")
+    dirs = [s["artifacts"], s["artifacts"].parent / "rm-7"]
+    assert run_rm(s) == 0
+    assert run_rm({**s, "artifacts": dirs[1]}, "--model_name_or_path", sft_model, "--seed", "7") == 0
+    paths = [str(d / "reward" / "adapter") for d in dirs]
+    tok = load_reward_tokenizer(sft_model)
+    members = load_reward_members(paths, tok, torch.float32, torch.device("cpu"), batch_size=4)
+    assert members[0].model is members[1].model  # one base, two adapters
+    prompts = [[{"role": "user", "content": f"Tell me about topic {i}."}] for i in range(6)]
+    responses = ["A short answer.", "Another, longer answer about it.", "x", "Yes.", "No, not at all.", "Maybe"]
+    scores = [m(prompts, responses) for m in members]
+    assert (scores[0] - scores[1]).abs().max() > 1e-4  # different seeds, different reward models
+    for d, got in zip(dirs, scores):
+        merged = AutoModelForSequenceClassification.from_pretrained(d / "reward" / "model").eval()
+        want = reward_scores(merged, load_reward_tokenizer(str(d / "reward" / "model")), prompts, responses)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
