@@ -7,6 +7,9 @@ For every seed (it seeds the SFT, reward-model and RL stages alike), on the embe
 
 1. ``sft``: SFT with ``configs/sft_demo.yaml``, then the reward model with ``configs/reward_demo.yaml``;
 2. each RL recipe ``configs/<recipe>.yaml`` on that SFT and reward model;
+   A recipe whose config sets ``reward_aggregation`` (``configs/ppo_ensemble_demo.yaml``) is scored by an
+   ensemble: that seed's reward model plus ``--ensemble_members - 1`` more trained on the same SFT model with
+   other seeds;
 3. ``sft_matched``: SFT from scratch with the demo recipe plus as many extra steps as the RL stage's
    training time buys at the SFT stage's measured seconds per step (compute-matched SFT);
 4. ``configs/eval_demo.yaml`` on each (sampled decoding, 200 held-out prompts, the held-out phrasings too).
@@ -32,6 +35,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -145,7 +150,18 @@ def run(args) -> dict:
         for recipe in args.recipes:
             d = root / recipe
             link_inputs(base, d)
-            runner.stage(d, "pipeline.stage_ppo", f"configs/{recipe}.yaml", *s)
+            extra = []
+            if "reward_aggregation" in yaml.safe_load((REPO / "configs" / f"{recipe}.yaml").read_text()):
+                # An ensemble recipe: this seed's reward model plus members trained with other seeds on the
+                # same SFT model, LoRA adapters on one base.
+                members = [str(d / "reward" / "adapter")]
+                for i in range(1, args.ensemble_members):
+                    m = root / f"reward-member-{i}"
+                    runner.stage(m, "pipeline.stage_reward", "configs/reward_demo.yaml", "--model_name_or_path",
+                                 str(base / "sft" / "model"), "--seed", str(seed + 1000 * i))  # fmt: skip
+                    members.append(str(m / "reward" / "adapter"))
+                extra = ["--reward_model_path", *members]
+            runner.stage(d, "pipeline.stage_ppo", f"configs/{recipe}.yaml", *s, *extra)
             runner.stage(
                 d, "pipeline.stage_eval", "configs/eval_demo.yaml", "--checkpoints", "sft", "ppo", *eval_flags
             )
@@ -216,6 +232,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/quality", help="where the artifact directories and the summary go")
     ap.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     ap.add_argument("--recipes", nargs="+", default=["ppo_demo"], help="RL recipes: configs/<recipe>.yaml")
+    ap.add_argument(
+        "--ensemble_members",
+        type=int,
+        default=3,
+        help="reward models per ensemble recipe (one whose config sets reward_aggregation)",
+    )
     ap.add_argument("--kl_budget", type=float, default=4.0, help="the evaluation's recommendation budget (nats)")
     ap.add_argument(
         "--matched_steps",
