@@ -25,6 +25,7 @@ def test_usage_lists_every_command(capsys):
         ("pipeline.stage_reward", "configs/reward_demo.yaml"),
         ("pipeline.stage_ppo", "configs/ppo_demo.yaml"),
         ("pipeline.stage_ppo", "configs/ppo_rloo_demo.yaml"),
+        ("pipeline.stage_ppo", "configs/ppo_ensemble_demo.yaml"),
         ("pipeline.stage_eval", "configs/eval_demo.yaml"),
     ],
 )
