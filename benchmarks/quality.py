@@ -10,7 +10,7 @@ For every seed (it seeds the SFT, reward-model and RL stages alike), on the embe
    A recipe whose config sets ``reward_aggregation`` (``configs/ppo_ensemble_demo.yaml``) is scored by an
    ensemble: that seed's reward model plus ``--ensemble_members - 1`` more trained on the same SFT model with
    other seeds;
-3. ``sft_matched``: SFT from scratch with the demo recipe plus as many extra steps as the RL stage's
+3. ``sft_matched``: SFT from scratch with the demo recipe plus as many extra steps as the first RL recipe's
    training time buys at the SFT stage's measured seconds per step (compute-matched SFT);
 4. ``configs/eval_demo.yaml`` on each (sampled decoding, 200 held-out prompts, the held-out phrasings too).
 
@@ -175,8 +175,9 @@ def run(args) -> dict:
                 "recommended": {"checkpoint": pick, **compare(eval_row(d, pick), sft_eval)},
                 "rl_train_s": train_s,
             }
-        # Compute-matched SFT: the demo's SFT recipe plus the steps the slowest RL recipe's training time buys.
-        extra = round(max(rl_seconds) / seconds_per_step) if rl_seconds else 0
+        # Compute-matched SFT: the demo's SFT recipe plus the steps the first RL recipe's training time buys
+        # (the first, so that adding a recipe later does not change a finished baseline).
+        extra = round(rl_seconds[0] / seconds_per_step) if rl_seconds else 0
         matched = root / "sft_matched"
         steps = args.matched_steps or int(sft_steps) + extra
         runner.stage(matched, "pipeline.stage_sft", "configs/sft_demo.yaml", *s, "--max_steps", str(steps))
