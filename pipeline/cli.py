@@ -1,4 +1,4 @@
-"""The ``rlhf`` console command: ``rlhf {sft,rm,ppo,eval,demo} [flags | --config FILE.yaml]``."""
+"""The ``rlhf`` console command: ``rlhf {sft,reward,ppo,eval,demo,verify} [flags | --config FILE.yaml]``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ COMMANDS = {
     "ppo": ("pipeline.stage_ppo", "PPO with GAE (single process; use `accelerate launch` for more) -> artifacts/ppo"),
     "eval": ("pipeline.stage_eval", "side-by-side evaluation of base, SFT and PPO -> artifacts/eval"),
     "demo": ("pipeline.demo", "the whole chain on the embedded default"),
+    "verify": ("pipeline.verify", "check every stage's weight files against their recorded sha256"),
 }
 
 
