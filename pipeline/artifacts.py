@@ -278,6 +278,8 @@ def input_record(path: str | os.PathLike) -> dict:
     p = Path(path)
     if (p / MANIFEST).exists():
         return {"path": str(p), "sha256": artifact_hash(p)}
+    if (p.parent / MANIFEST).exists():  # a part of a stage: reward/adapter, sft/model
+        return {"path": str(p), "sha256": artifact_hash(p.parent), "part": p.name}
     if p.is_file():
         return {"path": str(p), "sha256": file_sha256(p)}
     return {"path": str(p)}  # a hub id: identified by name (and revision in the config)
@@ -301,6 +303,7 @@ VOLATILE_KEYS = {
     "push_to_hub", "hub_model_id", "hub_token", "local_rank", "dataloader_num_workers", "save_strategy",
     "save_steps", "save_total_limit", "logging_first_step", "logging_strategy", "use_cpu",
     "resume_from_checkpoint", "stop_after_iterations", "save_every", "sample_every",
+    "artifact_dir",  # where the artifacts lie is not what they are: a moved directory still skips and resumes
 }  # fmt: skip
 
 
@@ -314,8 +317,13 @@ def resolved_config(**parts) -> dict:
 
 
 def fingerprint(config: dict, inputs: dict) -> str:
-    """Hash of what determines a stage's output: its resolved config and its inputs' hashes."""
-    payload = json.dumps({"config": _jsonable(config), "inputs": _jsonable(inputs)}, sort_keys=True)
+    """Hash of what determines a stage's output: its resolved config and its inputs' hashes. An input with a
+    content hash counts by that hash alone, not by where it lies (a hub id counts by its name)."""
+    identity = {
+        k: {f: v for f, v in rec.items() if f != "path"} if isinstance(rec, dict) and rec.get("sha256") else rec
+        for k, rec in inputs.items()
+    }
+    payload = json.dumps({"config": _jsonable(config), "inputs": _jsonable(identity)}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -305,7 +305,9 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
             inputs["reward" if i == 0 else f"reward_{i}"] = art.input_record(path)
     if value is None:
         value_path = None
-    inputs["value_init"] = value_path
+    # Named by role, so that the fingerprint does not change with the artifact directory's location.
+    roles = {single: "reward", policy_path: "policy"}
+    inputs["value_init"] = None if value_path is None else roles.get(value_path) or art.input_record(value_path)
     models = {"policy_path": policy_path, "value_path": value_path, "reward_paths": reward_paths,
               "same_tokenizer": same_tok}  # fmt: skip
     return Built(model, tok, reward_fn, inputs, models)

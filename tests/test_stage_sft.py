@@ -268,3 +268,20 @@ def test_every_row_longer_than_max_length_is_one_line(setup, capsys):
     assert run_sft(setup, "--max_length", "4") == 2
     assert "every row of the SFT data is longer than --max_length 4" in error_line(capsys)
     assert not (setup["artifacts"] / "sft").exists()
+
+
+def test_a_moved_artifact_directory_still_skips_completed_stages(setup, capsys):
+    """Fingerprints count inputs by content hash, not by location: SFT and reward moved elsewhere are still
+    complete for the same command, and the reward stage's record of its SFT input still matches."""
+    import shutil
+
+    s = setup
+    assert run_sft(s) == 0 and run_rm(s) == 0
+    moved = s["artifacts"].parent / "moved"
+    shutil.move(str(s["artifacts"]), moved)
+    capsys.readouterr()
+    assert run_sft({**s, "artifacts": moved}) == 0 and run_rm({**s, "artifacts": moved}) == 0
+    out = capsys.readouterr().out
+    assert out.count("is complete for these inputs and config; skipping") == 2, out
+    assert run_rm({**s, "artifacts": moved}, "--seed", "3") == 0  # another setting: trained again
+    assert "skipping" not in capsys.readouterr().out
