@@ -14,9 +14,13 @@ For every seed (it seeds the SFT, reward-model and RL stages alike), on the embe
    training time buys at the SFT stage's measured seconds per step (compute-matched SFT);
 4. ``configs/eval_demo.yaml`` on each (sampled decoding, 200 held-out prompts, the held-out phrasings too).
 
-Every run is a normal artifact directory under ``--out``, so a completed stage is skipped on a rerun and an
-interrupted one continues: run it in the background and rerun it after a kill. ``--max_runs N`` stops after
-N stage runs, for running in chunks. The summary (``quality.json`` and ``quality.md`` in ``--out``) gives per
+Every run is a normal artifact directory under ``--out`` (``a/seed-S/<recipe>/``, the first recipe's holding
+that seed's SFT and reward model as a demo directory does; ``a/seed-S/sft_matched/``), so a completed stage is
+skipped on a rerun and an interrupted one continues: run it in the background and rerun it after a kill.
+The main runs of every seed come first, then the compute-matched SFT runs. ``--max_runs N`` stops after N
+stage runs; ``--summarize_only`` writes the table from whatever is complete.
+
+The summary (``quality.json`` and ``quality.md`` in ``--out``) gives per
 recipe, over seeds, the mean and a 95% t interval of: gold score and its gain over SFT (same seed), gold win
 rate against SFT, reward-model win rate against SFT, KL to SFT, gold on the held-out phrasings and its gain,
 and the RL stage's training time; for the final policy and for the checkpoint the evaluation recommends
@@ -63,11 +67,15 @@ def manifest(art: Path, stage: str) -> dict | None:
 
 
 class Runner:
-    def __init__(self, max_runs: int | None, log: Path):
-        self.max_runs, self.runs, self.log = max_runs, 0, log
+    def __init__(self, max_runs: int | None, log: Path, trust_complete: bool = False):
+        self.max_runs, self.runs, self.log, self.trust_complete = max_runs, 0, log, trust_complete
 
     def stage(self, art: Path, module: str, config: str, *extra: str) -> None:
         """Run one stage (a no-op when its manifest says complete for these settings)."""
+        stage = {"sft": "sft", "reward": "reward", "ppo": "ppo", "eval": "eval"}[module.rsplit("_", 1)[-1]]
+        if self.trust_complete and complete(art, stage):
+            print(f"quality: {art.name}/{stage} is complete: kept as it is (--trust_complete)", flush=True)
+            return
         if self.max_runs is not None and self.runs >= self.max_runs:
             print(f"quality: stopping after {self.runs} stage runs (--max_runs); rerun to continue", flush=True)
             sys.exit(0)
@@ -127,29 +135,22 @@ def compare(policy: dict, sft: dict) -> dict:
     return out
 
 
-def run(args) -> dict:
+def run(args) -> None:
+    """Run every stage, main runs of every seed first, then the compute-matched SFT runs (the longest)."""
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    runner = Runner(args.max_runs, out / "stages.log")
+    runner = Runner(args.max_runs, out / "stages.log", args.trust_complete)
     eval_flags = ("--kl_budget", str(args.kl_budget))
-    per_seed = {}
+    first = args.recipes[0]
     for seed in args.seeds:
-        root = out / "a" / f"seed-{seed}"
-        base = root / "sft"
-        s = ("--seed", str(seed))
-        runner.stage(base, "pipeline.stage_sft", "configs/sft_demo.yaml", *s)
-        runner.stage(base, "pipeline.stage_reward", "configs/reward_demo.yaml", *s)
-        runner.stage(base, "pipeline.stage_eval", "configs/eval_demo.yaml", "--checkpoints", "sft", *eval_flags)
-        sft_m = manifest(base, "sft")["metrics"]
-        sft_steps = sft_m["train_steps"]
-        seconds_per_step = sft_m["train_runtime_s"] / sft_steps
-        sft_eval = eval_row(base, "sft")
-        seed_out = {"sft": {"gold": mean(sft_eval["gold"]), "gold_rephrased": mean(sft_eval["gold_rephrased"]),
-                            "train_s": sft_m["train_runtime_s"], "steps": sft_steps}}  # fmt: skip
-        rl_seconds = []
+        root, s = out / "a" / f"seed-{seed}", ("--seed", str(seed))
+        main_dir = root / first  # SFT and reward model live with the first recipe's run, as in a demo
+        runner.stage(main_dir, "pipeline.stage_sft", "configs/sft_demo.yaml", *s)
+        runner.stage(main_dir, "pipeline.stage_reward", "configs/reward_demo.yaml", *s)
         for recipe in args.recipes:
             d = root / recipe
-            link_inputs(base, d)
+            if d != main_dir:
+                link_inputs(main_dir, d)
             extra = []
             if "reward_aggregation" in yaml.safe_load((REPO / "configs" / f"{recipe}.yaml").read_text()):
                 # An ensemble recipe: this seed's reward model plus members trained with other seeds on the
@@ -158,32 +159,60 @@ def run(args) -> dict:
                 for i in range(1, args.ensemble_members):
                     m = root / f"reward-member-{i}"
                     runner.stage(m, "pipeline.stage_reward", "configs/reward_demo.yaml", "--model_name_or_path",
-                                 str(base / "sft" / "model"), "--seed", str(seed + 1000 * i))  # fmt: skip
+                                 str(main_dir / "sft" / "model"), "--seed", str(seed + 1000 * i))  # fmt: skip
                     members.append(str(m / "reward" / "adapter"))
                 extra = ["--reward_model_path", *members]
             runner.stage(d, "pipeline.stage_ppo", f"configs/{recipe}.yaml", *s, *extra)
-            runner.stage(
-                d, "pipeline.stage_eval", "configs/eval_demo.yaml", "--checkpoints", "sft", "ppo", *eval_flags
-            )
+            runner.stage(d, "pipeline.stage_eval", "configs/eval_demo.yaml", *eval_flags)
+    for seed in args.seeds:
+        # Compute-matched SFT: the demo's SFT recipe plus the steps the first RL recipe's training time buys at
+        # the SFT stage's measured seconds per step (the first recipe, so adding one later changes nothing).
+        root, s = out / "a" / f"seed-{seed}", ("--seed", str(seed))
+        sft_m, ppo_m = manifest(root / first, "sft")["metrics"], manifest(root / first, "ppo")["metrics"]
+        rl_s = ppo_m["seconds_per_iteration"] * ppo_m["iterations"]
+        steps = args.matched_steps or sft_m["train_steps"] + round(
+            rl_s / (sft_m["train_runtime_s"] / sft_m["train_steps"])
+        )
+        matched = root / "sft_matched"
+        runner.stage(matched, "pipeline.stage_sft", "configs/sft_demo.yaml", *s, "--max_steps", str(steps))
+        link_inputs(root / first, matched, ("reward",))
+        runner.stage(matched, "pipeline.stage_eval", "configs/eval_demo.yaml", "--checkpoints", "sft", *eval_flags)
+
+
+def complete(d: Path, stage: str) -> bool:
+    m = manifest(d, stage)
+    return bool(m) and m.get("status") == "complete"
+
+
+def collect(args) -> dict:
+    """Every finished run's numbers, per seed, from the artifact directories (whatever is complete)."""
+    out = Path(args.out).resolve()
+    first = args.recipes[0]
+    per_seed = {}
+    for seed in args.seeds:
+        root = out / "a" / f"seed-{seed}"
+        if not complete(root / first, "eval"):
+            continue
+        sft_eval = eval_row(root / first, "sft")
+        sft_m = manifest(root / first, "sft")["metrics"]
+        seed_out = {"sft": {"gold": mean(sft_eval["gold"]), "gold_rephrased": mean(sft_eval["gold_rephrased"]),
+                            "train_s": sft_m["train_runtime_s"], "steps": sft_m["train_steps"]}}  # fmt: skip
+        for recipe in args.recipes:
+            d = root / recipe
+            if not complete(d, "eval"):
+                continue
             ppo_m = manifest(d, "ppo")["metrics"]
-            train_s = ppo_m["seconds_per_iteration"] * ppo_m["iterations"]
-            rl_seconds.append(train_s)
-            report = json.loads((d / "eval" / "report.json").read_text())
-            pick = report["recommended"]["name"] or "ppo"
+            pick = json.loads((d / "eval" / "report.json").read_text())["recommended"]["name"] or "ppo"
             seed_out[recipe] = {
                 "final": compare(eval_row(d, "ppo"), sft_eval),
                 "recommended": {"checkpoint": pick, **compare(eval_row(d, pick), sft_eval)},
-                "rl_train_s": train_s,
+                "rl_train_s": ppo_m["seconds_per_iteration"] * ppo_m["iterations"],
             }
-        # Compute-matched SFT: the demo's SFT recipe plus the steps the first RL recipe's training time buys
-        # (the first, so that adding a recipe later does not change a finished baseline).
-        extra = round(rl_seconds[0] / seconds_per_step) if rl_seconds else 0
         matched = root / "sft_matched"
-        steps = args.matched_steps or int(sft_steps) + extra
-        runner.stage(matched, "pipeline.stage_sft", "configs/sft_demo.yaml", *s, "--max_steps", str(steps))
-        link_inputs(base, matched, ("reward",))
-        runner.stage(matched, "pipeline.stage_eval", "configs/eval_demo.yaml", "--checkpoints", "sft", *eval_flags)
-        seed_out["sft_matched"] = {"final": compare(eval_row(matched, "sft"), sft_eval), "steps": steps}
+        if complete(matched, "eval"):
+            steps = manifest(matched, "sft")["metrics"]["train_steps"]
+            seed_out["sft_matched"] = {"final": compare(eval_row(matched, "sft"), sft_eval), "steps": steps,
+                                       "train_s": manifest(matched, "sft")["metrics"]["train_runtime_s"]}  # fmt: skip
         per_seed[seed] = seed_out
     return summarize(per_seed, args)
 
@@ -195,10 +224,14 @@ def summarize(per_seed: dict, args) -> dict:
     rows = {}
     for recipe in list(args.recipes) + ["sft_matched"]:
         for which in ("final", "recommended") if recipe != "sft_matched" else ("final",):
-            vals = [per_seed[s][recipe][which] for s in per_seed]
+            done = [s for s in per_seed if recipe in per_seed[s]]
+            if not done:
+                continue
+            vals = [per_seed[s][recipe][which] for s in done]
             row = {k: t_interval([v.get(k) for v in vals]) for k in KEYS}
+            row["seeds"] = done
             if recipe != "sft_matched":
-                row["rl_train_s"] = t_interval([per_seed[s][recipe]["rl_train_s"] for s in per_seed])
+                row["rl_train_s"] = t_interval([per_seed[s][recipe]["rl_train_s"] for s in done])
             rows[f"{recipe} ({which})" if recipe != "sft_matched" else "SFT, compute-matched"] = row
     sft = {k: t_interval([per_seed[s]["sft"][k] for s in per_seed]) for k in ("gold", "gold_rephrased")}
     return {"seeds": list(per_seed), "per_seed": per_seed, "sft": sft, "summary": rows, "kl_budget": args.kl_budget}
@@ -216,13 +249,16 @@ def markdown(result: dict) -> str:
             "gain, held-out phrasing", "RL training s"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     sft = result["sft"]
-    lines.append(f"| SFT (demo) | {fmt(sft['gold'])} | | | | 0 | {fmt(sft['gold_rephrased'])} | | |")
+    lines.append(
+        f"| SFT (demo), {len(result['seeds'])} seeds | {fmt(sft['gold'])} | | | | 0 "
+        f"| {fmt(sft['gold_rephrased'])} | | |"
+    )
     for name, row in result["summary"].items():
         cells = [fmt(row[k]) for k in KEYS] + [fmt(row.get("rl_train_s", (None, None, None)), 0)]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    n = len(result["seeds"])
+        lines.append(f"| {name}, {len(row.get('seeds', []))} seeds | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"Mean over {n} seeds ({', '.join(map(str, result['seeds']))}) with a 95% t interval over seeds. "
+    lines.append(f"Mean over seeds ({', '.join(map(str, result['seeds']))}; each row names its own) with a 95% t "
+                 "interval over seeds (none for one seed). "
                  f"'recommended': the checkpoint the evaluation picks without the gold judge (KL budget "
                  f"{result['kl_budget']} nats).")  # fmt: skip
     return "\n".join(lines)
@@ -246,13 +282,22 @@ def main(argv=None) -> int:
         default=None,
         help="SFT steps of the compute-matched run (default: the demo's plus what the RL time buys)",
     )
+    ap.add_argument(
+        "--trust_complete",
+        action="store_true",
+        help="keep every complete stage as it is, even one whose fingerprint differs (made by an "
+        "earlier version of the code, or by `make demo` moved into place)",
+    )
+    ap.add_argument("--summarize_only", action="store_true", help="write the table from what is complete; run nothing")
     ap.add_argument("--max_runs", type=int, default=None, help="stop after N stage runs (rerun to continue)")
     args = ap.parse_args(argv)
     for recipe in args.recipes:
         if not (REPO / "configs" / f"{recipe}.yaml").is_file():
             print(f"error: no configs/{recipe}.yaml; name a recipe under configs/", file=sys.stderr)
             return 2
-    result = run(args)
+    if not args.summarize_only:
+        run(args)
+    result = collect(args)
     out = Path(args.out)
     (out / "quality.json").write_text(json.dumps(result, indent=1))
     table = markdown(result)

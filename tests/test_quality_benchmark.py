@@ -36,9 +36,9 @@ def test_markdown_table_has_one_row_per_run():
     ci = (0.5, 0.4, 0.6)
     row = {k: ci for k in quality.KEYS}
     result = {"seeds": [1, 2], "kl_budget": 4.0, "sft": {"gold": ci, "gold_rephrased": ci},
-              "summary": {"ppo_demo (final)": {**row, "rl_train_s": (400.0, 380.0, 420.0)},
-                          "SFT, compute-matched": row}}  # fmt: skip
+              "summary": {"ppo_demo (final)": {**row, "rl_train_s": (400.0, 380.0, 420.0), "seeds": [1, 2]},
+                          "SFT, compute-matched": {**row, "seeds": [1]}}}  # fmt: skip
     lines = quality.markdown(result).splitlines()
-    assert lines[2].startswith("| SFT (demo) | 0.500 [0.400, 0.600]")
-    assert lines[3].startswith("| ppo_demo (final) |") and lines[3].endswith("| 400 [380, 420] |")
-    assert lines[4].startswith("| SFT, compute-matched |") and lines[4].endswith("| n/a |")
+    assert lines[2].startswith("| SFT (demo), 2 seeds | 0.500 [0.400, 0.600]")
+    assert lines[3].startswith("| ppo_demo (final), 2 seeds |") and lines[3].endswith("| 400 [380, 420] |")
+    assert lines[4].startswith("| SFT, compute-matched, 1 seeds |") and lines[4].endswith("| n/a |")
