@@ -416,6 +416,10 @@ def skip_if_complete(
     if force or not is_complete_for(artifact_dir, stage, fingerprint_):
         return False
     where = Layout(artifact_dir).stage(stage)
+    run_dir = Layout(artifact_dir).run_dir(stage)
+    if is_main_process and run_dir.exists() and run_fingerprint(run_dir) == fingerprint_:
+        # The checkpoints of the run that made this artifact, left by a kill after its publish: done with.
+        shutil.rmtree(run_dir, ignore_errors=True)
     say(f"{stage}: {where} is complete for these inputs and config; skipping (--force reruns)")
     return True
 

@@ -138,3 +138,63 @@ def test_sft_killed_mid_training_continues(setup):
     same_weights(killed / "sft" / "adapter" / "adapter_model.safetensors",
                  full / "sft" / "adapter" / "adapter_model.safetensors", atol=1e-6)  # fmt: skip
     assert json.loads((killed / "sft" / "manifest.json").read_text())["metrics"]["train_steps"] == 4
+
+
+# --------------------------------------------------------------------------- kills at exact code points
+def with_fault(point: str, cmd: list[str]) -> list[str]:
+    """``cmd`` (``python -m MODULE ARGS``) run under the fault-injection harness (tests/reliability/faults.py)."""
+    assert cmd[1] == "-m"
+    return [cmd[0], "-m", "tests.reliability.faults", point, *cmd[2:]]
+
+
+def killed_by_fault(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, f"not killed at the fault point: {proc.stderr[-3000:]}"
+
+
+def test_ppo_killed_mid_checkpoint_write_resumes_from_the_previous_one(uninterrupted, tmp_path, tiny_tok):
+    want, prompts = uninterrupted
+    art = make_artifacts(tmp_path / "artifacts", tiny_tok)
+    killed_by_fault(with_fault("mid_checkpoint:3", ppo_command(art, prompts)))
+    ckpts = art / "ppo-run" / "checkpoints"
+    assert (ckpts / ".tmp-iter-000003").is_dir() and not (ckpts / "iter-000003").exists()  # caught mid-write
+    assert len(read_metrics(art / "ppo-run" / "metrics.jsonl")) == 3 and not (art / "ppo").exists()
+    finish(ppo_command(art, prompts))  # resumes from iter-000002: one interval redone
+    assert numbers(read_metrics(art / "ppo" / "metrics.jsonl")) == numbers(
+        read_metrics(want / "ppo" / "metrics.jsonl")
+    )
+    same_weights(art / "ppo" / "policy_adapter" / "adapter_model.safetensors",
+                 want / "ppo" / "policy_adapter" / "adapter_model.safetensors")  # fmt: skip
+
+
+def sft_command(setup, art: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "pipeline.stage_sft", "--model_name_or_path", str(setup["base"]),
+            "--dataset_name", str(setup["sft"]), "--artifact_dir", str(art), "--max_steps", str(steps),
+            "--save_steps", "1", "--per_device_train_batch_size", "4", "--lora_r", "4", "--lora_alpha", "8",
+            "--report_to", "none"]  # fmt: skip
+
+
+def test_killed_after_the_manifest_the_rerun_publishes_without_training(setup):
+    art = setup["artifacts"]
+    killed_by_fault(with_fault("after_manifest", sft_command(setup, art, 2)))
+    staged = art / ".sft.staging" / "manifest.json"
+    assert staged.exists() and not (art / "sft").exists()  # finished, not yet published
+    written = staged.read_text()
+    finish(sft_command(setup, art, 2))
+    assert (art / "sft" / "manifest.json").read_text() == written  # the finished stage, not a second training
+    # Its run's checkpoints go too: left behind, they would block the next run with other settings.
+    assert not (art / ".sft.staging").exists() and not (art / "sft-run").exists()
+    finish(sft_command(setup, art, 3))
+    assert json.loads((art / "sft" / "manifest.json").read_text())["metrics"]["train_steps"] == 3
+
+
+def test_killed_between_the_two_renames_the_rerun_publishes_the_new_artifact(setup):
+    art = setup["artifacts"]
+    finish(sft_command(setup, art, 1))  # a previous artifact to publish over
+    killed_by_fault(with_fault("between_renames", sft_command(setup, art, 2)))
+    assert not (art / "sft").exists() and (art / ".sft.old" / "manifest.json").exists()
+    written = (art / ".sft.staging" / "manifest.json").read_text()
+    finish(sft_command(setup, art, 2))
+    assert (art / "sft" / "manifest.json").read_text() == written
+    assert json.loads(written)["metrics"]["train_steps"] == 2
+    assert not (art / ".sft.old").exists() and not (art / ".sft.staging").exists()
