@@ -26,9 +26,10 @@ if __package__ in (None, ""):  # `accelerate launch pipeline/stage_ppo.py`
 
 from pipeline.config import StageArguments, run_cli
 from pipeline.errors import PipelineError
+from reward_models.composite import AGGREGATIONS  # a light import: torch loads lazily
 
 ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
-AGGREGATIONS = ("mean", "min", "mean_minus_std")  # reward_models.composite.AGGREGATIONS, without its imports
+
 # Base-weight dtype -> the autocast precision it needs (None: plain float32).
 PRECISION_PAIRS = {"float32": None, "bfloat16": "bf16", "float16": "fp16"}
 # PPO's settings of TRL's ModelConfig fields (the policy adapter; LoRA dropout is off in RLHF [N+]).
