@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PeerFailed, PipelineError
 
 # Our defaults for TRL's SFT and reward trainers, where TRL's suit full fine-tuning on GPUs more than
 # LoRA on any device (each stage adds its own learning rate and trainer-specific settings).
@@ -147,8 +147,12 @@ def run_cli(make_parser: Callable, main: Callable, argv: list[str] | None = None
         check_trackers(args)
         with stage_lock(args):
             main(*args)
+    except PeerFailed:  # another process of this run printed the error
+        return 2
     except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        # Another process's progress bar may hold the terminal's current line: start a new one.
+        start = "\n" if int(os.environ.get("RANK", "0")) != 0 else ""
+        print(f"{start}error: {e}", file=sys.stderr, flush=True)
         return 2
     except OSError as e:
         if e.errno != errno.ENOSPC:

@@ -3,3 +3,8 @@
 
 class PipelineError(Exception):
     """A user-facing error: printed as one line, exit status 2, no artifact touched."""
+
+
+class PeerFailed(PipelineError):
+    """Raised on every other process when one process of a multi-process run stopped with a PipelineError: that
+    process prints the one line; these exit with status 2 in silence (``config.run_cli``)."""

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import string
+import time
 
 import pytest
 import torch
@@ -486,6 +488,44 @@ def test_reward_settings_and_failing_functions_are_one_line(tiny_artifacts, prom
     assert run_ppo(tiny_artifacts, prompts_file, **settings) == 2
     errs = error_lines(capsys.readouterr().err)
     assert len(errs) == 1 and message in errs[0], errs
+    assert not (tiny_artifacts / "ppo").exists()
+
+
+def failing_on_rank_1_rule(prompt, response):
+    if os.environ.get("RANK") == "1":
+        raise ValueError("cannot parse the answer")
+    return 0.0
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_stops_every_process(tiny_artifacts, prompts_file):
+    """A refusal raised on rank 1 alone: rank 1 prints its one line, rank 0 learns of it in the same step and
+    exits 2 in silence (rather than crash in its next collective), and nothing is published. The launcher
+    adds its own summary of the failed processes."""
+    t = time.perf_counter()
+    proc = launch_two_processes(
+        "pipeline/stage_ppo.py",
+        "--artifact_dir",
+        str(tiny_artifacts),
+        "--dataset_name",
+        str(prompts_file),
+        *flags(
+            {
+                **PPO_BASE,
+                "num_iterations": 2,
+                "rollout_batch_size": 4,
+                "save_every": 1,
+                "reward_funcs": f"{__name__}:failing_on_rank_1_rule",
+            }
+        ),  # fmt: skip
+    )
+    assert proc.returncode != 0
+    errs = [line for line in proc.stderr.splitlines() if line.startswith("error:")]  # the launcher adds its summary
+    assert len(errs) == 1, proc.stderr[-3000:]
+    assert errs[0].startswith(f"error: reward function {__name__}:failing_on_rank_1_rule raised"), errs
+    assert "[rank0]" not in proc.stderr and "RuntimeError" not in proc.stderr  # rank 0 did not crash in gloo
+    assert proc.stderr.count("exitcode  : 2") >= 1  # the launcher's summary: the ranks exited 2
+    assert time.perf_counter() - t < 120
     assert not (tiny_artifacts / "ppo").exists()
 
 

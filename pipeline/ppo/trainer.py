@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline import artifacts as art
-from pipeline.errors import PipelineError
+from pipeline.errors import PeerFailed, PipelineError
 from pipeline.ppo import checkpoint as ckpt
 from pipeline.ppo.core import (
     AdaptiveKLController,
@@ -108,6 +108,21 @@ class Rollout:
     returns: Tensor  # [B, R]
     stats: dict
     texts: list[tuple[str, str, float]]  # (prompt, response, score) for sample tables
+
+
+def stop_together(accelerator, error: PipelineError | None) -> None:
+    """Raise ``error`` (a refusal found on this process) so that every process stops at once: the process that
+    found it raises it (one line), every other one raises :class:`PeerFailed` (silent, exit 2). Without this a
+    refusal on one process leaves the others in their next collective, which ends in a gloo/NCCL traceback."""
+    if accelerator.num_processes == 1:
+        if error is not None:
+            raise error
+        return
+    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "max")
+    if error is not None:
+        raise error
+    if failed.item() > 0:
+        raise PeerFailed("another process stopped with an error (above)")
 
 
 class NonFiniteGuard:
@@ -319,7 +334,11 @@ class PPOTrainer:
         response_texts = tok.batch_decode(
             responses.masked_fill(responses == tok.eos_token_id, tok.pad_token_id), skip_special_tokens=True
         )
-        raw_scores = self.reward_fn(prompts, response_texts).to(device).float()
+        try:  # rule functions run on each process's own rollouts: a refusal may come from one process only
+            raw_scores, failed = self.reward_fn(prompts, response_texts).to(device).float(), None
+        except PipelineError as e:
+            raw_scores, failed = None, e
+        stop_together(self.accelerator, failed)
         all_raw = self.accelerator.gather(raw_scores)
         scores = raw_scores
         if args.normalize_scores:
