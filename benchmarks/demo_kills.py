@@ -14,8 +14,8 @@ The rerun is the same plain command. Recorded per kill, in ``<artifact_dir>/kill
 - ``work_since_checkpoint_s``: the seconds between the newest checkpoint's write and the kill, which the rerun
   must do again;
 - ``rerun_stage_s`` and ``killed_stage_s``: the killed stage's wall time before the kill and in the rerun;
-- at the end, each stage's total over all attempts and the whole wall time, to set beside the reference
-  demo's stage times (``--reference_log``, the demo's own output, when given).
+- ``rerun_skips_s``: the rerun's time to pass the stages completed before the killed one;
+- at the end, each stage's total over all attempts and the whole wall time.
 
 A kill of the demo process group takes the stage child with it; the script then checks no stage process is
 left running before it reruns.
@@ -186,7 +186,11 @@ def main(argv=None) -> int:
         record_path.write_text(json.dumps(record, indent=2))
         return 1
     for kill, nxt in zip(record["kills"], record["attempts"][1:]):
-        kill["rerun_stage_s"] = round(nxt["stage_s"].get(KILL_POINTS[kill["point"]][0], 0.0), 1)
+        title = KILL_POINTS[kill["point"]][0]
+        kill["rerun_stage_s"] = round(nxt["stage_s"].get(title, 0.0), 1)
+        # The rerun passes the stages completed before the killed one: each loads its manifest and skips.
+        before = STAGES[: STAGES.index(title)]
+        kill["rerun_skips_s"] = round(sum(nxt["stage_s"].get(t, 0.0) for t in before), 1)
     totals: dict[str, float] = {}
     for attempt in record["attempts"]:
         for name, secs in attempt["stage_s"].items():
