@@ -26,7 +26,15 @@ rate against SFT, reward-model win rate against SFT, KL to SFT, gold on the held
 and the RL stage's training time; for the final policy and for the checkpoint the evaluation recommends
 without the gold judge (``--kl_budget``).
 
-Setting (b) of the quality issue (scarce demonstrations) is not implemented here yet.
+Two data settings (``--setting``):
+
+- ``a``: the embedded data as the demo uses it;
+- ``b``: scarce demonstrations. SFT trains on ``sft_scarce.jsonl`` (a fifth of the demonstrations, the split
+  ``train_scarce``) for ``--scarce_sft_epochs`` epochs; the reward model and PPO use the comparisons and
+  prompts of the questions SFT never saw (``pref_scarce.jsonl``, ``ppo_prompts_scarce.jsonl``,
+  ``data/embedded/README.md``). Its compute-matched SFT trains more epochs on the same demonstrations, so it
+  shows whether SFT had converged. Runs live under ``b/seed-S/``, the summary in ``quality-b.json`` and
+  ``quality-b.md``.
 """
 
 from __future__ import annotations
@@ -142,11 +150,12 @@ def run(args) -> None:
     runner = Runner(args.max_runs, out / "stages.log", args.trust_complete)
     eval_flags = ("--kl_budget", str(args.kl_budget))
     first = args.recipes[0]
+    sft_data, rl_data = setting_flags(args)
     for seed in args.seeds:
-        root, s = out / "a" / f"seed-{seed}", ("--seed", str(seed))
+        root, s = out / args.setting / f"seed-{seed}", ("--seed", str(seed))
         main_dir = root / first  # SFT and reward model live with the first recipe's run, as in a demo
-        runner.stage(main_dir, "pipeline.stage_sft", "configs/sft_demo.yaml", *s)
-        runner.stage(main_dir, "pipeline.stage_reward", "configs/reward_demo.yaml", *s)
+        runner.stage(main_dir, "pipeline.stage_sft", "configs/sft_demo.yaml", *s, *sft_data)
+        runner.stage(main_dir, "pipeline.stage_reward", "configs/reward_demo.yaml", *s, *rl_data)
         for recipe in args.recipes:
             d = root / recipe
             if d != main_dir:
@@ -159,24 +168,33 @@ def run(args) -> None:
                 for i in range(1, args.ensemble_members):
                     m = root / f"reward-member-{i}"
                     runner.stage(m, "pipeline.stage_reward", "configs/reward_demo.yaml", "--model_name_or_path",
-                                 str(main_dir / "sft" / "model"), "--seed", str(seed + 1000 * i))  # fmt: skip
+                                 str(main_dir / "sft" / "model"), "--seed", str(seed + 1000 * i),
+                                 *rl_data)  # fmt: skip
                     members.append(str(m / "reward" / "adapter"))
                 extra = ["--reward_model_path", *members]
-            runner.stage(d, "pipeline.stage_ppo", f"configs/{recipe}.yaml", *s, *extra)
+            runner.stage(d, "pipeline.stage_ppo", f"configs/{recipe}.yaml", *s, *extra, *rl_data)
             runner.stage(d, "pipeline.stage_eval", "configs/eval_demo.yaml", *eval_flags)
     for seed in args.seeds:
         # Compute-matched SFT: the demo's SFT recipe plus the steps the first RL recipe's training time buys at
         # the SFT stage's measured seconds per step (the first recipe, so adding one later changes nothing).
-        root, s = out / "a" / f"seed-{seed}", ("--seed", str(seed))
+        root, s = out / args.setting / f"seed-{seed}", ("--seed", str(seed))
         sft_m, ppo_m = manifest(root / first, "sft")["metrics"], manifest(root / first, "ppo")["metrics"]
         rl_s = ppo_m["seconds_per_iteration"] * ppo_m["iterations"]
         steps = args.matched_steps or sft_m["train_steps"] + round(
             rl_s / (sft_m["train_runtime_s"] / sft_m["train_steps"])
         )
         matched = root / "sft_matched"
-        runner.stage(matched, "pipeline.stage_sft", "configs/sft_demo.yaml", *s, "--max_steps", str(steps))
+        runner.stage(matched, "pipeline.stage_sft", "configs/sft_demo.yaml", *s, *sft_data, "--max_steps", str(steps))
         link_inputs(root / first, matched, ("reward",))
         runner.stage(matched, "pipeline.stage_eval", "configs/eval_demo.yaml", "--checkpoints", "sft", *eval_flags)
+
+
+def setting_flags(args) -> tuple[list[str], list[str]]:
+    """The data flags of ``--setting``: (SFT's, the reward model's and PPO's)."""
+    if args.setting == "a":
+        return [], []
+    split = ["--dataset_train_split", "train_scarce"]
+    return [*split, "--max_steps", "-1", "--num_train_epochs", str(args.scarce_sft_epochs)], split
 
 
 def complete(d: Path, stage: str) -> bool:
@@ -190,7 +208,7 @@ def collect(args) -> dict:
     first = args.recipes[0]
     per_seed = {}
     for seed in args.seeds:
-        root = out / "a" / f"seed-{seed}"
+        root = out / args.setting / f"seed-{seed}"
         if not complete(root / first, "eval"):
             continue
         sft_eval = eval_row(root / first, "sft")
@@ -211,7 +229,8 @@ def collect(args) -> dict:
         matched = root / "sft_matched"
         if complete(matched, "eval"):
             steps = manifest(matched, "sft")["metrics"]["train_steps"]
-            seed_out["sft_matched"] = {"final": compare(eval_row(matched, "sft"), sft_eval), "steps": steps,
+            row = {**compare(eval_row(matched, "sft"), sft_eval), "kl": None}  # its KL is to itself, not to SFT
+            seed_out["sft_matched"] = {"final": row, "steps": steps,
                                        "train_s": manifest(matched, "sft")["metrics"]["train_runtime_s"]}  # fmt: skip
         per_seed[seed] = seed_out
     return summarize(per_seed, args)
@@ -288,6 +307,12 @@ def main(argv=None) -> int:
         help="keep every complete stage as it is, even one whose fingerprint differs (made by an "
         "earlier version of the code, or by `make demo` moved into place)",
     )
+    ap.add_argument(
+        "--setting", choices=["a", "b"], default="a", help="a: the embedded data; b: scarce demonstrations"
+    )
+    ap.add_argument(
+        "--scarce_sft_epochs", type=int, default=5, help="setting b: SFT epochs over the scarce demonstrations"
+    )
     ap.add_argument("--summarize_only", action="store_true", help="write the table from what is complete; run nothing")
     ap.add_argument("--max_runs", type=int, default=None, help="stop after N stage runs (rerun to continue)")
     args = ap.parse_args(argv)
@@ -299,9 +324,10 @@ def main(argv=None) -> int:
         run(args)
     result = collect(args)
     out = Path(args.out)
-    (out / "quality.json").write_text(json.dumps(result, indent=1))
+    name = "quality" if args.setting == "a" else f"quality-{args.setting}"
+    (out / f"{name}.json").write_text(json.dumps({"setting": args.setting, **result}, indent=1))
     table = markdown(result)
-    (out / "quality.md").write_text(table + "\n")
+    (out / f"{name}.md").write_text(table + "\n")
     print(table)
     return 0
 

@@ -66,6 +66,11 @@ EMBEDDED_FILES = {
     ("prompt", "train"): "ppo_prompts.jsonl",
     ("prompt", "test"): "eval_prompts.jsonl",
     ("prompt", "test_rephrased"): "eval_prompts_rephrased.jsonl",  # the same prompts, held-out phrasings
+    # Setting (b), scarce demonstrations (benchmarks/quality.py --setting b): SFT gets a fifth of the
+    # demonstrations; the reward model and PPO get the comparisons and prompts of the questions SFT never saw.
+    ("sft", "train_scarce"): "sft_scarce.jsonl",
+    ("preference", "train_scarce"): "pref_scarce.jsonl",
+    ("prompt", "train_scarce"): "ppo_prompts_scarce.jsonl",
 }
 
 

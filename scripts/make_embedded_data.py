@@ -436,7 +436,14 @@ def build_sft(bases, target, rng, ntok):
             continue
         sampler.commit(combo)
         seen.add(prompt)
-        rows.append({"prompt": user(prompt), "completion": assistant(completion), "_families": [n for n, _ in combo]})
+        rows.append(
+            {
+                "prompt": user(prompt),
+                "completion": assistant(completion),
+                "_families": [n for n, _ in combo],
+                "_question": b["question"],
+            }
+        )
     return rows
 
 
@@ -501,6 +508,7 @@ def build_pref(bases, target, rng, ntok, p_gate=0.3):
                 "chosen": assistant(chosen),
                 "rejected": assistant(rejected),
                 "_families": [n for n, _ in combo],
+                "_question": b["question"],
                 "_rejected_kind": label,
             }
         )
@@ -564,6 +572,26 @@ def build_prompt_set(topics, target, rng):
     return rows
 
 
+def scarce_split(sft, pref_train, ppo, fraction: float, seed: int):
+    """Setting (b), scarce demonstrations: the demonstrations of a random set of training questions, at most
+    ``fraction`` of all demonstrations, for SFT; the comparisons and PPO prompts of every other question for the
+    reward model and PPO, so neither sees a question SFT was shown."""
+    by_q: dict[str, int] = Counter(r["_question"] for r in sft)
+    order = sorted(by_q)
+    random.Random(seed).shuffle(order)
+    cap, kept, n = int(len(sft) * fraction), set(), 0
+    for q in order:
+        if n + by_q[q] <= cap:
+            kept.add(q)
+            n += by_q[q]
+    question = lambda r: r.get("_question") or parse_prompt(prompt_text(r["prompt"])).question  # noqa: E731
+    return (
+        [r for r in sft if r["_question"] in kept],
+        [r for r in pref_train if question(r) not in kept],
+        [r for r in ppo if question(r) not in kept],
+    )
+
+
 def strip_private(rows):
     return [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
 
@@ -597,6 +625,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n_ppo", type=int, default=600)
     ap.add_argument("--n_eval", type=int, default=250)
     ap.add_argument("--test_fraction", type=float, default=0.2, help="share of base answers held out for pref_test")
+    ap.add_argument(
+        "--scarce_fraction", type=float, default=0.2, help="share of the demonstrations SFT gets in setting (b)"
+    )
     ap.add_argument(
         "--policy",
         default=None,
@@ -685,6 +716,7 @@ def main(argv=None) -> int:
     random.Random(args.seed + 9).shuffle(pref_train)
     random.Random(args.seed + 10).shuffle(pref_test)  # any prefix (--max_eval_samples) mixes both kinds
 
+    sft_scarce, pref_scarce, ppo_scarce = scarce_split(sft, pref_train, ppo, args.scarce_fraction, args.seed + 11)
     files = {
         "sft_train.jsonl": sft,
         "pref_train.jsonl": pref_train,
@@ -692,6 +724,9 @@ def main(argv=None) -> int:
         "ppo_prompts.jsonl": ppo,
         "eval_prompts.jsonl": evalp,
         "eval_prompts_rephrased.jsonl": [rephrased_row(r) for r in evalp],
+        "sft_scarce.jsonl": sft_scarce,
+        "pref_scarce.jsonl": pref_scarce,
+        "ppo_prompts_scarce.jsonl": ppo_scarce,
     }
     for name, rows in files.items():
         write_jsonl(out / name, strip_private(rows))
@@ -812,6 +847,12 @@ All files are JSON lines in TRL's conversational format.
    constraint sentence said in words no training prompt uses (`constraints.HELD_OUT_PHRASINGS`, e.g.
    "Keep your reply to 20 words or fewer." for "Answer in at most 20 words."), same parameters; the
    judge parses both. Gold on this split shows whether a gain holds beyond the training phrasing.
+8. **Scarce demonstrations** (setting (b) of `benchmarks/quality.py --setting b`; split `train_scarce`):
+   `sft_scarce.jsonl` holds the demonstrations of a random set of training questions, at most
+   {args.scarce_fraction:.0%} of `sft_train.jsonl`; `pref_scarce.jsonl` and `ppo_prompts_scarce.jsonl` hold the rows of
+   `pref_train.jsonl` and `ppo_prompts.jsonl` whose question is not in that set, so the reward model and PPO
+   learn from comparisons and prompts SFT never saw. The on-policy pairs among them were sampled from the
+   demo's SFT model, not from the one trained on the scarce demonstrations.
 
 ## Sizes and statistics
 

@@ -212,3 +212,19 @@ def test_policy_samples_are_cached_with_their_source(tiny_artifacts, tmp_path):
     assert all(r["policy"] == "sft/model" and r["temperature"] == 1.0 and r["seed"] == 0 for r in cached)
     again = med.sample_policy_answers(tmp_path / "again.jsonl", policy, prompts, 2, 4, 6, 1.0, 0)
     assert [r["response"] for r in again] == [r["response"] for r in rows]  # seeded
+
+
+def test_scarce_setting_keeps_sft_questions_away_from_the_reward_model_and_ppo(data):
+    """Setting (b): SFT gets at most a fifth of the demonstrations; the reward model's comparisons and PPO's prompts
+    come from the other questions only, and every scarce row is a row of its full file."""
+    sft, pref, ppo = load("sft_scarce.jsonl"), load("pref_scarce.jsonl"), load("ppo_prompts_scarce.jsonl")
+    assert 0.15 * len(data["sft_train.jsonl"]) <= len(sft) <= 0.2 * len(data["sft_train.jsonl"])
+    question = lambda r: parse_prompt(text_of(r["prompt"])).question  # noqa: E731
+    sft_q = {question(r) for r in sft}
+    assert not sft_q & {question(r) for r in pref} and not sft_q & {question(r) for r in ppo}
+    for scarce, full in ((sft, "sft_train.jsonl"), (pref, "pref_train.jsonl"), (ppo, "ppo_prompts.jsonl")):
+        rows = {json.dumps(r, sort_keys=True) for r in data[full]}
+        assert all(json.dumps(r, sort_keys=True) in rows for r in scarce), full
+    # What the scarce setting removes from the reward model's data is only what shares a question with SFT.
+    assert len(pref) == sum(question(r) not in sft_q for r in data["pref_train.jsonl"])
+    assert len(pref) >= 0.7 * len(data["pref_train.jsonl"]) and len(ppo) >= 0.8 * len(data["ppo_prompts.jsonl"])
