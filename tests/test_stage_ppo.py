@@ -238,17 +238,24 @@ def test_force_discards_an_interrupted_run_with_other_settings(tiny_artifacts, p
     assert [r["iteration"] for r in read_metrics(tiny_artifacts / "ppo" / "metrics.jsonl")] == [1, 2]
 
 
+def ppo_in_two_processes(art, prompts_file, **settings):
+    """The PPO stage under ``accelerate launch`` with 2 gloo processes, on ``PPO_BASE`` plus ``settings``."""
+    return launch_two_processes(
+        "pipeline/stage_ppo.py",
+        "--artifact_dir",
+        str(art),
+        "--dataset_name",
+        str(prompts_file),
+        *flags({**PPO_BASE, **settings}),
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", [{}, {"dtype": "bfloat16", "mixed_precision": "bf16"}], ids=["fp32", "bf16"])
 def test_two_process_run(tiny_artifacts, prompts_file, precision):
     n_iter, rbs = 2, 4
-    proc = launch_two_processes(
-        "pipeline/stage_ppo.py",
-        "--artifact_dir",
-        str(tiny_artifacts),
-        "--dataset_name",
-        str(prompts_file),
-        *flags({**PPO_BASE, "num_iterations": n_iter, "rollout_batch_size": rbs, "save_every": 1, **precision}),
+    proc = ppo_in_two_processes(
+        tiny_artifacts, prompts_file, num_iterations=n_iter, rollout_batch_size=rbs, save_every=1, **precision
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = tiny_artifacts / "ppo"
@@ -503,22 +510,8 @@ def test_an_error_on_one_rank_stops_every_process(tiny_artifacts, prompts_file):
     exits 2 in silence (rather than crash in its next collective), and nothing is published. The launcher
     adds its own summary of the failed processes."""
     t = time.perf_counter()
-    proc = launch_two_processes(
-        "pipeline/stage_ppo.py",
-        "--artifact_dir",
-        str(tiny_artifacts),
-        "--dataset_name",
-        str(prompts_file),
-        *flags(
-            {
-                **PPO_BASE,
-                "num_iterations": 2,
-                "rollout_batch_size": 4,
-                "save_every": 1,
-                "reward_funcs": f"{__name__}:failing_on_rank_1_rule",
-            }
-        ),  # fmt: skip
-    )
+    proc = ppo_in_two_processes(tiny_artifacts, prompts_file, num_iterations=2, rollout_batch_size=4, save_every=1,
+                                reward_funcs=f"{__name__}:failing_on_rank_1_rule")  # fmt: skip
     assert proc.returncode != 0
     errs = [line for line in proc.stderr.splitlines() if line.startswith("error:")]  # the launcher adds its summary
     assert len(errs) == 1, proc.stderr[-3000:]
