@@ -42,3 +42,16 @@ def test_markdown_table_has_one_row_per_run():
     assert lines[2].startswith("| SFT (demo), 2 seeds | 0.500 [0.400, 0.600]")
     assert lines[3].startswith("| ppo_demo (final), 2 seeds |") and lines[3].endswith("| 400 [380, 420] |")
     assert lines[4].startswith("| SFT, compute-matched, 1 seeds |") and lines[4].endswith("| n/a |")
+
+
+def test_scarce_setting_trains_sft_on_its_split_for_epochs_and_the_rest_on_theirs():
+    from argparse import Namespace
+
+    assert quality.setting_flags(Namespace(setting="a", scarce_sft_epochs=5)) == ([], [])
+    sft, rest = quality.setting_flags(Namespace(setting="b", scarce_sft_epochs=5))
+    assert sft == ["--dataset_train_split", "train_scarce", "--max_steps", "-1", "--num_train_epochs", "5"]
+    assert rest == ["--dataset_train_split", "train_scarce"]
+    from pipeline.artifacts import embedded_data
+
+    for kind in ("sft", "preference", "prompt"):
+        assert embedded_data(kind, "train_scarce").is_file()
