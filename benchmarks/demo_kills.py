@@ -37,7 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-STAGES = ("SFT", "reward model", "PPO", "evaluation")
+from pipeline.demo import STEPS  # noqa: E402
+
+STAGES = tuple(title for title, _, _ in STEPS)  # the titles `rlhf demo` prints, in order
 # (stage title, checkpoint glob under the artifact dir, what a checkpoint is)
 KILL_POINTS = {
     "sft": ("SFT", "sft-run/checkpoint-*", "HF Trainer checkpoint"),

@@ -152,7 +152,7 @@ def run(args) -> None:
     first = args.recipes[0]
     sft_data, rl_data = setting_flags(args)
     for seed in args.seeds:
-        root, s = out / args.setting / f"seed-{seed}", ("--seed", str(seed))
+        root, s = seed_dir(out, args, seed), ("--seed", str(seed))
         main_dir = root / first  # SFT and reward model live with the first recipe's run, as in a demo
         runner.stage(main_dir, "pipeline.stage_sft", "configs/sft_demo.yaml", *s, *sft_data)
         runner.stage(main_dir, "pipeline.stage_reward", "configs/reward_demo.yaml", *s, *rl_data)
@@ -177,7 +177,7 @@ def run(args) -> None:
     for seed in args.seeds:
         # Compute-matched SFT: the demo's SFT recipe plus the steps the first RL recipe's training time buys at
         # the SFT stage's measured seconds per step (the first recipe, so adding one later changes nothing).
-        root, s = out / args.setting / f"seed-{seed}", ("--seed", str(seed))
+        root, s = seed_dir(out, args, seed), ("--seed", str(seed))
         sft_m, ppo_m = manifest(root / first, "sft")["metrics"], manifest(root / first, "ppo")["metrics"]
         rl_s = ppo_m["seconds_per_iteration"] * ppo_m["iterations"]
         steps = args.matched_steps or sft_m["train_steps"] + round(
@@ -187,6 +187,11 @@ def run(args) -> None:
         runner.stage(matched, "pipeline.stage_sft", "configs/sft_demo.yaml", *s, *sft_data, "--max_steps", str(steps))
         link_inputs(root / first, matched, ("reward",))
         runner.stage(matched, "pipeline.stage_eval", "configs/eval_demo.yaml", "--checkpoints", "sft", *eval_flags)
+
+
+def seed_dir(out: Path, args, seed: int) -> Path:
+    """Where one seed's runs of ``--setting`` live: ``<out>/<setting>/seed-<seed>/``."""
+    return out / args.setting / f"seed-{seed}"
 
 
 def setting_flags(args) -> tuple[list[str], list[str]]:
@@ -208,7 +213,7 @@ def collect(args) -> dict:
     first = args.recipes[0]
     per_seed = {}
     for seed in args.seeds:
-        root = out / args.setting / f"seed-{seed}"
+        root = seed_dir(out, args, seed)
         if not complete(root / first, "eval"):
             continue
         sft_eval = eval_row(root / first, "sft")

@@ -110,18 +110,22 @@ class Rollout:
     texts: list[tuple[str, str, float]]  # (prompt, response, score) for sample tables
 
 
+def any_process(accelerator, flag: bool) -> bool:
+    """Whether ``flag`` holds on any process (every process gets the same answer; no collective with one)."""
+    if accelerator.num_processes == 1:
+        return flag
+    # accelerate's reduce knows only mean/sum/max ("min" silently sums).
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max").item() > 0
+
+
 def stop_together(accelerator, error: PipelineError | None) -> None:
     """Raise ``error`` (a refusal found on this process) so that every process stops at once: the process that
     found it raises it (one line), every other one raises :class:`PeerFailed` (silent, exit 2). Without this a
     refusal on one process leaves the others in their next collective, which ends in a gloo/NCCL traceback."""
-    if accelerator.num_processes == 1:
-        if error is not None:
-            raise error
-        return
-    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "max")
+    failed_anywhere = any_process(accelerator, error is not None)
     if error is not None:
         raise error
-    if failed.item() > 0:
+    if failed_anywhere:
         raise PeerFailed("another process stopped with an error (above)")
 
 
@@ -137,9 +141,7 @@ class NonFiniteGuard:
 
     def step_ok(self, loss: Tensor, grad_norm) -> bool:
         bad = not (torch.isfinite(loss.detach()).all() and math.isfinite(float(grad_norm)))
-        # Every rank skips the same step. accelerate's reduce knows only mean/sum/max ("min" silently sums).
-        bad_anywhere = self.accelerator.reduce(torch.tensor(float(bad), device=self.accelerator.device), "max")
-        if bad_anywhere.item() == 0:
+        if not any_process(self.accelerator, bad):  # every rank skips the same step
             self.in_a_row = 0
             return True
         self.in_a_row += 1
