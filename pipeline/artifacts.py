@@ -321,14 +321,18 @@ def resolved_config(**parts) -> dict:
     return out
 
 
+def _identity(record):
+    """``record`` without the ``path`` of any part (at any depth) that carries a content hash."""
+    if isinstance(record, dict):
+        hashed = bool(record.get("sha256"))
+        return {k: _identity(v) for k, v in record.items() if not (hashed and k == "path")}
+    return [_identity(v) for v in record] if isinstance(record, (list, tuple)) else record
+
+
 def fingerprint(config: dict, inputs: dict) -> str:
     """Hash of what determines a stage's output: its resolved config and its inputs' hashes. An input with a
     content hash counts by that hash alone, not by where it lies (a hub id counts by its name)."""
-    identity = {
-        k: {f: v for f, v in rec.items() if f != "path"} if isinstance(rec, dict) and rec.get("sha256") else rec
-        for k, rec in inputs.items()
-    }
-    payload = json.dumps({"config": _jsonable(config), "inputs": _jsonable(identity)}, sort_keys=True)
+    payload = json.dumps({"config": _jsonable(config), "inputs": _jsonable(_identity(inputs))}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

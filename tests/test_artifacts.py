@@ -60,6 +60,12 @@ def test_fingerprint_follows_config_and_inputs_but_not_volatile_settings():
     assert art.fingerprint(base, inputs) == art.fingerprint(same, inputs)
     assert art.fingerprint(base, inputs) != art.fingerprint(other, inputs)
     assert art.fingerprint(base, inputs) != art.fingerprint(base, {"dataset": {"path": "a.jsonl", "sha256": "1" * 64}})
+    # Where a hashed input lies does not count, however deep its record sits (a moved checkout still skips).
+    nested = {"dataset": {"train": {"path": "/one/a.jsonl", "sha256": "0" * 64}}, "models": [{"path": "/one/m"}]}
+    moved = {"dataset": {"train": {"path": "/two/a.jsonl", "sha256": "0" * 64}}, "models": [{"path": "/one/m"}]}
+    assert art.fingerprint(base, nested) == art.fingerprint(base, moved)
+    unhashed = {"dataset": {"train": {"path": "/one/a.jsonl", "sha256": "0" * 64}}, "models": [{"path": "/two/m"}]}
+    assert art.fingerprint(base, nested) != art.fingerprint(base, unhashed)  # a path without a hash is its identity
 
 
 def test_manifest_records_the_fingerprint_that_skips_a_rerun(tmp_path, capsys):
