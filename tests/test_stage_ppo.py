@@ -434,6 +434,16 @@ def test_rloo_run_publishes_a_policy_and_no_value_model(tiny_artifacts, prompts_
     rows = read_metrics(out / "metrics.jsonl")
     # episodes count responses: 4 prompts x 2 samples per iteration
     assert [r["episode"] for r in rows] == [8, 16] and all("loss/value_avg" not in r for r in rows)
+    assert all("time/value_forward_s" not in r for r in rows)  # no value forward runs
+
+
+def test_metrics_split_each_iteration_into_timed_phases(tiny_artifacts, prompts_file):
+    assert run_ppo(tiny_artifacts, prompts_file) == 0
+    phases = ("generate", "policy_forward", "value_forward", "reference_forward", "reward")
+    for row in read_metrics(tiny_artifacts / "ppo" / "metrics.jsonl"):
+        seconds = [row[f"time/{p}_s"] for p in phases]
+        assert all(s > 0 for s in seconds) and sum(seconds) <= row["time/rollout_s"]
+        assert 0 < row["time/update_s"] <= row["time/iteration_s"] - row["time/rollout_s"]
 
 
 @pytest.mark.parametrize(

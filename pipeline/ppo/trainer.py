@@ -17,6 +17,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -82,16 +83,20 @@ class PolicyAndValue(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         """``logits_to_keep=n``: policy logits of the last ``n`` positions only (0 = all), which skips
         the vocabulary projection of the prompt. Values are None without a value model."""
-        logits = self.policy(
+        return self.policy_logits(input_ids, attention_mask, logits_to_keep), self.values(input_ids, attention_mask)
+
+    def policy_logits(self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0) -> Tensor:
+        return self.policy(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from(attention_mask),
             use_cache=False,
             logits_to_keep=logits_to_keep,
         ).logits
-        if self.value is None:
-            return logits, None
-        return logits, token_values(self.value_backbone(), input_ids, attention_mask)
+
+    def values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
+        """Per-token values ``[B, L]``, or None without a value model."""
+        return None if self.value is None else token_values(self.value_backbone(), input_ids, attention_mask)
 
 
 @dataclass
@@ -127,6 +132,34 @@ def stop_together(accelerator, error: PipelineError | None) -> None:
         raise error
     if failed_anywhere:
         raise PeerFailed("another process stopped with an error (above)")
+
+
+class PhaseClock:
+    """Wall seconds per phase of an iteration (``time/<phase>_s`` in the metrics). On an accelerator the device is
+    synchronised at each phase boundary, so a phase is charged with its own kernels: a handful of syncs per
+    iteration. On the CPU the work is synchronous and nothing extra runs."""
+
+    def __init__(self, device: torch.device):
+        module = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, torch.mps ... (torch.cpu: a no-op)
+        self._sync = getattr(module, "synchronize", None) if device.type != "cpu" else None
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if self._sync:
+            self._sync()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self._sync:
+                self._sync()
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t
+
+    def take(self) -> dict[str, float]:
+        """``{"time/<phase>_s": seconds}`` since the last call; starts afresh."""
+        out, self.seconds = {f"time/{k}_s": v for k, v in self.seconds.items()}, {}
+        return out
 
 
 class NonFiniteGuard:
@@ -247,6 +280,7 @@ class PPOTrainer:
         self.score_moments = RunningMoments()
         self.guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps)
         self.sampler = self._merged_sampler() if args.merged_generation else None
+        self.clock = PhaseClock(accelerator.device)
         n_minibatches = args.num_ppo_epochs * args.num_mini_batches
         # [minibatch, micro-batch, statistic], filled during the update and reduced once per iteration.
         self.minibatch_stats = torch.zeros(n_minibatches, sizes.gradient_accumulation_steps, len(UPDATE_STATS),
@@ -289,10 +323,12 @@ class PPOTrainer:
             self.cursor += self.sizes.batch_size
             ro = self.rollout(prompts)  # steps 1-5: generate, score, reward, advantages
             t_rollout = time.perf_counter() - t0
-            update_stats = self.update(ro)  # step 6: PPO epochs over minibatches
+            with self.clock("update"):
+                update_stats = self.update(ro)  # step 6: PPO epochs over minibatches
             self.kl_ctl.update(ro.stats["objective/kl"], self.sizes.episodes)
             row = {"iteration": iteration + 1, "episode": self.cursor * k, **ro.stats, **update_stats,
-                   "time/rollout_s": t_rollout, "time/iteration_s": time.perf_counter() - t0}  # fmt: skip
+                   **self.clock.take(), "time/rollout_s": t_rollout,
+                   "time/iteration_s": time.perf_counter() - t0}  # fmt: skip
             self.log(row, ro, bar)
             self.iteration = iteration + 1
             if self.iteration % args.save_every == 0 or self.iteration == stop_at:
@@ -327,7 +363,8 @@ class PPOTrainer:
         args, tok, device = self.args, self.tokenizer, self.accelerator.device
         self.unwrapped.eval()
         # 1. Generate a response per prompt (sampled at the temperature; stops at EOS; capped at R tokens).
-        query_response, attention_mask, P, mask, has_eos = self._generate(prompts)
+        with self.clock("generate"):
+            query_response, attention_mask, P, mask, has_eos = self._generate(prompts)
         responses = query_response[:, P:]
         # 2. One forward each: policy log-probs (and entropy), values, reference log-probs (adapter off).
         logprobs, ref_logprobs, values, entropy = self._forward(query_response, attention_mask, responses)
@@ -337,7 +374,8 @@ class PPOTrainer:
             responses.masked_fill(responses == tok.eos_token_id, tok.pad_token_id), skip_special_tokens=True
         )
         try:  # rule functions run on each process's own rollouts: a refusal may come from one process only
-            raw_scores, failed = self.reward_fn(prompts, response_texts).to(device).float(), None
+            with self.clock("reward"):
+                raw_scores, failed = self.reward_fn(prompts, response_texts).to(device).float(), None
         except PipelineError as e:
             raw_scores, failed = None, e
         stop_together(self.accelerator, failed)
@@ -442,12 +480,16 @@ class PPOTrainer:
         logprobs, ref_logprobs, values, entropies = [], [], [], []
         for i in range(0, len(query_response), chunk):
             qr, am, resp = query_response[i : i + chunk], attention_mask[i : i + chunk], responses[i : i + chunk]
-            logits, v = net(qr, am, logits_to_keep=R + 1)
-            rl = response_logits(logits, R, args.temperature)
-            logprobs.append(logprobs_from_logits(rl, resp))
-            entropies.append(entropy_from_logits(rl))
-            values.append(v[:, P - 1 : -1] if v is not None else torch.zeros_like(logprobs[-1]))
-            with net.policy.disable_adapter():  # the reference policy is the SFT model itself
+            with self.clock("policy_forward"):
+                rl = response_logits(net.policy_logits(qr, am, logits_to_keep=R + 1), R, args.temperature)
+                logprobs.append(logprobs_from_logits(rl, resp))
+                entropies.append(entropy_from_logits(rl))
+            if net.value is None:  # critic-free
+                values.append(torch.zeros_like(logprobs[-1]))
+            else:
+                with self.clock("value_forward"):
+                    values.append(net.values(qr, am)[:, P - 1 : -1])
+            with self.clock("reference_forward"), net.policy.disable_adapter():  # the reference is the SFT model
                 ref_logprobs.append(response_logprobs(net.policy, qr, am, resp, args.temperature))
         return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values), torch.cat(entropies)
 
