@@ -11,7 +11,7 @@ ARTIFACTS ?= artifacts
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast lint format data bench clean help
+.PHONY: setup demo test test-fast lint format data bench bench-anchor clean help
 
 help:
 	@echo "make demo   - whole pipeline (SFT -> RM -> PPO -> eval) on the embedded default, offline, CPU"
@@ -19,6 +19,7 @@ help:
 	@echo "make lint   - ruff format --check and ruff check (line length 119); make format rewrites"
 	@echo "make data   - regenerate the embedded task data (data/embedded/)"
 	@echo "make bench  - benchmarks (benchmarks/)"
+	@echo "make bench-anchor - PPO side by side with TRL 1.12's PPOTrainer (after make demo; docs/benchmarks.md)"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,6 +53,9 @@ data: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_stages.py
+
+bench-anchor: setup
+	$(BIN)/python benchmarks/ppo_vs_trl.py --source $(ARTIFACTS)
 
 clean:
 	rm -rf $(ARTIFACTS) .pytest_cache

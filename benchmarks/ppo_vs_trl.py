@@ -1,0 +1,299 @@
+"""PPO speed against the anchor, TRL 1.12.0's ``PPOTrainer``, side by side in one sitting.
+
+    make bench-anchor                                        # = the line below, on make demo's artifacts
+    .venv/bin/python benchmarks/ppo_vs_trl.py --source artifacts --out runs/ppo-vs-trl
+
+1. TRL removed its PPO trainer after 1.12.0, so the anchor runs in a virtual environment of its own,
+   ``.venv-anchor/`` (made once: ``trl==1.12.0`` beside this project's versions of torch, transformers, peft,
+   accelerate and datasets), through ``benchmarks/trl_ppo_anchor.py``.
+2. Both run the same work: the policy ``<source>/sft/model`` with a LoRA adapter (r=16, alpha 32, every linear
+   layer), the reward model ``<source>/reward/model`` (also the value model's start), 8 prompts ("Write one
+   short sentence about X."), batch 8, responses of at most 32 tokens at temperature 0.7, 1 PPO epoch, 1
+   minibatch, learning rate 1e-4, ``--iterations`` (6) iterations. The anchor keeps TRL's design: full fp32
+   reward and value models. Ours runs each ``--ours NAME=FLAGS`` variant (default: the stage's defaults, and
+   the demo's bf16 precision) with those flags added.
+3. Order: anchor, every variant of ours, anchor, every variant again; each run a fresh process, nothing else
+   running. Per run: the median seconds per iteration and episodes/s; per variant, the ratio of its
+   episodes/s to the anchor's (medians pooled over both runs of each).
+4. Our iterations split into phases (the stage's ``time/<phase>_s`` metrics): generation; the policy, value
+   and reference forwards; reward scoring; the update.
+5. Achieved FLOP/s: one more run of each variant, with the same seed, counts the FLOPs of every phase with
+   ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention, forward and backward, as torch
+   dispatches them; padded positions count, since the hardware computes them). Divided by the timed runs'
+   seconds, against the matmul peak this process measures for the dtype in use. The counting run must
+   reproduce the timed runs' samples (the same scores and KL per iteration), which the output checks.
+
+Writes ``<out>/ppo_vs_trl.json``; the figures go to ``docs/benchmarks.md`` with this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ANCHOR_VENV = REPO / ".venv-anchor"
+ANCHOR_TRL = "trl==1.12.0"
+PROMPT_TOPICS = ("the sea", "a library", "autumn", "coffee", "a mountain", "the city at night", "a bicycle", "rain")
+PHASES = ("generate", "policy_forward", "value_forward", "reference_forward", "reward", "update")
+DEFAULT_VARIANTS = ["defaults=", "bf16=--dtype bfloat16 --mixed_precision bf16 --value_lora_layers 8"]
+
+
+def anchor_python(venv: Path = ANCHOR_VENV) -> Path:
+    """The anchor environment's python, made on first use with this project's library versions."""
+    from importlib.metadata import version
+
+    python = venv / "bin" / "python"
+    stamp = venv / ".installed"
+    if stamp.exists():
+        return python
+    pins = [f"{p}=={version(p)}" for p in ("transformers", "peft", "accelerate", "datasets")]
+    torch_pin = f"torch=={version('torch').split('+')[0]}"
+    print(f"ppo_vs_trl: making {venv} ({ANCHOR_TRL}, {torch_pin}, {', '.join(pins)})", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", torch_pin], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", ANCHOR_TRL, *pins], check=True)
+    stamp.touch()
+    return python
+
+
+def matmul_peak(dtype_name: str, sizes=(1024, 2048), repeats: int = 5) -> float:
+    """Best GFLOP/s of a square matmul in ``dtype_name`` over ``sizes``, in this process (the CPU's attainable peak
+    for that dtype, with torch's own kernels and thread count)."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def write_prompts(path: Path) -> Path:
+    with path.open("w") as f:
+        for topic in PROMPT_TOPICS:
+            row = {"prompt": [{"role": "user", "content": f"Write one short sentence about {topic}."}]}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def ours_command(a, run_dir: Path, prompts: Path, flags: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "pipeline.stage_ppo",
+        "--artifact_dir", str(run_dir),
+        "--model_name_or_path", str(a.source / "sft" / "model"),
+        "--reward_model_path", str(a.source / "reward" / "model"),
+        "--dataset_name", str(prompts),
+        "--rollout_batch_size", "8", "--local_rollout_forward_batch_size", "8",
+        "--per_device_train_batch_size", "8", "--num_mini_batches", "1", "--num_ppo_epochs", "1",
+        "--response_length", "32", "--temperature", "0.7", "--learning_rate", "1e-4",
+        "--lora_r", "16", "--lora_alpha", "32",
+        "--num_iterations", str(a.iterations), "--save_every", str(a.iterations), "--sample_every", "0",
+        "--gold_judge", "false", "--seed", str(a.seed),
+        *flags,
+    ]  # fmt: skip
+
+
+def run(cmd: list[str], log: Path) -> float:
+    t = time.perf_counter()
+    with log.open("a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    if rc != 0:
+        sys.exit(f"ppo_vs_trl: failed (exit {rc}): {' '.join(cmd[:4])} ...; see {log}")
+    return time.perf_counter() - t
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def count_flops(out: str, argv: list[str]) -> int:
+    """Run our PPO stage with ``argv``, counting each phase's FLOPs per iteration; write them to ``out``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(REPO))
+    from pipeline import stage_ppo
+    from pipeline.ppo import trainer
+
+    rows, current = [], {}
+    timed, take = trainer.PhaseClock.__call__, trainer.PhaseClock.take
+
+    class Counted:  # the clock's context, with a FLOP counter around it
+        def __init__(self, clock, phase):
+            self.phase, self.inner, self.counter = phase, timed(clock, phase), FlopCounterMode(display=False)
+
+        def __enter__(self):
+            self.counter.__enter__()
+            return self.inner.__enter__()
+
+        def __exit__(self, *exc):
+            self.inner.__exit__(*exc)
+            self.counter.__exit__(*exc)
+            current[self.phase] = current.get(self.phase, 0) + self.counter.get_total_flops()
+
+    def take_and_record(clock):
+        rows.append(dict(current))
+        current.clear()
+        return take(clock)
+
+    trainer.PhaseClock.__call__ = lambda clock, phase: Counted(clock, phase)
+    trainer.PhaseClock.take = take_and_record
+    try:
+        rc = stage_ppo.cli(argv)
+    finally:
+        trainer.PhaseClock.__call__, trainer.PhaseClock.take = timed, take
+    Path(out).write_text(json.dumps({"flops_per_iteration": rows}))
+    return rc
+
+
+def summarize(runs: list[dict], flops: dict, peaks: dict) -> dict:
+    anchor = [s for r in runs if r["who"] == "anchor" for s in r["seconds_per_iteration"]]
+    anchor_median = statistics.median(anchor)
+    out = {"anchor": {"median_s_per_iteration": anchor_median, "episodes_per_s": 8 / anchor_median}, "ours": {}}
+    for name in dict.fromkeys(r["who"] for r in runs if r["who"] != "anchor"):
+        mine = [r for r in runs if r["who"] == name]
+        rows = [row for r in mine for row in r["rows"]]
+        median = statistics.median(row["time/iteration_s"] for row in rows)
+        phases = {p: statistics.median(row.get(f"time/{p}_s", 0.0) for row in rows) for p in PHASES}
+        entry = {
+            "median_s_per_iteration": median,
+            "episodes_per_s": 8 / median,
+            "ratio_to_anchor": anchor_median / median,
+            "median_phase_s": phases,
+            "median_rollout_s": statistics.median(row["time/rollout_s"] for row in rows),
+        }
+        counted = flops.get(name)
+        if counted:
+            per_iter = counted["flops_per_iteration"]
+            # The counting run must have drawn the same samples as the timed runs.
+            same = all(
+                abs(a["objective/scores"] - b["objective/scores"]) < 1e-4
+                and abs(a["objective/kl"] - b["objective/kl"]) < 1e-3
+                for r in mine
+                for a, b in zip(r["rows"], counted["rows"])
+            )
+            dtype = "bfloat16" if "bf16" in counted["flags"] else "float32"
+            peak = peaks[dtype]
+            total = [sum(f.values()) for f in per_iter]
+            achieved = [t / row["time/iteration_s"] / 1e9 for r in mine for t, row in zip(total, r["rows"])]
+            by_phase = {}
+            for p in PHASES:
+                rates = [f.get(p, 0) / row[f"time/{p}_s"] / 1e9 for r in mine for f, row in zip(per_iter, r["rows"])
+                         if row.get(f"time/{p}_s")]  # fmt: skip
+                if rates:
+                    by_phase[p] = statistics.median(rates)
+            entry.update({
+                "same_samples_as_timed_runs": same,
+                "gflop_per_iteration": statistics.median(total) / 1e9,
+                "achieved_gflop_per_s": statistics.median(achieved),
+                "achieved_gflop_per_s_by_phase": by_phase,
+                "peak_dtype": dtype,
+                "peak_gflop_per_s": peak,
+                "fraction_of_peak": statistics.median(achieved) / peak,
+            })  # fmt: skip
+        out["ours"][name] = entry
+    return out
+
+
+def print_table(summary: dict, runs: list[dict]) -> None:
+    print("\nrun                 median s/iter   episodes/s")
+    for r in runs:
+        s = r["seconds_per_iteration"] if r["who"] == "anchor" else [row["time/iteration_s"] for row in r["rows"]]
+        print(f"{r['who']:<20}{statistics.median(s):>14.2f}{8 / statistics.median(s):>13.3f}")
+    print(f"\nanchor (TRL 1.12.0, fp32, full reward and value models): {summary['anchor']['median_s_per_iteration']:.2f} "
+          "s/iteration")  # fmt: skip
+    for name, e in summary["ours"].items():
+        print(f"ours [{name}]: {e['median_s_per_iteration']:.2f} s/iteration, {e['ratio_to_anchor']:.2f}x the anchor's "
+              "episodes/s")  # fmt: skip
+        print("  phases (median s): " + ", ".join(f"{p} {s:.2f}" for p, s in e["median_phase_s"].items()))
+        if "achieved_gflop_per_s" in e:
+            print(f"  {e['gflop_per_iteration']:.0f} GFLOP/iteration, {e['achieved_gflop_per_s']:.1f} GFLOP/s = "
+                  f"{100 * e['fraction_of_peak']:.1f}% of the {e['peak_dtype']} matmul peak "
+                  f"({e['peak_gflop_per_s']:.0f} GFLOP/s); by phase: "
+                  + ", ".join(f"{p} {g:.1f}" for p, g in e["achieved_gflop_per_s_by_phase"].items())
+                  + f"; counting run drew the same samples: {e['same_samples_as_timed_runs']}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["count-flops"]:
+        return count_flops(argv[1], argv[2:])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", type=Path, default=Path("artifacts"), help="an artifact dir holding sft/ and reward/")
+    ap.add_argument("--out", type=Path, default=Path("runs/ppo-vs-trl"))
+    ap.add_argument("--iterations", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=2, help="anchor-ours rounds (each variant once per round)")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--ours", action="append", help="NAME=FLAGS: a variant of our stage (repeatable)")
+    ap.add_argument("--no_flops", action="store_true", help="skip the FLOP-counting runs")
+    a = ap.parse_args(argv)
+    a.source = a.source.resolve()
+    for part in ("sft/model", "reward/model"):
+        if not (a.source / part).is_dir():
+            print(
+                f"ppo_vs_trl: {a.source / part} is missing: run `make demo` first, or pass --source DIR",
+                file=sys.stderr,
+            )
+            return 2
+    variants = {}
+    for spec in a.ours or DEFAULT_VARIANTS:
+        name, _, flags = spec.partition("=")
+        variants[name] = flags.split()
+    a.out.mkdir(parents=True, exist_ok=True)
+    log, prompts = a.out / "ppo_vs_trl.log", write_prompts(a.out / "prompts.jsonl")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    python = anchor_python()
+    peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
+    print("ppo_vs_trl: matmul peak " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peaks.items()), flush=True)
+
+    runs = []
+    for rnd in range(a.rounds):
+        anchor_out = a.out / f"anchor-{rnd}.json"
+        wall = run([str(python), str(REPO / "benchmarks" / "trl_ppo_anchor.py"),
+                    "--policy", str(a.source / "sft" / "model"), "--reward", str(a.source / "reward" / "model"),
+                    "--prompts", str(prompts), "--iterations", str(a.iterations), "--seed", str(a.seed),
+                    "--out", str(anchor_out)], log)  # fmt: skip
+        runs.append({"who": "anchor", "round": rnd, "wall_s": wall, **json.loads(anchor_out.read_text())})
+        print(f"ppo_vs_trl: anchor, round {rnd + 1}: {runs[-1]['seconds_per_iteration']}", flush=True)
+        for name, flags in variants.items():
+            run_dir = a.out / f"ours-{name}-{rnd}"
+            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+            wall = run(ours_command(a, run_dir, prompts, flags), log)
+            rows = read_rows(run_dir / "ppo" / "metrics.jsonl")
+            runs.append({"who": name, "round": rnd, "wall_s": wall, "flags": flags, "rows": rows})
+            print(f"ppo_vs_trl: ours [{name}], round {rnd + 1}: {[round(r['time/iteration_s'], 2) for r in rows]}",
+                  flush=True)  # fmt: skip
+    flops = {}
+    if not a.no_flops:
+        for name, flags in variants.items():
+            run_dir, out = a.out / f"flops-{name}", a.out / f"flops-{name}.json"
+            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+            run(
+                [sys.executable, __file__, "count-flops", str(out), *ours_command(a, run_dir, prompts, flags)[3:]], log
+            )
+            flops[name] = {**json.loads(out.read_text()), "flags": flags,
+                           "rows": read_rows(run_dir / "ppo" / "metrics.jsonl")}  # fmt: skip
+    summary = summarize(runs, flops, peaks)
+    result = {"command": "python benchmarks/ppo_vs_trl.py " + " ".join(argv), "matmul_peak_gflop_per_s": peaks,
+              "summary": summary, "runs": runs}  # fmt: skip
+    (a.out / "ppo_vs_trl.json").write_text(json.dumps(result, indent=1))
+    print_table(summary, runs)
+    print(f"\nppo_vs_trl: wrote {a.out / 'ppo_vs_trl.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""benchmarks/ppo_vs_trl.py: the FLOP count of a run and the ratios of the summary (the timed runs themselves
+are the benchmark, not a test; the anchor needs its own environment)."""
+
+import importlib.util
+import json
+
+import pytest
+
+from pipeline.artifacts import REPO_ROOT
+
+spec = importlib.util.spec_from_file_location("ppo_vs_trl", REPO_ROOT / "benchmarks" / "ppo_vs_trl.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def test_flop_count_of_each_phase(tiny_artifacts, prompts_file, tmp_path, one_thread):
+    from pipeline.ppo import trainer
+
+    clock = trainer.PhaseClock.__call__
+    out = tmp_path / "flops.json"
+    argv = ["--artifact_dir", str(tiny_artifacts), "--dataset_name", str(prompts_file), "--num_iterations", "2",
+            "--rollout_batch_size", "4", "--per_device_train_batch_size", "4", "--local_rollout_forward_batch_size",
+            "4", "--response_length", "8", "--sample_every", "0", "--gold_judge", "false"]  # fmt: skip
+    assert bench.count_flops(str(out), argv) == 0
+    assert trainer.PhaseClock.__call__ is clock  # the patch is undone
+    rows = json.loads(out.read_text())["flops_per_iteration"]
+    assert len(rows) == 2
+    for f in rows:
+        assert set(f) == set(bench.PHASES) and all(v > 0 for v in f.values())
+        # The same model over the same tokens: the policy forward is the reference's plus its LoRA matmuls.
+        assert f["reference_forward"] < f["policy_forward"]
+        # The update runs the policy and value forwards again, and their backward.
+        assert f["update"] > f["policy_forward"] + f["value_forward"]
+
+
+def test_summary_ratios_by_hand():
+    rows = [{"time/iteration_s": s, "time/rollout_s": s / 2, "time/generate_s": s / 4, "time/update_s": s / 2,
+             "objective/scores": 0.1, "objective/kl": 0.0} for s in (2.0, 4.0, 3.0)]  # fmt: skip
+    runs = [
+        {"who": "anchor", "seconds_per_iteration": [10.0, 12.0, 11.0]},
+        {"who": "ours", "rows": rows},
+        {"who": "anchor", "seconds_per_iteration": [13.0, 9.0, 12.0]},
+        {"who": "ours", "rows": rows},
+    ]
+    flops = {"ours": {"flags": [], "rows": rows, "flops_per_iteration": [{"generate": 6e9, "update": 3e9}] * 3}}
+    s = bench.summarize(runs, flops, {"float32": 10.0, "bfloat16": 40.0})
+    assert s["anchor"]["median_s_per_iteration"] == 11.5  # median of all six anchor iterations
+    ours = s["ours"]["ours"]
+    assert ours["median_s_per_iteration"] == 3.0 and ours["ratio_to_anchor"] == pytest.approx(11.5 / 3.0)
+    assert ours["achieved_gflop_per_s"] == pytest.approx(3.0)  # 9 GFLOP over 2, 3 and 4 s: median 3
+    assert ours["fraction_of_peak"] == pytest.approx(0.3) and ours["same_samples_as_timed_runs"]
+    assert ours["achieved_gflop_per_s_by_phase"]["generate"] == pytest.approx(6 / 0.75)
