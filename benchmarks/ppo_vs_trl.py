@@ -213,11 +213,11 @@ def print_table(summary: dict, runs: list[dict]) -> None:
     for r in runs:
         s = r["seconds_per_iteration"] if r["who"] == "anchor" else [row["time/iteration_s"] for row in r["rows"]]
         print(f"{r['who']:<20}{statistics.median(s):>14.2f}{8 / statistics.median(s):>13.3f}")
-    print(f"\nanchor (TRL 1.12.0, fp32, full reward and value models): {summary['anchor']['median_s_per_iteration']:.2f} "
-          "s/iteration")  # fmt: skip
+    anchor = summary["anchor"]["median_s_per_iteration"]
+    print(f"\nanchor (TRL 1.12.0, fp32, full reward and value models): {anchor:.2f} s/iteration")
     for name, e in summary["ours"].items():
-        print(f"ours [{name}]: {e['median_s_per_iteration']:.2f} s/iteration, {e['ratio_to_anchor']:.2f}x the anchor's "
-              "episodes/s")  # fmt: skip
+        print(f"ours [{name}]: {e['median_s_per_iteration']:.2f} s/iteration, "
+              f"{e['ratio_to_anchor']:.2f}x the anchor's episodes/s")  # fmt: skip
         print("  phases (median s): " + ", ".join(f"{p} {s:.2f}" for p, s in e["median_phase_s"].items()))
         if "achieved_gflop_per_s" in e:
             print(f"  {e['gflop_per_iteration']:.0f} GFLOP/iteration, {e['achieved_gflop_per_s']:.1f} GFLOP/s = "
