@@ -25,6 +25,7 @@ if __package__ in (None, ""):
 from pipeline import artifacts as art
 from pipeline.config import StageArguments, run_cli
 from pipeline.errors import PipelineError
+from pipeline.modeling import contiguous_head
 
 CHECKPOINT_KINDS = ("base", "sft", "ppo")
 
@@ -151,7 +152,7 @@ def load_merged_policy(sft_path: str, adapter: Path, dtype):
     weights = PeftModel.from_pretrained(full, str(adapter)).merge_and_unload().state_dict()
     model = AutoModelForCausalLM.from_pretrained(sft_path, dtype=dtype).eval()
     model.load_state_dict(weights)
-    return model
+    return contiguous_head(model)
 
 
 def plan_checkpoints(args: EvalArguments, layout) -> list[tuple[str, str, int | None, Path | None]]:
@@ -184,7 +185,7 @@ def load_base_model(sft_manifest: dict, vocab_size: int, dtype):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     if vocab_size > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(vocab_size)
-    return model
+    return contiguous_head(model)
 
 
 def evaluate_policy(model, sft, tok, prompts, args: EvalArguments, score, name: str, greedy: bool) -> dict:
@@ -278,7 +279,7 @@ def main(stage: StageArguments, args: EvalArguments) -> dict | None:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # one device; models follow it
     rm = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1, dtype=dtype).eval().to(device)
-    sft = AutoModelForCausalLM.from_pretrained(sft_path, dtype=dtype).eval().to(device)
+    sft = contiguous_head(AutoModelForCausalLM.from_pretrained(sft_path, dtype=dtype).eval().to(device))
 
     def score(texts: list[str]) -> dict:
         return {

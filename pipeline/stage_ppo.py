@@ -230,7 +230,7 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from pipeline import artifacts as art
-    from pipeline.modeling import load_tokenizer, lora_config
+    from pipeline.modeling import contiguous_head, load_tokenizer, lora_config
     from pipeline.ppo.trainer import PolicyAndValue
     from reward_models.composite import CompositeReward, load_reward_func
     from reward_models.learned import (
@@ -263,6 +263,7 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
     dtype = getattr(torch, model_args.dtype)
     policy_base = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype, revision=model_args.model_revision)
     policy_base.config.pad_token_id = tok.pad_token_id
+    contiguous_head(policy_base)
     if len(tok) > policy_base.get_input_embeddings().weight.shape[0]:
         raise PipelineError(
             f"{policy_path}: its tokenizer has {len(tok)} tokens and the model's embedding "

@@ -110,6 +110,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     from pipeline.modeling import (
         check_finite_training,
         check_model_args,
+        contiguous_head,
         ensure_distinct_pad_token,
         load_tokenizer,
         lora_config,
@@ -143,6 +144,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
         model_path, revision=model_args.model_revision, dtype=dtype, attn_implementation=model_args.attn_implementation
     )
     ensure_distinct_pad_token(tokenizer, model)
+    contiguous_head(model)
 
     with art.stage_output(stage_args.artifact_dir, "sft", config, inputs, training_args.process_index == 0) as out:
         training_args.output_dir = str(run_dir)

@@ -73,3 +73,27 @@ def test_non_finite_training_is_refused(tmp_path, tiny_tok):
         next(p for p in model.parameters()).fill_(float("inf"))
     with pytest.raises(PipelineError, match="trainable weights became NaN"):
         check_finite_training(fine, "SFT")
+
+
+def test_contiguous_head_feeds_the_vocabulary_projection_a_contiguous_input(tmp_path, tiny_tok):
+    """transformers slices ``hidden[:, -k:, :]`` before the projection; without the hook torch broadcasts and
+    copies the whole weight per row. With it the projection sees a contiguous input and the logits are the same."""
+    from peft import LoraConfig, get_peft_model
+
+    from pipeline.modeling import contiguous_head
+
+    model = make_causal_lm(tmp_path / "m", tiny_tok).eval()
+    ids = torch.randint(0, 100, (3, 9))
+    with torch.no_grad():
+        before = model(input_ids=ids, logits_to_keep=4).logits
+    seen = []
+    contiguous_head(model)
+    contiguous_head(model)  # a second call adds nothing
+    model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))  # the head is not an adapter target
+    with torch.no_grad():
+        after = peft(input_ids=ids, logits_to_keep=4).logits
+        peft.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert seen == [True] * len(seen) and len(seen) == 3  # the forward, the prefill and one decoding step
+    assert len(model.get_output_embeddings()._forward_pre_hooks) == 1
+    torch.testing.assert_close(after, before)

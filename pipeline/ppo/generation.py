@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.modeling import contiguous_head
+
 
 def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
     """``{name in the plain model: LoRA layer}`` for every LoRA-wrapped module of ``peft_model``."""
@@ -97,6 +99,7 @@ class MergedPolicy:
         # Buffers (rotary frequencies) were built on the CPU outside ``init_empty_weights``: follow the weights.
         model.to(next(base.parameters()).device)
         model.generation_config = base.generation_config
+        contiguous_head(model)
         model.requires_grad_(False)
         self.model = model.eval()
         self.layers = lora_layers(peft_model)
