@@ -572,3 +572,15 @@ def test_ensemble_of_reward_adapters_shares_one_base_and_aggregates(tiny_artifac
     expected = separate.mean(0) - 0.5 * separate.std(0, unbiased=False)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert trainer.models["reward_paths"] == paths and trainer.models["value_path"] == base
+
+
+@pytest.mark.parametrize("merged", [True, False])
+def test_sampler_log_probs_match_the_training_forward(tiny_artifacts, prompts_file, merged):
+    """The rollout path (the merged copy or the PEFT policy, sampling through generate) draws from the distribution
+    the training forward computes: in fp32 the multiplicative token-probability error stays at 1, iteration after
+    iteration, as the adapter moves away from zero (a learning rate high enough to move it)."""
+    assert run_ppo(tiny_artifacts, prompts_file, merged_generation=merged, learning_rate=1e-2, num_iterations=3) == 0
+    rows = read_metrics(tiny_artifacts / "ppo" / "metrics.jsonl")
+    assert rows[-1]["objective/kl"] != 0.0  # the policy moved
+    for row in rows:
+        assert 1.0 <= row["val/sampler_token_prob_error"] < 1.0 + 1e-4

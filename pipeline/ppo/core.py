@@ -53,6 +53,13 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return total.sum(dim) / m.sum(dim).clamp(min=1).to(x.dtype)
 
 
+def token_prob_error(sampler_logprobs: Tensor, train_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """How far the sampler's per-token probabilities stray from the training forward's: the mean over response
+    tokens of ``exp(|log p_sampler - log p_train|)``, 1 when they agree (NeMo-RL's multiplicative token
+    probability error, docs/adding-new-models.md). All arguments ``[B, R]``; returns a scalar."""
+    return masked_mean(torch.exp((sampler_logprobs - train_logprobs).abs()), mask)
+
+
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """Variance of ``x`` over all positions where ``mask`` is set (scalar).
 

@@ -38,11 +38,12 @@ from pipeline.ppo.core import (
     masked_var,
     masked_whiten,
     policy_loss,
+    token_prob_error,
     token_rewards,
     value_loss,
 )
 from pipeline.ppo.gae import compute_gae, grpo_advantages, reward_to_go, rloo_advantages
-from pipeline.sampling import sampling_kwargs
+from pipeline.sampling import InverseCDFSampler, sampling_kwargs
 from pipeline.sequences import position_ids_from, response_logits, response_logprobs, response_mask
 
 RewardFn = Callable[[list[list[dict]], list[str]], Tensor]  # (prompts, responses) -> scores [B] on the CPU
@@ -364,7 +365,7 @@ class PPOTrainer:
         self.unwrapped.eval()
         # 1. Generate a response per prompt (sampled at the temperature; stops at EOS; capped at R tokens).
         with self.clock("generate"):
-            query_response, attention_mask, P, mask, has_eos = self._generate(prompts)
+            query_response, attention_mask, P, mask, has_eos, sampler_logprobs = self._generate(prompts)
         responses = query_response[:, P:]
         # 2. One forward each: policy log-probs (and entropy), values, reference log-probs (adapter off).
         logprobs, ref_logprobs, values, entropy = self._forward(query_response, attention_mask, responses)
@@ -396,6 +397,8 @@ class PPOTrainer:
         advantages, returns = self._advantages(rewards, values, mask)
 
         kl_seq = torch.where(mask, kl, 0.0).sum(1)  # [B] sequence KL (nats)
+        # The sampler's own log-probs against the training forward's, on the sampled tokens (1 = they agree).
+        prob_error = token_prob_error(sampler_logprobs, logprobs, mask)
         non_score = rewards.sum(1) - torch.where(mask.sum(1) > 0, scores, 0.0)
         g = self.accelerator.gather_for_metrics
         stats = {
@@ -408,6 +411,7 @@ class PPOTrainer:
             "objective/kl_coef": self.kl_ctl.value,
             "val/eos_rate": g(has_eos.float()).mean().item(),
             "val/response_length": g(mask.sum(1).float()).mean().item(),
+            "val/sampler_token_prob_error": g(prob_error.unsqueeze(0)).mean().item(),
         }
         parts = getattr(self.reward_fn, "last_components", {})
         if parts.get("members") is not None and len(parts["members"]) > 1:  # ensemble disagreement
@@ -440,17 +444,19 @@ class PPOTrainer:
             advantages = torch.where(mask, per_sequence.unsqueeze(1), 0.0)
         return advantages, torch.zeros_like(advantages)
 
-    def _generate(self, prompts: list[list[dict]]) -> tuple[Tensor, Tensor, int, Tensor, Tensor]:
-        """``(query_response [B, P+R], attention_mask [B, P+R], P, mask [B, R], has_eos [B])``: left-padded
-        prompts, then sampled responses cut at their first EOS and right-padded with the pad token."""
+    def _generate(self, prompts: list[list[dict]]) -> tuple[Tensor, Tensor, int, Tensor, Tensor, Tensor]:
+        """``(query_response [B, P+R], attention_mask [B, P+R], P, mask [B, R], has_eos [B], sampler_logprobs
+        [B, R])``: left-padded prompts, then sampled responses cut at their first EOS and right-padded with the
+        pad token, and the log-prob of each sampled token under the distribution it was drawn from."""
         args, tok = self.args, self.tokenizer
         chunk, R = args.local_rollout_forward_batch_size, args.response_length
         texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
         enc = enc.to(self.accelerator.device)
         P = enc["input_ids"].shape[1]
+        draw = InverseCDFSampler(record_logprobs=True)
         gen_kwargs = dict(
-            **sampling_kwargs(args.temperature, args.top_k, args.top_p),
+            **sampling_kwargs(args.temperature, args.top_k, args.top_p, draw),
             max_new_tokens=R,
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
@@ -459,18 +465,24 @@ class PPOTrainer:
         if self.sampler is not None:
             self.sampler.sync()  # the merged copy takes the adapter as the last update left it
             sampler = self.sampler
-        outs = [
-            sampler.generate(input_ids=enc["input_ids"][i : i + chunk],
-                             attention_mask=enc["attention_mask"][i : i + chunk], **gen_kwargs)[:, P:]
-            for i in range(0, len(prompts), chunk)
-        ]  # fmt: skip
+        outs, drawn = [], []
+        for i in range(0, len(prompts), chunk):
+            outs.append(
+                sampler.generate(
+                    input_ids=enc["input_ids"][i : i + chunk],
+                    attention_mask=enc["attention_mask"][i : i + chunk],
+                    **gen_kwargs,
+                )[:, P:]
+            )
+            drawn.append(draw.take_logprobs())  # fmt: skip
         responses = torch.cat([nn.functional.pad(o, (0, R - o.shape[1]), value=tok.pad_token_id) for o in outs])
+        sampler_logprobs = torch.cat([nn.functional.pad(d, (0, R - d.shape[1])) for d in drawn])
         # The response ends at its first EOS; everything after it is padding.
         mask, has_eos = response_mask(responses, tok.eos_token_id)
         responses = responses.masked_fill(~mask, tok.pad_token_id)
         query_response = torch.cat([enc["input_ids"], responses], 1)
         attention_mask = torch.cat([enc["attention_mask"], mask.long()], 1)
-        return query_response, attention_mask, P, mask, has_eos
+        return query_response, attention_mask, P, mask, has_eos, sampler_logprobs
 
     def _forward(self, query_response: Tensor, attention_mask: Tensor, responses: Tensor) -> tuple[Tensor, ...]:
         """``(logprobs, ref_logprobs, values, entropy)``, each ``[B, R]``, in chunks of the rollout forward batch."""
