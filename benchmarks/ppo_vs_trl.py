@@ -41,7 +41,16 @@ REPO = Path(__file__).resolve().parent.parent
 ANCHOR_VENV = REPO / ".venv-anchor"
 ANCHOR_TRL = "trl==1.12.0"
 PROMPT_TOPICS = ("the sea", "a library", "autumn", "coffee", "a mountain", "the city at night", "a bicycle", "rain")
-PHASES = ("generate", "policy_forward", "value_forward", "reference_forward", "reward", "update")
+# policy_value_forward: the two as one forward that the update reuses (one epoch, one minibatch: PPOTrainer.can_fuse)
+PHASES = (
+    "generate",
+    "policy_forward",
+    "value_forward",
+    "policy_value_forward",
+    "reference_forward",
+    "reward",
+    "update",
+)
 DEFAULT_VARIANTS = ["defaults=", "bf16=--dtype bfloat16 --mixed_precision bf16 --value_lora_layers 8"]
 
 
@@ -167,7 +176,7 @@ def summarize(runs: list[dict], flops: dict, peaks: dict) -> dict:
         mine = [r for r in runs if r["who"] == name]
         rows = [row for r in mine for row in r["rows"]]
         median = statistics.median(row["time/iteration_s"] for row in rows)
-        phases = {p: statistics.median(row.get(f"time/{p}_s", 0.0) for row in rows) for p in PHASES}
+        phases = {p: statistics.median(row[f"time/{p}_s"] for row in rows) for p in PHASES if f"time/{p}_s" in rows[0]}
         entry = {
             "median_s_per_iteration": median,
             "episodes_per_s": 8 / median,

@@ -26,11 +26,13 @@ def test_flop_count_of_each_phase(tiny_artifacts, prompts_file, tmp_path, one_th
     rows = json.loads(out.read_text())["flops_per_iteration"]
     assert len(rows) == 2
     for f in rows:
-        assert set(f) == set(bench.PHASES) and all(v > 0 for v in f.values())
-        # The same model over the same tokens: the policy forward is the reference's plus its LoRA matmuls.
-        assert f["reference_forward"] < f["policy_forward"]
-        # The update runs the policy and value forwards again, and their backward.
-        assert f["update"] > f["policy_forward"] + f["value_forward"]
+        # One epoch of one minibatch: the policy and value forward is the update's own (PPOTrainer.can_fuse).
+        assert set(f) == set(bench.PHASES) - {"policy_forward", "value_forward"} and all(v > 0 for v in f.values())
+        # The same policy over the same tokens: the forward with the adapter is the reference's plus LoRA matmuls
+        # plus the value model's forward.
+        assert f["reference_forward"] < f["policy_value_forward"]
+        # The update is the backward of that forward: about twice its matmuls, and no forward of its own.
+        assert 1 < f["update"] / f["policy_value_forward"] < 3
 
 
 def test_summary_ratios_by_hand():

@@ -251,7 +251,11 @@ def ppo_in_two_processes(art, prompts_file, **settings):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", [{}, {"dtype": "bfloat16", "mixed_precision": "bf16"}], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "precision",
+    [{}, {"dtype": "bfloat16", "mixed_precision": "bf16"}, {"num_mini_batches": 1, "per_device_train_batch_size": 4}],
+    ids=["fp32", "bf16", "fused-forward"],  # the last: the update reuses the rollout's forward (can_fuse)
+)
 def test_two_process_run(tiny_artifacts, prompts_file, precision):
     n_iter, rbs = 2, 4
     proc = ppo_in_two_processes(
@@ -584,3 +588,33 @@ def test_sampler_log_probs_match_the_training_forward(tiny_artifacts, prompts_fi
     assert rows[-1]["objective/kl"] != 0.0  # the policy moved
     for row in rows:
         assert 1.0 <= row["val/sampler_token_prob_error"] < 1.0 + 1e-4
+
+
+def test_fused_rollout_forward_learns_what_the_separate_forwards_learn(tmp_path, tiny_tok, prompts_file, monkeypatch):
+    """With one epoch of one minibatch of one micro-batch the rollout's policy and value forward is the update's
+    own (PPOTrainer.can_fuse): the run must match one that recomputes them, metric for metric and weight for weight."""
+    from safetensors.torch import load_file
+
+    from pipeline.ppo.trainer import PPOTrainer
+
+    sizes = dict(num_mini_batches=1, per_device_train_batch_size=4, num_iterations=3, learning_rate=1e-2)
+    runs = {}
+    for fused in (True, False):
+        art = tmp_path / f"fused-{fused}"
+        fake_stage(art, "sft", make_causal_lm, tiny_tok)
+        fake_stage(art, "reward", make_seq_cls, tiny_tok)
+        monkeypatch.setattr(PPOTrainer, "can_fuse", lambda self, f=fused: f)
+        assert run_ppo(art, prompts_file, **sizes) == 0
+        rows = read_metrics(art / "ppo" / "metrics.jsonl")
+        assert ("time/policy_value_forward_s" in rows[0]) == fused and ("time/policy_forward_s" in rows[0]) != fused
+        runs[fused] = (rows, load_file(str(art / "ppo" / "policy_adapter" / "adapter_model.safetensors")))
+    (rows_f, weights_f), (rows_s, weights_s) = runs[True], runs[False]
+    assert rows_s[-1]["objective/kl"] != 0.0  # the policy moved
+    for a, b in zip(rows_f, rows_s):
+        for k, v in b.items():
+            if isinstance(v, float) and not k.startswith("time/") and math.isfinite(v):
+                assert a[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    for k in weights_s:
+        torch.testing.assert_close(
+            weights_f[k], weights_s[k], rtol=1e-3, atol=1e-5
+        )  # rounding: rows summed in another order

@@ -282,12 +282,23 @@ class PPOTrainer:
         self.guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps)
         self.sampler = self._merged_sampler() if args.merged_generation else None
         self.clock = PhaseClock(accelerator.device)
+        self.fused = self.can_fuse()
+        self._graph: tuple[Tensor, Tensor | None] | None = None  # the fused forward, kept for the update
         n_minibatches = args.num_ppo_epochs * args.num_mini_batches
         # [minibatch, micro-batch, statistic], filled during the update and reduced once per iteration.
         self.minibatch_stats = torch.zeros(n_minibatches, sizes.gradient_accumulation_steps, len(UPDATE_STATS),
                                            dtype=torch.float64, device=accelerator.device)  # fmt: skip
         self.grad_norms = torch.zeros(n_minibatches, dtype=torch.float64, device=accelerator.device)
         self.iteration, self.cursor, self.history = 0, 0, []
+
+    def can_fuse(self) -> bool:
+        """Whether the rollout's policy and value forwards can be the update's own forward: one epoch of one
+        minibatch of one micro-batch means one optimizer step, taken on exactly the tensors the rollout scores with
+        the weights it scores them with. The rollout then runs that forward once, with gradients, takes its
+        log-probs and values detached, and the update backpropagates through it: two forwards fewer per iteration,
+        the same arithmetic (the ratio is exactly 1 at that step, as it is when they are recomputed)."""
+        args = self.args
+        return args.num_ppo_epochs == 1 and args.num_mini_batches == 1 and self.sizes.gradient_accumulation_steps == 1
 
     @property
     def unwrapped(self) -> PolicyAndValue:
@@ -490,6 +501,21 @@ class PPOTrainer:
         chunk, R = args.local_rollout_forward_batch_size, responses.shape[1]
         P = query_response.shape[1] - R
         logprobs, ref_logprobs, values, entropies = [], [], [], []
+        if self.fused:  # the update's forward, run now (see can_fuse)
+            with self.clock("policy_value_forward"), torch.enable_grad():
+                self.model.train()
+                logits, v = self.model(query_response, attention_mask, logits_to_keep=R + 1)
+                rl = response_logits(logits, R, args.temperature)
+                self.unwrapped.eval()
+            self._graph = (rl, v)
+            rl = rl.detach()
+            logprobs, entropy = logprobs_from_logits(rl, responses), entropy_from_logits(rl)
+            values = v.detach()[:, P - 1 : -1] if v is not None else torch.zeros_like(logprobs)
+            for i in range(0, len(query_response), chunk):
+                qr, am, resp = query_response[i : i + chunk], attention_mask[i : i + chunk], responses[i : i + chunk]
+                with self.clock("reference_forward"), net.policy.disable_adapter():
+                    ref_logprobs.append(response_logprobs(net.policy, qr, am, resp, args.temperature))
+            return logprobs, torch.cat(ref_logprobs), values, entropy
         for i in range(0, len(query_response), chunk):
             qr, am, resp = query_response[i : i + chunk], attention_mask[i : i + chunk], responses[i : i + chunk]
             with self.clock("policy_forward"):
@@ -522,9 +548,13 @@ class PPOTrainer:
                     inds = mb_inds[micro_start : micro_start + micro_size]
                     mask = ro.mask[inds]
                     with acc.accumulate(self.model):
-                        logits, values = self.model(ro.query_response[inds], ro.attention_mask[inds],
-                                                    logits_to_keep=R + 1)  # fmt: skip
-                        rl = response_logits(logits, R, args.temperature)
+                        if self._graph is not None:  # the rollout ran this forward (see can_fuse)
+                            rl, values = (t[inds] if t is not None else None for t in self._graph)
+                            self._graph = None
+                        else:
+                            logits, values = self.model(ro.query_response[inds], ro.attention_mask[inds],
+                                                        logits_to_keep=R + 1)  # fmt: skip
+                            rl = response_logits(logits, R, args.temperature)
                         new_logprobs = logprobs_from_logits(rl, ro.query_response[inds, P:])
                         pg = policy_loss(new_logprobs, ro.logprobs[inds], ro.advantages[inds], mask, args.cliprange)
                         loss = pg["loss"]
