@@ -1,4 +1,16 @@
-"""Rollout sampling from a merged copy of the LoRA policy.
+"""Rollout engines: what samples PPO's responses.
+
+An engine has two methods, which is all the trainer calls:
+
+- ``sync()``: take the policy's weights as the last optimizer step left them (before every rollout);
+- ``generate(input_ids, attention_mask, **kwargs)``: ``transformers``' ``generate`` contract, left-padded
+  prompts in, prompt + sampled tokens out; the trainer passes the sampling logits processor
+  (``pipeline/sampling.py``), which also records the log-prob of every drawn token.
+
+``MergedPolicy`` (below) and ``PeftSampler`` are the two engines here. A GPU inference engine (vLLM) would be a
+third behind the same two methods; docs/design.md has the plan.
+
+Sampling from a merged copy of the LoRA policy:
 
 Sampling through PEFT's unmerged LoRA layers adds two small matmuls (and, under autocast, casts)
 to every adapted linear layer at every decoding step, a large share of each step for a small
@@ -69,6 +81,19 @@ def unsupported_reason(peft_model: nn.Module, accelerator=None) -> str | None:
 def _plain_name(key: str) -> str:
     """State-dict key of the PEFT-wrapped base model -> the same weight in a plain model."""
     return key.replace(".base_layer.", ".")
+
+
+class PeftSampler:
+    """Samples through the PEFT policy itself: its adapter is always current, so ``sync`` has nothing to do."""
+
+    def __init__(self, peft_model: nn.Module):
+        self.model = peft_model
+
+    def sync(self) -> None:
+        pass
+
+    def generate(self, **kwargs):
+        return self.model.generate(**kwargs)
 
 
 class MergedPolicy:

@@ -280,7 +280,7 @@ class PPOTrainer:
         )
         self.score_moments = RunningMoments()
         self.guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps)
-        self.sampler = self._merged_sampler() if args.merged_generation else None
+        self.sampler = self._sampler()
         self.clock = PhaseClock(accelerator.device)
         self.fused = self.can_fuse()
         self._graph: tuple[Tensor, Tensor | None] | None = None  # the fused forward, kept for the update
@@ -304,17 +304,19 @@ class PPOTrainer:
     def unwrapped(self) -> PolicyAndValue:
         return self.accelerator.unwrap_model(self.model)
 
-    def _merged_sampler(self):
-        """A merged copy of the policy to sample rollouts from, or None where it cannot stand in (the
-        PEFT policy samples then). See ``pipeline/ppo/generation.py``."""
-        from pipeline.ppo.generation import MergedPolicy, unsupported_reason
+    def _sampler(self):
+        """The rollout engine (``pipeline/ppo/generation.py``): a merged copy of the policy, or the PEFT policy
+        itself where a copy cannot stand in or ``--merged_generation false``."""
+        from pipeline.ppo.generation import MergedPolicy, PeftSampler, unsupported_reason
 
         policy = self.unwrapped.policy
+        if not self.args.merged_generation:
+            return PeftSampler(policy)
         reason = unsupported_reason(policy, self.accelerator)
         if reason is None:
             return MergedPolicy(policy)
         self.accelerator.print(f"ppo: sampling through the PEFT model ({reason})")
-        return None
+        return PeftSampler(policy)
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
@@ -472,10 +474,8 @@ class PPOTrainer:
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
         )
-        sampler = self.unwrapped.policy
-        if self.sampler is not None:
-            self.sampler.sync()  # the merged copy takes the adapter as the last update left it
-            sampler = self.sampler
+        sampler = self.sampler
+        sampler.sync()  # the engine takes the adapter as the last update left it
         outs, drawn = [], []
         for i in range(0, len(prompts), chunk):
             outs.append(
