@@ -49,6 +49,27 @@ def contiguous_head(model):
     return model
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux lists them (x86 ``flags``, Arm ``Features``); empty elsewhere."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+            for f in line.split(":", 1)[1].split()}  # fmt: skip
+
+
+def fast_bf16(has_cuda: bool) -> bool:
+    """Whether bf16 matrix products run natively here: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX
+    (x86) or BF16 (Arm) instructions. Elsewhere bf16 is emulated, far slower than fp32: 0.8 against 125 GFLOP/s
+    on an AVX2-only host (docs/benchmarks.md)."""
+    if has_cuda:
+        import torch
+
+        return torch.cuda.is_bf16_supported()
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags())
+
+
 def check_model_args(model_args) -> None:
     """Refuse, in one line, the ModelConfig flags no stage applies yet (rather than record and ignore them)."""
     for flag in ("load_in_4bit", "load_in_8bit"):

@@ -33,7 +33,7 @@ ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
 # Base-weight dtype -> the autocast precision it needs (None: plain float32).
 PRECISION_PAIRS = {"float32": None, "bfloat16": "bf16", "float16": "fp16"}
 # PPO's settings of TRL's ModelConfig fields (the policy adapter; LoRA dropout is off in RLHF [N+]).
-MODEL_DEFAULTS = dict(use_peft=True, lora_dropout=0.0)
+MODEL_DEFAULTS = dict(use_peft=True, lora_dropout=0.0, dtype="auto")
 
 
 def arg(default, help: str, **metadata):
@@ -107,13 +107,26 @@ class PPOArguments:
     resume_from_checkpoint: str | None = arg(None, "PATH or 'latest' (under <artifact_dir>/ppo-run/checkpoints).")
     stop_after_iterations: int | None = arg(None, "Stop after N iterations, leaving a checkpoint to resume.")
     report_to: str = arg("none", "Trackers for accelerate: none, all, tensorboard, wandb, ...")
-    mixed_precision: str = arg("no", "no, bf16 or fp16 (accelerate autocast).")
+    mixed_precision: str = arg("auto", "no, bf16 or fp16 (accelerate autocast); auto: what --dtype needs.")
     gold_judge: bool = arg(True, "Log the gold judge's score of rollouts (embedded task; never the reward).")
 
 
+def resolve_precision(model_args, args: PPOArguments, has_cuda: bool) -> None:
+    """``--dtype auto`` (the default): frozen bases in bfloat16 where bf16 matmuls are native (modeling.fast_bf16),
+    float32 elsewhere. ``--mixed_precision auto``: the autocast that dtype needs. The run records what was chosen."""
+    from pipeline.modeling import fast_bf16
+
+    if model_args.dtype in (None, "auto"):
+        model_args.dtype = "bfloat16" if fast_bf16(has_cuda) else "float32"
+    if args.mixed_precision == "auto":
+        args.mixed_precision = PRECISION_PAIRS.get(model_args.dtype) or "no"
+
+
 def check_args(model_args, args: PPOArguments, has_cuda: bool) -> None:
-    """Settings that cannot run, as one-line errors before anything is loaded."""
+    """Settings that cannot run, as one-line errors before anything is loaded (``auto`` precisions resolved)."""
     from pipeline.modeling import check_model_args
+
+    resolve_precision(model_args, args, has_cuda)
 
     if not model_args.use_peft:
         raise PipelineError("PPO trains a LoRA adapter on the policy; drop --use_peft false")
@@ -121,7 +134,7 @@ def check_args(model_args, args: PPOArguments, has_cuda: bool) -> None:
     if model_args.dtype not in PRECISION_PAIRS:
         raise PipelineError(f"--dtype {model_args.dtype!r}: use one of {', '.join(PRECISION_PAIRS)}")
     if args.mixed_precision not in ("no", "bf16", "fp16"):
-        raise PipelineError(f"--mixed_precision {args.mixed_precision!r}: use no, bf16 or fp16")
+        raise PipelineError(f"--mixed_precision {args.mixed_precision!r}: use no, bf16, fp16 or auto")
     if args.mixed_precision == "fp16" and not has_cuda:
         raise PipelineError("--mixed_precision fp16 needs a CUDA GPU; on a CPU use --mixed_precision bf16")
     want = PRECISION_PAIRS[model_args.dtype]

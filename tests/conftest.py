@@ -164,6 +164,8 @@ PPO_BASE = dict(
     lora_r=4,
     lora_alpha=8,
     seed=0,
+    dtype="float32",  # not the default auto: the same precision on every host
+    mixed_precision="no",
 )
 
 
@@ -193,9 +195,10 @@ def make_trainer(art: Path, prompts: Path, reward_fn=None, **kw):
     """The PPO trainer the stage builds, before its loop: ``(trainer, the stage's own reward_fn, a batch)``."""
     from accelerate import Accelerator
 
-    from pipeline.stage_ppo import setup
+    from pipeline.stage_ppo import resolve_precision, setup
 
     stage, model_args, args = ppo_arguments(art, prompts, **kw)
+    resolve_precision(model_args, args, has_cuda=False)
     trainer = setup(stage, model_args, args, Accelerator(cpu=True, mixed_precision=args.mixed_precision))
     own = trainer.reward_fn
     if reward_fn is not None:

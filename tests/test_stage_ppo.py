@@ -618,3 +618,27 @@ def test_fused_rollout_forward_learns_what_the_separate_forwards_learn(tmp_path,
         torch.testing.assert_close(
             weights_f[k], weights_s[k], rtol=1e-3, atol=1e-5
         )  # rounding: rows summed in another order
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-native", "bf16-emulated"])
+def test_auto_precision_follows_the_hardware_and_is_recorded(
+    tiny_artifacts, prompts_file, monkeypatch, native, fresh_accelerate_state
+):
+    """The default --dtype auto --mixed_precision auto: bf16 bases with bf16 autocast where bf16 is native, fp32
+    elsewhere; the manifest records the choice, so the same command on other hardware is another run."""
+    import pipeline.modeling
+
+    monkeypatch.setattr(pipeline.modeling, "fast_bf16", lambda has_cuda: native)
+    assert run_ppo(tiny_artifacts, prompts_file, dtype="auto", mixed_precision="auto") == 0
+    config = json.loads((tiny_artifacts / "ppo" / "manifest.json").read_text())["config"]
+    want = ("bfloat16", "bf16") if native else ("float32", "no")
+    assert (config["model"]["dtype"], config["ppo"]["mixed_precision"]) == want
+
+
+def test_fast_bf16_reads_the_cpu_flags(monkeypatch):
+    import pipeline.modeling as modeling
+
+    monkeypatch.setattr(modeling, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert not modeling.fast_bf16(has_cuda=False)
+    monkeypatch.setattr(modeling, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert modeling.fast_bf16(has_cuda=False)
