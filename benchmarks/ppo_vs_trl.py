@@ -129,6 +129,13 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def counted_run(run_dir: Path, out: Path, flags: list[str]) -> dict:
+    """A FLOP-counting run's counts, metrics and the base dtype it resolved (``--dtype auto`` follows the host)."""
+    manifest = json.loads((run_dir / "ppo" / "manifest.json").read_text())
+    return {**json.loads(out.read_text()), "flags": flags, "dtype": manifest["config"]["model"]["dtype"],
+            "rows": read_rows(run_dir / "ppo" / "metrics.jsonl")}  # fmt: skip
+
+
 def count_flops(out: str, argv: list[str]) -> int:
     """Run our PPO stage with ``argv``, counting each phase's FLOPs per iteration; write them to ``out``."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -187,14 +194,16 @@ def summarize(runs: list[dict], flops: dict, peaks: dict) -> dict:
         counted = flops.get(name)
         if counted:
             per_iter = counted["flops_per_iteration"]
-            # The counting run must have drawn the same samples as the timed runs.
+            # Whether the counting run drew the timed runs' samples. Only generation and reward scoring depend on
+            # them (the forwards and the update run on responses padded to the full length); under bf16 autocast
+            # the counter itself changes the rounding after the first update, so their lengths are shown.
             same = all(
                 abs(a["objective/scores"] - b["objective/scores"]) < 1e-4
                 and abs(a["objective/kl"] - b["objective/kl"]) < 1e-3
                 for r in mine
                 for a, b in zip(r["rows"], counted["rows"])
             )
-            dtype = "bfloat16" if "bf16" in counted["flags"] else "float32"
+            dtype = counted["dtype"]
             peak = peaks[dtype]
             total = [sum(f.values()) for f in per_iter]
             achieved = [t / row["time/iteration_s"] / 1e9 for r in mine for t, row in zip(total, r["rows"])]
@@ -206,6 +215,10 @@ def summarize(runs: list[dict], flops: dict, peaks: dict) -> dict:
                     by_phase[p] = statistics.median(rates)
             entry.update({
                 "same_samples_as_timed_runs": same,
+                "response_length_timed_vs_counted": [
+                    statistics.mean(row["val/response_length"] for row in rows),
+                    statistics.mean(row["val/response_length"] for row in counted["rows"]),
+                ],
                 "gflop_per_iteration": statistics.median(total) / 1e9,
                 "achieved_gflop_per_s": statistics.median(achieved),
                 "achieved_gflop_per_s_by_phase": by_phase,
@@ -233,7 +246,8 @@ def print_table(summary: dict, runs: list[dict]) -> None:
                   f"{100 * e['fraction_of_peak']:.1f}% of the {e['peak_dtype']} matmul peak "
                   f"({e['peak_gflop_per_s']:.0f} GFLOP/s); by phase: "
                   + ", ".join(f"{p} {g:.1f}" for p, g in e["achieved_gflop_per_s_by_phase"].items())
-                  + f"; counting run drew the same samples: {e['same_samples_as_timed_runs']}")  # fmt: skip
+                  + f"; counting run drew the same samples: {e['same_samples_as_timed_runs']} (mean response length "
+                  + "{:.1f} timed, {:.1f} counted)".format(*e["response_length_timed_vs_counted"]))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,7 +262,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--ours", action="append", help="NAME=FLAGS: a variant of our stage (repeatable)")
     ap.add_argument("--no_flops", action="store_true", help="skip the FLOP-counting runs")
+    ap.add_argument("--summarize_only", action="store_true", help="rewrite the summary from --out's runs; run nothing")
     a = ap.parse_args(argv)
+    if a.summarize_only:
+        result = json.loads((a.out / "ppo_vs_trl.json").read_text())
+        names = dict.fromkeys(r["who"] for r in result["runs"] if r["who"] != "anchor")
+        flags = {r["who"]: r["flags"] for r in result["runs"] if r["who"] != "anchor"}
+        flops = {n: counted_run(a.out / f"flops-{n}", a.out / f"flops-{n}.json", flags[n])
+                 for n in names if (a.out / f"flops-{n}.json").exists()}  # fmt: skip
+        result["summary"] = summarize(result["runs"], flops, result["matmul_peak_gflop_per_s"])
+        (a.out / "ppo_vs_trl.json").write_text(json.dumps(result, indent=1))
+        print_table(result["summary"], result["runs"])
+        return 0
     a.source = a.source.resolve()
     for part in ("sft/model", "reward/model"):
         if not (a.source / part).is_dir():
@@ -293,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             run(
                 [sys.executable, __file__, "count-flops", str(out), *ours_command(a, run_dir, prompts, flags)[3:]], log
             )
-            flops[name] = {**json.loads(out.read_text()), "flags": flags,
-                           "rows": read_rows(run_dir / "ppo" / "metrics.jsonl")}  # fmt: skip
+            flops[name] = counted_run(run_dir, out, flags)
     summary = summarize(runs, flops, peaks)
     result = {"command": "python benchmarks/ppo_vs_trl.py " + " ".join(argv), "matmul_peak_gflop_per_s": peaks,
               "summary": summary, "runs": runs}  # fmt: skip

@@ -37,14 +37,16 @@ def test_flop_count_of_each_phase(tiny_artifacts, prompts_file, tmp_path, one_th
 
 def test_summary_ratios_by_hand():
     rows = [{"time/iteration_s": s, "time/rollout_s": s / 2, "time/generate_s": s / 4, "time/update_s": s / 2,
-             "objective/scores": 0.1, "objective/kl": 0.0} for s in (2.0, 4.0, 3.0)]  # fmt: skip
+             "objective/scores": 0.1, "objective/kl": 0.0, "val/response_length": 5.0}
+            for s in (2.0, 4.0, 3.0)]  # fmt: skip
     runs = [
         {"who": "anchor", "seconds_per_iteration": [10.0, 12.0, 11.0]},
         {"who": "ours", "rows": rows},
         {"who": "anchor", "seconds_per_iteration": [13.0, 9.0, 12.0]},
         {"who": "ours", "rows": rows},
     ]
-    flops = {"ours": {"flags": [], "rows": rows, "flops_per_iteration": [{"generate": 6e9, "update": 3e9}] * 3}}
+    flops = {"ours": {"flags": [], "dtype": "float32", "rows": rows,
+                      "flops_per_iteration": [{"generate": 6e9, "update": 3e9}] * 3}}  # fmt: skip
     s = bench.summarize(runs, flops, {"float32": 10.0, "bfloat16": 40.0})
     assert s["anchor"]["median_s_per_iteration"] == 11.5  # median of all six anchor iterations
     ours = s["ours"]["ours"]
