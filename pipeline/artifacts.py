@@ -379,7 +379,17 @@ def now() -> str:
 def is_complete_for(artifact_dir: str | os.PathLike, stage: str, fingerprint_: str) -> bool:
     """True when the stage's manifest shows it complete for the same config and inputs."""
     manifest = read_manifest(Layout(artifact_dir).stage(stage))
-    return bool(manifest) and manifest.get("fingerprint") == fingerprint_
+    if not manifest:
+        return False
+    if manifest.get("fingerprint") == fingerprint_:
+        return True
+    # The manifest's own config and inputs, hashed as today: a stage written before nested paths stopped counting
+    # (2026-12-03) is still complete for the same settings and inputs.
+    return (
+        "config" in manifest
+        and "inputs" in manifest
+        and fingerprint(manifest["config"], manifest["inputs"]) == fingerprint_
+    )
 
 
 def _swap_in(staging: Path, final: Path, old: Path) -> None:

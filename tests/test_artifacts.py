@@ -166,3 +166,23 @@ def test_manifest_records_weight_files_and_a_damaged_one_is_one_line(tmp_path):
     art.require_stage(tmp_path, "sft", "reward")
     with pytest.raises(art.PipelineError, match="differs from the file its manifest recorded"):
         art.check_files(tmp_path / "sft", manifest, hashes=True)
+
+
+def test_a_manifest_hashed_with_its_paths_still_counts_as_complete(tmp_path):
+    """Manifests written before nested paths stopped counting carry a fingerprint with paths in it: the stage is
+    still complete for the same config and inputs (its recorded config and inputs are hashed again)."""
+    import hashlib
+    import json
+
+    config = {"x": {"a": 1}}
+    inputs = {"dataset": {"train": {"path": "/old/checkout/a.jsonl", "sha256": "0" * 64}}}
+    with art.stage_output(tmp_path, "reward", config, inputs) as out:
+        out.write_manifest({})
+    manifest_path = tmp_path / "reward" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    legacy = json.dumps({"config": config, "inputs": inputs}, sort_keys=True)  # paths included
+    manifest["fingerprint"] = hashlib.sha256(legacy.encode()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
+    moved = {"dataset": {"train": {"path": "/new/checkout/a.jsonl", "sha256": "0" * 64}}}
+    assert art.is_complete_for(tmp_path, "reward", art.fingerprint(config, moved))
+    assert not art.is_complete_for(tmp_path, "reward", art.fingerprint({"x": {"a": 2}}, moved))
