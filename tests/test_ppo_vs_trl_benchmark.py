@@ -13,14 +13,15 @@ bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 
 
-def test_flop_count_of_each_phase(tiny_artifacts, prompts_file, tmp_path, one_thread):
+def test_flop_count_of_each_phase(tiny_artifacts, prompts_file, tmp_path, one_thread, fresh_accelerate_state):
     from pipeline.ppo import trainer
 
     clock = trainer.PhaseClock.__call__
     out = tmp_path / "flops.json"
     argv = ["--artifact_dir", str(tiny_artifacts), "--dataset_name", str(prompts_file), "--num_iterations", "2",
             "--rollout_batch_size", "4", "--per_device_train_batch_size", "4", "--local_rollout_forward_batch_size",
-            "4", "--response_length", "8", "--sample_every", "0", "--gold_judge", "false"]  # fmt: skip
+            "4", "--response_length", "8", "--sample_every", "0", "--gold_judge", "false",
+            "--dtype", "float32", "--mixed_precision", "no"]  # fmt: skip
     assert bench.count_flops(str(out), argv) == 0
     assert trainer.PhaseClock.__call__ is clock  # the patch is undone
     rows = json.loads(out.read_text())["flops_per_iteration"]
