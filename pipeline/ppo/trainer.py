@@ -485,7 +485,7 @@ class PPOTrainer:
                     **gen_kwargs,
                 )[:, P:]
             )
-            drawn.append(draw.take_logprobs())  # fmt: skip
+            drawn.append(draw.take_logprobs())
         responses = torch.cat([nn.functional.pad(o, (0, R - o.shape[1]), value=tok.pad_token_id) for o in outs])
         sampler_logprobs = torch.cat([nn.functional.pad(d, (0, R - d.shape[1])) for d in drawn])
         # The response ends at its first EOS; everything after it is padding.
