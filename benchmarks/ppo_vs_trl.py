@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -97,9 +98,9 @@ def write_prompts(path: Path) -> Path:
     return path
 
 
-def ours_command(a, run_dir: Path, prompts: Path, flags: list[str]) -> list[str]:
+def ours_argv(a, run_dir: Path, prompts: Path, flags: list[str]) -> list[str]:
+    """Our PPO stage's arguments for the benchmark's sizes plus a variant's ``flags``."""
     return [
-        sys.executable, "-m", "pipeline.stage_ppo",
         "--artifact_dir", str(run_dir),
         "--model_name_or_path", str(a.source / "sft" / "model"),
         "--reward_model_path", str(a.source / "reward" / "model"),
@@ -304,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ppo_vs_trl: anchor, round {rnd + 1}: {runs[-1]['seconds_per_iteration']}", flush=True)
         for name, flags in variants.items():
             run_dir = a.out / f"ours-{name}-{rnd}"
-            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-            wall = run(ours_command(a, run_dir, prompts, flags), log)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            wall = run([sys.executable, "-m", "pipeline.stage_ppo", *ours_argv(a, run_dir, prompts, flags)], log)
             rows = read_rows(run_dir / "ppo" / "metrics.jsonl")
             runs.append({"who": name, "round": rnd, "wall_s": wall, "flags": flags, "rows": rows})
             print(f"ppo_vs_trl: ours [{name}], round {rnd + 1}: {[round(r['time/iteration_s'], 2) for r in rows]}",
@@ -314,10 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_flops:
         for name, flags in variants.items():
             run_dir, out = a.out / f"flops-{name}", a.out / f"flops-{name}.json"
-            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-            run(
-                [sys.executable, __file__, "count-flops", str(out), *ours_command(a, run_dir, prompts, flags)[3:]], log
-            )
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run([sys.executable, __file__, "count-flops", str(out), *ours_argv(a, run_dir, prompts, flags)], log)
             flops[name] = counted_run(run_dir, out, flags)
     summary = summarize(runs, flops, peaks)
     result = {"command": "python benchmarks/ppo_vs_trl.py " + " ".join(argv), "matmul_peak_gflop_per_s": peaks,

@@ -498,10 +498,11 @@ class PPOTrainer:
     def _forward(self, query_response: Tensor, attention_mask: Tensor, responses: Tensor) -> tuple[Tensor, ...]:
         """``(logprobs, ref_logprobs, values, entropy)``, each ``[B, R]``, in chunks of the rollout forward batch."""
         args, net = self.args, self.unwrapped
-        chunk, R = args.local_rollout_forward_batch_size, responses.shape[1]
+        R = responses.shape[1]
         P = query_response.shape[1] - R
-        logprobs, ref_logprobs, values, entropies = [], [], [], []
-        if self.fused:  # the update's forward, run now (see can_fuse)
+        step = args.local_rollout_forward_batch_size
+        chunks = [slice(i, i + step) for i in range(0, len(query_response), step)]
+        if self.fused:  # the update's forward, run now on the whole batch (see can_fuse)
             with self.clock("policy_value_forward"), torch.enable_grad():
                 self.model.train()
                 logits, v = self.model(query_response, attention_mask, logits_to_keep=R + 1)
@@ -511,25 +512,27 @@ class PPOTrainer:
             rl = rl.detach()
             logprobs, entropy = logprobs_from_logits(rl, responses), entropy_from_logits(rl)
             values = v.detach()[:, P - 1 : -1] if v is not None else torch.zeros_like(logprobs)
-            for i in range(0, len(query_response), chunk):
-                qr, am, resp = query_response[i : i + chunk], attention_mask[i : i + chunk], responses[i : i + chunk]
-                with self.clock("reference_forward"), net.policy.disable_adapter():
-                    ref_logprobs.append(response_logprobs(net.policy, qr, am, resp, args.temperature))
-            return logprobs, torch.cat(ref_logprobs), values, entropy
-        for i in range(0, len(query_response), chunk):
-            qr, am, resp = query_response[i : i + chunk], attention_mask[i : i + chunk], responses[i : i + chunk]
-            with self.clock("policy_forward"):
-                rl = response_logits(net.policy_logits(qr, am, logits_to_keep=R + 1), R, args.temperature)
-                logprobs.append(logprobs_from_logits(rl, resp))
-                entropies.append(entropy_from_logits(rl))
-            if net.value is None:  # critic-free
-                values.append(torch.zeros_like(logprobs[-1]))
-            else:
-                with self.clock("value_forward"):
-                    values.append(net.values(qr, am)[:, P - 1 : -1])
+        else:
+            logprobs, values, entropies = [], [], []
+            for c in chunks:
+                qr, am = query_response[c], attention_mask[c]
+                with self.clock("policy_forward"):
+                    rl = response_logits(net.policy_logits(qr, am, logits_to_keep=R + 1), R, args.temperature)
+                    logprobs.append(logprobs_from_logits(rl, responses[c]))
+                    entropies.append(entropy_from_logits(rl))
+                if net.value is None:  # critic-free
+                    values.append(torch.zeros_like(logprobs[-1]))
+                else:
+                    with self.clock("value_forward"):
+                        values.append(net.values(qr, am)[:, P - 1 : -1])
+            logprobs, values, entropy = torch.cat(logprobs), torch.cat(values), torch.cat(entropies)
+        ref_logprobs = []
+        for c in chunks:
             with self.clock("reference_forward"), net.policy.disable_adapter():  # the reference is the SFT model
-                ref_logprobs.append(response_logprobs(net.policy, qr, am, resp, args.temperature))
-        return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values), torch.cat(entropies)
+                ref_logprobs.append(
+                    response_logprobs(net.policy, query_response[c], attention_mask[c], responses[c], args.temperature)
+                )
+        return logprobs, torch.cat(ref_logprobs), values, entropy
 
     # ------------------------------------------------------------------ update
     def update(self, ro: Rollout) -> dict:
