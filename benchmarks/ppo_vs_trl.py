@@ -11,7 +11,7 @@
    short sentence about X."), batch 8, responses of at most 32 tokens at temperature 0.7, 1 PPO epoch, 1
    minibatch, learning rate 1e-4, ``--iterations`` (6) iterations. The anchor keeps TRL's design: full fp32
    reward and value models. Ours runs each ``--ours NAME=FLAGS`` variant (default: the stage's defaults, and
-   the demo's bf16 precision) with those flags added.
+   the value adapter on every layer, the default before 2026-12-03) with those flags added.
 3. Order: anchor, every variant of ours, anchor, every variant again; each run a fresh process, nothing else
    running. Per run: the median seconds per iteration and episodes/s; per variant, the ratio of its
    episodes/s to the anchor's (medians pooled over both runs of each).
@@ -52,7 +52,7 @@ PHASES = (
     "reward",
     "update",
 )
-DEFAULT_VARIANTS = ["defaults=", "bf16=--dtype bfloat16 --mixed_precision bf16 --value_lora_layers 8"]
+DEFAULT_VARIANTS = ["defaults=", "value-every-layer=--value_lora_layers -1"]
 
 
 def anchor_python(venv: Path = ANCHOR_VENV) -> Path:

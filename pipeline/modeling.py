@@ -102,6 +102,36 @@ def top_layers(model, n: int | None, flag: str = "--lora_layers") -> list[int] |
     return list(range(total - n, total))
 
 
+def scoring_attention(device, mixed_precision: str):
+    """A fresh context for the forwards PPO scores and trains with (policy, reference, value): the math
+    attention kernel on a CPU under bf16, else no change.
+
+    On a CPU, torch's flash-attention backward in bf16 is slower than the math kernel's at PPO's sequence
+    lengths: forward + backward of one layer's attention (8 rows, 9 heads of 64, 70 tokens) took 18 ms against
+    8 ms, and 30 ms against 19 ms at 128 tokens (they meet near 256); in fp32 flash is the faster. The choice is
+    made at the forward (the backward follows it), so the update's forward and every rollout scoring forward
+    take the same kernel: the reference and the policy then differ only by the adapter, as before. Generation
+    keeps the default kernels (flash decodes faster). On accelerators nothing changes.
+    """
+    from contextlib import nullcontext
+
+    if device.type != "cpu" or mixed_precision != "bf16":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def value_lora_default(model) -> int:
+    """PPO's default value-adapter depth: the top quarter of the layers (8 of SmolLM2-135M's 30), at least one.
+
+    The value model starts from the reward model, whose top layers already score responses; adapting only them
+    keeps the value backward out of the bottom three quarters of the network (docs/benchmarks.md, 2026-12-03:
+    2.23x -> 2.84x of TRL's PPO step rate). The demo recipe's multi-seed results were measured with 8 layers.
+    """
+    return max(1, -(-model.config.num_hidden_layers // 4))
+
+
 def linear_leaf_names(model) -> list[str]:
     """PEFT's "all-linear" spelled out as module names (it cannot be combined with a layer subset)."""
     import torch

@@ -64,7 +64,9 @@ class PPOArguments:
                                              action="extend")  # fmt: skip
     value_model_path: str | None = arg(None, "Value init (default: the reward model if it shares the tokenizer).")
     value_full_finetune: bool = arg(False, "Train all value weights, not a LoRA adapter (a third base model).")
-    value_lora_layers: int | None = arg(None, "Value adapter on the top N layers only (default: every layer).")
+    value_lora_layers: int | None = arg(
+        None, "Value adapter on the top N layers only; default: the top quarter (8 of SmolLM2's 30), so the value "
+        "backward stops there; -1: every layer.")  # fmt: skip
     # sizes
     num_iterations: int = arg(40, "PPO iterations (rollout + update).")
     rollout_batch_size: int = arg(8, "Prompts per iteration per process.")
@@ -144,6 +146,9 @@ def check_args(model_args, args: PPOArguments, has_cuda: bool) -> None:
         )
     if args.value_full_finetune and args.value_lora_layers is not None:
         raise PipelineError("--value_lora_layers places the value adapter; drop it or --value_full_finetune")
+    if args.value_lora_layers is not None and args.value_lora_layers < 1 and args.value_lora_layers != -1:
+        raise PipelineError(f"--value_lora_layers {args.value_lora_layers}: pass N >= 1 (the top N layers), or -1 "
+                            "for every layer")  # fmt: skip
     for name in ("gamma", "lam"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             raise PipelineError(f"--{name} {getattr(args, name)}: use a value in [0, 1]")
@@ -243,7 +248,7 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from pipeline import artifacts as art
-    from pipeline.modeling import contiguous_head, load_tokenizer, lora_config
+    from pipeline.modeling import contiguous_head, load_tokenizer, lora_config, value_lora_default
     from pipeline.ppo.trainer import PolicyAndValue
     from reward_models.composite import CompositeReward, load_reward_func
     from reward_models.learned import (
@@ -292,8 +297,10 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
         if args.value_full_finetune:
             value = value_base
         else:
-            value_lora = lora_config(model_args, "SEQ_CLS", ["score"], value_base, args.value_lora_layers,
-                                     "--value_lora_layers")  # fmt: skip
+            if args.value_lora_layers is None:  # resolved here, so the manifest records the layers used
+                args.value_lora_layers = value_lora_default(value_base)
+            top_n = None if args.value_lora_layers == -1 else args.value_lora_layers
+            value_lora = lora_config(model_args, "SEQ_CLS", ["score"], value_base, top_n, "--value_lora_layers")
             value = get_peft_model(value_base, value_lora)
     for m in (policy, value) if value is not None else (policy,):
         for mod in m.modules():  # [N+]: no dropout in RLHF

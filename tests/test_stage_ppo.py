@@ -353,9 +353,11 @@ def test_nonfinite_loss_stops_run_without_artifact(tiny_artifacts, prompts_file,
 # ----------------------------------------------------------------------------- 10. value adapter placement
 
 
-def test_value_adapter_on_top_layers_only(tiny_artifacts, prompts_file):
-    """``--value_lora_layers 1``: the value adapter has LoRA weights in the top layer only (plus the score head),
-    so the value backward stops there."""
+@pytest.mark.parametrize("flag, layers", [(1, [1]), (None, [1]), (-1, [0, 1])], ids=["top-1", "default", "all"])
+def test_value_adapter_placement(tiny_artifacts, prompts_file, flag, layers):
+    """``--value_lora_layers N``: the value adapter has LoRA weights in the top N layers only (plus the score
+    head), so the value backward stops there. Unset, it is the top quarter (one of the tiny model's two layers)
+    and the manifest records the number; -1 is every layer."""
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
@@ -363,12 +365,22 @@ def test_value_adapter_on_top_layers_only(tiny_artifacts, prompts_file):
 
     rm = AutoModelForSequenceClassification.from_pretrained(tiny_artifacts / "reward" / "model", num_labels=1)
 
-    assert run_ppo(tiny_artifacts, prompts_file, value_lora_layers=1) == 0
+    kwargs = {} if flag is None else {"value_lora_layers": flag}
+    assert run_ppo(tiny_artifacts, prompts_file, **kwargs) == 0
     keys = load_file(str(tiny_artifacts / "ppo" / "value" / "adapter_model.safetensors")).keys()
     lora = [k for k in keys if "lora_" in k]
-    assert lora and all(".layers.1." in k for k in lora)
-    assert len(lora) == 2 * len(linear_leaf_names(rm))  # A and B of every linear layer of the top layer
+    assert sorted({int(k.split(".layers.")[1].split(".")[0]) for k in lora}) == layers
+    assert len(lora) == 2 * len(linear_leaf_names(rm)) * len(layers)  # A and B of every linear layer
     assert any("score" in k for k in keys)
+    manifest = json.loads((tiny_artifacts / "ppo" / "manifest.json").read_text())
+    assert manifest["config"]["ppo"]["value_lora_layers"] == (1 if flag is None else flag)
+
+
+@pytest.mark.parametrize("flag", [0, -2])
+def test_value_lora_layers_out_of_range_is_a_clean_error(tiny_artifacts, prompts_file, flag, capsys):
+    assert run_ppo(tiny_artifacts, prompts_file, value_lora_layers=flag) == 2
+    assert "--value_lora_layers" in capsys.readouterr().err
+    assert not (tiny_artifacts / "ppo").exists()
 
 
 def test_value_lora_layers_with_full_finetune_is_a_clean_error(tiny_artifacts, prompts_file, capsys):
@@ -618,6 +630,29 @@ def test_fused_rollout_forward_learns_what_the_separate_forwards_learn(tmp_path,
         torch.testing.assert_close(
             weights_f[k], weights_s[k], rtol=1e-3, atol=1e-5
         )  # rounding: rows summed in another order
+
+
+def test_bf16_scoring_forwards_share_the_update_attention_kernel(
+    tiny_artifacts, prompts_file, monkeypatch, fresh_accelerate_state
+):
+    """Under bf16 on a CPU every forward with gradients (the update's) takes the math attention kernel
+    (pipeline.modeling.scoring_attention), and the rollout's policy and reference forwards take the same one:
+    before the first update the policy is the reference, so the KL is exactly 0."""
+    import torch.nn.functional as F
+
+    real, kernels = F.scaled_dot_product_attention, []
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        kernels.append((torch.is_grad_enabled(), out.grad_fn.name() if out.grad_fn is not None else None))
+        return out
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    assert run_ppo(tiny_artifacts, prompts_file, dtype="bfloat16", mixed_precision="bf16", num_iterations=2) == 0
+    trained = [name for grad, name in kernels if grad and name is not None]
+    assert trained and not any("Flash" in name for name in trained)
+    rows = read_metrics(tiny_artifacts / "ppo" / "metrics.jsonl")
+    assert rows[0]["objective/kl"] == 0.0 and rows[-1]["objective/kl"] != 0.0
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["bf16-native", "bf16-emulated"])

@@ -19,12 +19,14 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 
 from pipeline import artifacts as art
 from pipeline.errors import PeerFailed, PipelineError
+from pipeline.modeling import scoring_attention
 from pipeline.ppo import checkpoint as ckpt
 from pipeline.ppo.core import (
     AdaptiveKLController,
@@ -282,6 +284,7 @@ class PPOTrainer:
         self.guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps)
         self.sampler = self._sampler()
         self.clock = PhaseClock(accelerator.device)
+        self.attention = partial(scoring_attention, accelerator.device, accelerator.mixed_precision)
         self.fused = self.can_fuse()
         self._graph: tuple[Tensor, Tensor | None] | None = None  # the fused forward, kept for the update
         n_minibatches = args.num_ppo_epochs * args.num_mini_batches
@@ -497,11 +500,15 @@ class PPOTrainer:
 
     def _forward(self, query_response: Tensor, attention_mask: Tensor, responses: Tensor) -> tuple[Tensor, ...]:
         """``(logprobs, ref_logprobs, values, entropy)``, each ``[B, R]``, in chunks of the rollout forward batch."""
-        args, net = self.args, self.unwrapped
         R = responses.shape[1]
         P = query_response.shape[1] - R
-        step = args.local_rollout_forward_batch_size
+        step = self.args.local_rollout_forward_batch_size
         chunks = [slice(i, i + step) for i in range(0, len(query_response), step)]
+        with self.attention():  # the update's attention kernel for every scoring forward (see scoring_attention)
+            return self._score(query_response, attention_mask, responses, chunks, P, R)
+
+    def _score(self, query_response, attention_mask, responses, chunks, P: int, R: int) -> tuple[Tensor, ...]:
+        args, net = self.args, self.unwrapped
         if self.fused:  # the update's forward, run now on the whole batch (see can_fuse)
             with self.clock("policy_value_forward"), torch.enable_grad():
                 self.model.train()
@@ -555,8 +562,9 @@ class PPOTrainer:
                             rl, values = (t[inds] if t is not None else None for t in self._graph)
                             self._graph = None
                         else:
-                            logits, values = self.model(ro.query_response[inds], ro.attention_mask[inds],
-                                                        logits_to_keep=R + 1)  # fmt: skip
+                            with self.attention():
+                                logits, values = self.model(ro.query_response[inds], ro.attention_mask[inds],
+                                                            logits_to_keep=R + 1)  # fmt: skip
                             rl = response_logits(logits, R, args.temperature)
                         new_logprobs = logprobs_from_logits(rl, ro.query_response[inds, P:])
                         pg = policy_loss(new_logprobs, ro.logprobs[inds], ro.advantages[inds], mask, args.cliprange)
