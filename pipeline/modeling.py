@@ -102,16 +102,16 @@ def top_layers(model, n: int | None, flag: str = "--lora_layers") -> list[int] |
     return list(range(total - n, total))
 
 
-def scoring_attention(device, mixed_precision: str):
-    """A fresh context for the forwards PPO scores and trains with (policy, reference, value): the math
-    attention kernel on a CPU under bf16, else no change.
+def training_attention(device, mixed_precision: str):
+    """A fresh context for forwards that are trained through: the math attention kernel on a CPU under bf16,
+    else no change.
 
-    On a CPU, torch's flash-attention backward in bf16 is slower than the math kernel's at PPO's sequence
-    lengths: forward + backward of one layer's attention (8 rows, 9 heads of 64, 70 tokens) took 18 ms against
-    8 ms, and 30 ms against 19 ms at 128 tokens (they meet near 256); in fp32 flash is the faster. The choice is
-    made at the forward (the backward follows it), so the update's forward and every rollout scoring forward
-    take the same kernel: the reference and the policy then differ only by the adapter, as before. Generation
-    keeps the default kernels (flash decodes faster). On accelerators nothing changes.
+    On a CPU, torch's flash-attention backward in bf16 is slower than the math kernel's at these sequence
+    lengths: forward + backward of one layer's attention (8 rows, 9 heads of 64) took 18 ms against 8 ms at 70
+    tokens and 30 ms against 19 ms at 128 (they meet near 256); in fp32 flash is the faster, and without a
+    backward too. The choice is made at the forward (the backward follows it). Used by SFT (around training)
+    and PPO (the update's forward and every rollout scoring forward, so that the reference and the policy
+    still differ only by the adapter). Generation keeps the default kernels. On accelerators nothing changes.
     """
     from contextlib import nullcontext
 

@@ -100,16 +100,16 @@ def test_contiguous_head_feeds_the_vocabulary_projection_a_contiguous_input(tmp_
 
 
 @pytest.mark.parametrize("device, precision, flash", [("cpu", "bf16", False), ("cpu", "no", True)])
-def test_scoring_attention_takes_the_math_kernel_on_a_cpu_in_bf16(device, precision, flash):
+def test_training_attention_takes_the_math_kernel_on_a_cpu_in_bf16(device, precision, flash):
     """On a CPU under bf16 the scoring forwards' attention runs the math kernel (its backward is the faster
     there); in fp32 the default (flash) stays."""
     import torch.nn.functional as F
 
-    from pipeline.modeling import scoring_attention
+    from pipeline.modeling import training_attention
 
     q = torch.randn(2, 3, 8, 16, dtype=torch.bfloat16, requires_grad=True)
     default = F.scaled_dot_product_attention(q, q, q, is_causal=True).grad_fn.name()
     assert "Flash" in default  # what the CPU picks unasked, so the check below can tell the kernels apart
-    with scoring_attention(torch.device(device), precision):
+    with training_attention(torch.device(device), precision):
         chosen = F.scaled_dot_product_attention(q, q, q, is_causal=True).grad_fn.name()
     assert ("Flash" in chosen) == flash

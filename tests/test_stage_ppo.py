@@ -636,7 +636,7 @@ def test_bf16_scoring_forwards_share_the_update_attention_kernel(
     tiny_artifacts, prompts_file, monkeypatch, fresh_accelerate_state
 ):
     """Under bf16 on a CPU every forward with gradients (the update's) takes the math attention kernel
-    (pipeline.modeling.scoring_attention), and the rollout's policy and reference forwards take the same one:
+    (pipeline.modeling.training_attention), and the rollout's policy and reference forwards take the same one:
     before the first update the policy is the reference, so the KL is exactly 0."""
     import torch.nn.functional as F
 

@@ -285,3 +285,23 @@ def test_a_moved_artifact_directory_still_skips_completed_stages(setup, capsys):
     assert out.count("is complete for these inputs and config; skipping") == 2, out
     assert run_rm({**s, "artifacts": moved}, "--seed", "3") == 0  # another setting: trained again
     assert "skipping" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bf16, flash", [("true", False), ("false", True)], ids=["bf16", "fp32"])
+def test_sft_trains_through_the_math_attention_kernel_on_a_cpu_in_bf16(setup, monkeypatch, fresh_accelerate_state,
+                                                                        bf16, flash):  # fmt: skip
+    """Under bf16 autocast on a CPU every forward SFT trains through takes the math attention kernel (its backward
+    is the faster there: pipeline.modeling.training_attention); in fp32 the default (flash) stays."""
+    import torch.nn.functional as F
+
+    real, trained = F.scaled_dot_product_attention, []
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if out.grad_fn is not None:
+            trained.append(out.grad_fn.name())
+        return out
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    assert run_sft(setup, "--bf16", bf16) == 0
+    assert trained and all(("Flash" in name) == flash for name in trained)

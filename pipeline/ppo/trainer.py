@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from pipeline import artifacts as art
 from pipeline.errors import PeerFailed, PipelineError
-from pipeline.modeling import scoring_attention
+from pipeline.modeling import training_attention
 from pipeline.ppo import checkpoint as ckpt
 from pipeline.ppo.core import (
     AdaptiveKLController,
@@ -284,7 +284,7 @@ class PPOTrainer:
         self.guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps)
         self.sampler = self._sampler()
         self.clock = PhaseClock(accelerator.device)
-        self.attention = partial(scoring_attention, accelerator.device, accelerator.mixed_precision)
+        self.attention = partial(training_attention, accelerator.device, accelerator.mixed_precision)
         self.fused = self.can_fuse()
         self._graph: tuple[Tensor, Tensor | None] | None = None  # the fused forward, kept for the update
         n_minibatches = args.num_ppo_epochs * args.num_mini_batches
@@ -504,7 +504,7 @@ class PPOTrainer:
         P = query_response.shape[1] - R
         step = self.args.local_rollout_forward_batch_size
         chunks = [slice(i, i + step) for i in range(0, len(query_response), step)]
-        with self.attention():  # the update's attention kernel for every scoring forward (see scoring_attention)
+        with self.attention():  # the update's attention kernel for every scoring forward (see training_attention)
             return self._score(query_response, attention_mask, responses, chunks, P, R)
 
     def _score(self, query_response, attention_mask, responses, chunks, P: int, R: int) -> tuple[Tensor, ...]:
