@@ -22,7 +22,8 @@ stage runs; ``--summarize_only`` writes the table from whatever is complete.
 
 The summary (``quality.json`` and ``quality.md`` in ``--out``) gives per
 recipe, over seeds, the mean and a 95% t interval of: gold score and its gain over SFT (same seed), gold win
-rate against SFT, reward-model win rate against SFT, KL to SFT, gold on the held-out phrasings and its gain,
+rate against SFT, reward-model win rate against SFT, the reward model's agreement with the gold judge on those
+pairs, KL to SFT, gold on the held-out phrasings and its gain,
 and the RL stage's training time; for the final policy and for the checkpoint the evaluation recommends
 without the gold judge (``--kl_budget``).
 
@@ -128,6 +129,15 @@ def win_rate(a: list[float], b: list[float]) -> float:
     return statistics.fmean(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b))
 
 
+def agreement(policy: dict, sft: dict) -> float | None:
+    """On the prompts where the gold judge prefers the policy's response or SFT's, how often the reward model
+    prefers the same one (its accuracy on the policies' own samples; pipeline.eval_report)."""
+    from pipeline.eval_report import reward_gold_agreement
+
+    agree, n = reward_gold_agreement(policy["reward"], sft["reward"], policy["gold"], sft["gold"])
+    return float(agree.mean()) if n else None
+
+
 def compare(policy: dict, sft: dict) -> dict:
     """One seed's numbers for a policy against that seed's SFT model (same prompts, same sampling seed)."""
     out = {
@@ -135,6 +145,7 @@ def compare(policy: dict, sft: dict) -> dict:
         "gold_gain": mean(policy["gold"]) - mean(sft["gold"]),
         "gold_win_rate": win_rate(policy["gold"], sft["gold"]),
         "rm_win_rate": win_rate(policy["reward"], sft["reward"]),
+        "rm_gold_agreement": agreement(policy, sft),
         "kl": mean(policy["kl"]),
         "gold_rephrased": mean(policy["gold_rephrased"]),
     }
@@ -241,7 +252,8 @@ def collect(args) -> dict:
     return summarize(per_seed, args)
 
 
-KEYS = ["gold", "gold_gain", "gold_win_rate", "rm_win_rate", "kl", "gold_rephrased", "gold_rephrased_gain"]
+KEYS = ["gold", "gold_gain", "gold_win_rate", "rm_win_rate", "rm_gold_agreement", "kl", "gold_rephrased",
+        "gold_rephrased_gain"]  # fmt: skip
 
 
 def summarize(per_seed: dict, args) -> dict:
@@ -269,12 +281,12 @@ def fmt(ci, digits=3) -> str:
 
 
 def markdown(result: dict) -> str:
-    head = ["run", "gold", "gain over SFT", "gold win vs SFT", "RM win vs SFT", "KL to SFT", "gold, held-out phrasing",
-            "gain, held-out phrasing", "RL training s"]  # fmt: skip
+    head = ["run", "gold", "gain over SFT", "gold win vs SFT", "RM win vs SFT", "RM agrees with gold", "KL to SFT",
+            "gold, held-out phrasing", "gain, held-out phrasing", "RL training s"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     sft = result["sft"]
     lines.append(
-        f"| SFT (demo), {len(result['seeds'])} seeds | {fmt(sft['gold'])} | | | | 0 "
+        f"| SFT (demo), {len(result['seeds'])} seeds | {fmt(sft['gold'])} | | | | | 0 "
         f"| {fmt(sft['gold_rephrased'])} | | |"
     )
     for name, row in result["summary"].items():
@@ -284,7 +296,8 @@ def markdown(result: dict) -> str:
     lines.append(f"Mean over seeds ({', '.join(map(str, result['seeds']))}; each row names its own) with a 95% t "
                  "interval over seeds (none for one seed). "
                  f"'recommended': the checkpoint the evaluation picks without the gold judge (KL budget "
-                 f"{result['kl_budget']} nats).")  # fmt: skip
+                 f"{result['kl_budget']} nats). 'RM agrees with gold': on the prompts where the gold judge prefers "
+                 "the run's response or SFT's, how often the reward model prefers the same one.")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -78,6 +78,18 @@ def _block_stats(block: dict, has_gold: bool, distinct, with_kl: bool) -> dict:
     return out
 
 
+def reward_gold_agreement(reward_a, reward_b, gold_a, gold_b) -> tuple[np.ndarray, int]:
+    """Per prompt where the gold judge prefers one response of a pair (a's or b's, same prompt), whether the
+    reward model prefers the same one: ``(agreement [n] in {0, 0.5, 1} (a reward tie is 0.5), n)``. The reward
+    model's accuracy on the policies' own samples, which held-out pairs from the training distribution do not
+    show."""
+    ra, rb, ga, gb = (_floats(x) for x in (reward_a, reward_b, gold_a, gold_b))
+    decided = np.isfinite(ra) & np.isfinite(rb) & np.isfinite(ga) & np.isfinite(gb) & (ga != gb)
+    ra, rb, ga, gb = ra[decided], rb[decided], ga[decided], gb[decided]
+    agree = np.where(ra == rb, 0.5, (np.sign(ra - rb) == np.sign(ga - gb)).astype(float))
+    return agree, int(decided.sum())
+
+
 def _pairwise(a: dict, b: dict, has_gold: bool, win, n_boot: int, seed: int) -> dict:
     """Per-prompt win rate of block ``a`` over block ``b`` (same prompt index), ties 0.5, bootstrap CI."""
     n = len(a["responses"])
@@ -99,6 +111,14 @@ def _pairwise(a: dict, b: dict, has_gold: bool, win, n_boot: int, seed: int) -> 
     for key in ("reward", "gold"):
         out.setdefault(f"win_rate_{key}", None)
         out.setdefault(f"win_rate_{key}_ci95", None)
+    out["reward_gold_agreement"], out["reward_gold_agreement_ci95"], out["gold_decided"] = None, None, 0
+    if has_gold and all(x.get(k) is not None for x in (a, b) for k in ("reward", "gold")):
+        agree, n_decided = reward_gold_agreement(a["reward"], b["reward"], a["gold"], b["gold"])
+        out["gold_decided"] = n_decided
+        if n_decided:
+            boot = np.random.default_rng(seed).choice(agree, size=(n_boot, n_decided)).mean(1)
+            out["reward_gold_agreement"] = float(agree.mean())
+            out["reward_gold_agreement_ci95"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
     return out
 
 
@@ -441,13 +461,17 @@ def _pair_rows(report: dict) -> list[list]:
                 _fmt_ci(pw.get("win_rate_reward_ci95")),
                 pw.get("win_rate_gold"),
                 _fmt_ci(pw.get("win_rate_gold_ci95")),
+                pw.get("reward_gold_agreement"),
+                _fmt_ci(pw.get("reward_gold_agreement_ci95")),
+                pw.get("gold_decided"),
                 pw.get("num_prompts"),
             ]
         )
     return rows
 
 
-PAIR_HEADER = ["comparison", "win rate (reward)", "95% CI", "win rate (gold)", "95% CI", "prompts"]
+PAIR_HEADER = ["comparison", "win rate (reward)", "95% CI", "win rate (gold)", "95% CI",
+               "reward agrees with gold", "95% CI", "prompts gold decides", "prompts"]  # fmt: skip
 CURVE_HEADER = ["checkpoint", "iteration", "KL to SFT", "reward", "gold", "gold, held-out phrasing"]
 
 
@@ -495,7 +519,8 @@ def render_markdown(report: dict) -> str:
         "## PPO vs SFT",
         "",
         "Per-prompt win rates (same prompt, sampled responses, ties count 0.5), "
-        "percentile bootstrap 95% CI over prompts.",
+        "percentile bootstrap 95% CI over prompts. 'Reward agrees with gold': on the prompts where the gold "
+        "judge prefers one of the two responses, how often the reward model prefers the same one.",
         "",
     ]
     if "ppo_vs_sft" not in report.get("pairwise", {}):
@@ -622,7 +647,9 @@ def render_html(report: dict, results: dict) -> str:
     )
     b.append(
         '<h2>PPO vs SFT</h2><p class="note">Per-prompt win rates on the same prompt (sampled responses, '
-        "ties count 0.5) with percentile bootstrap 95% CIs over prompts.</p>"
+        "ties count 0.5) with percentile bootstrap 95% CIs over prompts. 'Reward agrees with gold': on the "
+        "prompts where the gold judge prefers one of the two responses, how often the reward model prefers the "
+        "same one.</p>"
     )
     if "ppo_vs_sft" not in report.get("pairwise", {}):
         b.append('<p class="note">No PPO checkpoint was evaluated.</p>')

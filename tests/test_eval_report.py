@@ -129,6 +129,25 @@ def test_aggregate_matches_hand_computation(report, results):
     assert sb["win_rate_reward"] == pytest.approx(_hand_win_rate(sft["reward"], base["reward"]))
 
 
+def test_reward_gold_agreement_by_hand(report, results):
+    """On the prompts where the gold judge prefers one response, how often the reward model prefers the same one
+    (a reward tie 0.5); prompts the judge ties are left out."""
+    from pipeline.eval_report import reward_gold_agreement
+
+    agree, n = reward_gold_agreement([3, 1, 2, 5, 0], [1, 2, 2, 4, 9], [1, 1, 0, 0.5, 1], [0, 0, 1, 0.5, None])
+    assert n == 3 and agree.tolist() == [1.0, 0.0, 0.5]  # the 4th is a gold tie; the 5th has no gold for b
+    cks = results["checkpoints"]
+    ppo, sft = cks["ppo"]["sampled"], cks["sft"]["sampled"]
+    pw = report["pairwise"]["ppo_vs_sft"]
+    decided = [(rp, rs, gp, gs) for rp, rs, gp, gs in zip(ppo["reward"], sft["reward"], ppo["gold"], sft["gold"])
+               if gp != gs]  # fmt: skip
+    hand = [0.5 if rp == rs else float((rp > rs) == (gp > gs)) for rp, rs, gp, gs in decided]
+    assert pw["gold_decided"] == len(decided) > 0
+    assert pw["reward_gold_agreement"] == pytest.approx(sum(hand) / len(hand))
+    lo, hi = pw["reward_gold_agreement_ci95"]
+    assert lo <= pw["reward_gold_agreement"] <= hi
+
+
 def test_greedy_curves_examples(report, results):
     g = report["checkpoints_greedy"]
     assert set(g) == {"base", "sft", "ppo-iter-000020", "ppo"}  # ppo-iter-000010 has greedy None
@@ -198,7 +217,7 @@ def test_markdown_report(written):
     assert "&lt;script&gt;" in md and "<script" not in md
     assert "\\| pipe<br>second line" in md  # cell-safe pipes and newlines
     row = next(line for line in md.splitlines() if line.startswith("| PPO vs SFT |"))
-    assert row.count("[") == 2  # both CIs
+    assert row.count("[") == 3  # the three CIs
 
 
 def test_summary_table(report):

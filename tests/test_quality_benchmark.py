@@ -29,6 +29,7 @@ def test_compare_against_the_same_seeds_sft():
     assert got["gold"] == 0.75 and got["gold_gain"] == 0.25
     assert got["gold_win_rate"] == (1 + 0.5 + 0 + 1) / 4  # ties count one half
     assert got["rm_win_rate"] == (1 + 0 + 1 + 0.5) / 4
+    assert got["rm_gold_agreement"] == (1 + 0 + 0.5) / 3  # prompts 0, 2, 3: gold prefers one side; 3 a reward tie
     assert got["kl"] == 2.0 and got["gold_rephrased"] == 0.25 and got["gold_rephrased_gain"] == 0.25
 
 
