@@ -1,0 +1,266 @@
+"""Kernel-level timings behind the CPU speed choices (docs/benchmarks.md, 2026-12-03 afternoon).
+
+    .venv/bin/python benchmarks/bench_kernels.py attention [--rows 8] [--lengths 70 128 256]
+    .venv/bin/python benchmarks/bench_kernels.py linear
+    .venv/bin/python benchmarks/bench_kernels.py sft-step --model DIR [--length 118] [--repeats 3]
+    .venv/bin/python benchmarks/bench_kernels.py generation --model DIR [--threads 2] [--static_cache]
+    .venv/bin/python benchmarks/bench_kernels.py eval-batch --model DIR [--batches 64 100 200]
+    .venv/bin/python benchmarks/bench_kernels.py ppo-profile --source DIR [--iteration 3]
+
+- ``attention``: forward, and forward + backward, of one layer's attention (9 heads of 64, SmolLM2-135M's)
+  with torch's flash and math CPU kernels, causal and with a padding mask, in bf16 and fp32 (ms, mean of 20).
+- ``linear``: a batch-8 bf16/fp32 matrix product against each of SmolLM2's weight shapes, in cache and from
+  memory, plus oneDNN's linear with a prepacked weight (what decoding does 211 times per token).
+- ``sft-step``: forward + backward of an SFT-shaped batch (LoRA r=16 on every linear layer, bf16 autocast,
+  8 rows of ``--length`` tokens) under the default kernels and under ``pipeline.modeling.training_attention``,
+  alternating.
+- ``generation``: PPO's rollout sampling at the ppo_vs_trl sizes (8 prompts, 32 tokens, bf16 weights).
+- ``eval-batch``: the evaluation's sampling of 200 held-out prompts x 64 tokens at several batch sizes (and KV
+  caches), after a warm-up, alternating.
+- ``ppo-profile``: our PPO stage at the ppo_vs_trl sizes with ``torch.profiler`` around one iteration's update;
+  prints the operators by self time. ``--source`` holds ``sft/model`` and ``reward/model``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def mean_ms(fn, *args, n: int = 20, warmup: int = 3) -> float:
+    """Mean milliseconds of ``fn(*args)`` over ``n`` calls after ``warmup``."""
+    for _ in range(warmup):
+        fn(*args)
+    t = time.perf_counter()
+    for _ in range(n):
+        fn(*args)
+    return (time.perf_counter() - t) / n * 1e3
+
+
+def _attention(q, k, v, backend, kw: dict, backward: bool) -> None:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    with torch.set_grad_enabled(backward), sdpa_kernel(backend):
+        out = F.scaled_dot_product_attention(q, k, v, **kw)
+    if backward:
+        out.sum().backward()
+
+
+def attention(a) -> None:
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    for length in a.lengths:
+        for dtype in (torch.bfloat16, torch.float32):
+            q, k, v = (torch.randn(a.rows, 9, length, 64, dtype=dtype, requires_grad=True) for _ in range(3))
+            mask = torch.ones(a.rows, 1, length, length, dtype=torch.bool).tril()
+            for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("math", SDPBackend.MATH)):
+                for how, kw in (("causal", dict(is_causal=True)), ("mask", dict(attn_mask=mask))):
+                    fwd = mean_ms(_attention, q, k, v, backend, kw, False)
+                    both = mean_ms(_attention, q, k, v, backend, kw, True)
+                    print(f"attention {a.rows}x{length} {str(dtype)[6:]:8} {name:5} {how:6} "
+                          f"forward {fwd:6.2f} ms  forward+backward {both:6.2f} ms", flush=True)  # fmt: skip
+
+
+def _products(x, weights) -> None:
+    import torch.nn.functional as F
+
+    for w in weights:
+        F.linear(x, w)
+
+
+def linear(a) -> None:
+    import torch
+
+    for dtype in (torch.bfloat16, torch.float32):
+        for out_f, in_f in ((1536, 576), (576, 1536), (576, 576), (49152, 576)):
+            w, x = torch.randn(out_f, in_f, dtype=dtype), torch.randn(8, in_f, dtype=dtype)
+            hot = mean_ms(_products, x, [w], n=100) * 1e3
+            many = [torch.randn(out_f, in_f, dtype=dtype) for _ in range(max(1, 40_000_000 // (out_f * in_f)))]
+            cold = mean_ms(_products, x, many, n=5) * 1e3 / len(many)
+            line = (
+                f"linear 8 x {in_f} -> {out_f} {str(dtype)[6:]:8} in cache {hot:7.0f} us  from memory {cold:7.0f} us"
+            )
+            if dtype == torch.bfloat16:
+                pointwise = torch.ops.mkldnn._linear_pointwise
+                us = mean_ms(pointwise, x, w.to_mkldnn(), None, "none", [], "", n=100) * 1e3
+                line += f"  oneDNN prepacked {us:7.0f} us"
+            print(line, flush=True)
+
+
+def sft_step(a) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.modeling import contiguous_head, training_attention
+
+    model = contiguous_head(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.train()
+    torch.manual_seed(0)
+    ids = torch.randint(100, 40000, (8, a.length))
+    mask = torch.ones_like(ids)
+    mask[:4, :20] = 0  # some padding, as in a real batch
+
+    def step(math: bool) -> float:
+        ctx = training_attention(torch.device("cpu"), "bf16") if math else nullcontext()
+        t = time.perf_counter()
+        with ctx, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        model.zero_grad()
+        return time.perf_counter() - t
+
+    step(False), step(True)  # warm-up
+    times = {"default (flash)": [], "training_attention (math)": []}
+    for _ in range(a.repeats):
+        times["default (flash)"].append(step(False))
+        times["training_attention (math)"].append(step(True))
+    for name, ts in times.items():
+        print(f"sft-step 8x{a.length} {name:26} median {statistics.median(ts):.3f} s  {[round(t, 2) for t in ts]}")
+
+
+def prompts_of(tok, messages: list[list[dict]]) -> list[str]:
+    return [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+
+
+def generation(a) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.modeling import contiguous_head
+    from pipeline.sampling import InverseCDFSampler, sampling_kwargs
+
+    torch.set_num_threads(a.threads)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = contiguous_head(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).eval())
+    topics = ["the sea", "a cat", "winter", "music", "a city", "coffee", "the moon", "trains"]
+    texts = prompts_of(tok, [[{"role": "user", "content": f"Write one short sentence about {t}."}] for t in topics])
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
+    draw = InverseCDFSampler(record_logprobs=True)
+    kw = dict(**sampling_kwargs(0.7, 0, 1.0, draw), max_new_tokens=32, min_new_tokens=32,
+              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    if a.static_cache:
+        kw["cache_implementation"] = "static"
+
+    def go() -> float:
+        t = time.perf_counter()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model.generate(**enc, **kw)
+        draw.take_logprobs()
+        return time.perf_counter() - t
+
+    go()
+    ts = [go() for _ in range(a.repeats)]
+    print(
+        f"generation 8 x 32 tokens, {a.threads} threads, static cache {a.static_cache}: {[round(t, 2) for t in ts]} s"
+    )
+
+
+def eval_batch(a) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.modeling import contiguous_head
+    from pipeline.sampling import sampling_kwargs
+
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = contiguous_head(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).eval())
+    path = REPO / "data" / "embedded" / "eval_prompts.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()][:200]
+    texts = prompts_of(tok, [r["prompt"] for r in rows])
+
+    def sample(batch: int, cache: str | None, prompts: list[str]) -> float:
+        torch.manual_seed(0)
+        t = time.perf_counter()
+        for i in range(0, len(prompts), batch):
+            enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True, add_special_tokens=False,
+                      padding_side="left")  # fmt: skip
+            with torch.no_grad():
+                model.generate(**enc, **sampling_kwargs(0.7), max_new_tokens=64, pad_token_id=tok.pad_token_id,
+                               eos_token_id=tok.eos_token_id, cache_implementation=cache)  # fmt: skip
+        return time.perf_counter() - t
+
+    sample(8, None, texts[:8])  # warm-up: the first generate of a process pays one-off costs
+    caches = [None, "static"] if a.static_cache else [None]
+    times = {(b, c): [] for b in a.batches for c in caches}
+    for _ in range(a.repeats):  # alternating, so that drift hits every setting alike
+        for b, c in times:
+            times[(b, c)].append(sample(b, c, texts))
+    for (b, c), ts in times.items():
+        print(f"eval-batch 200 prompts x 64 tokens, batch {b}, {c or 'dynamic'} cache: "
+              f"{[round(t, 1) for t in ts]} s", flush=True)  # fmt: skip
+
+
+def ppo_profile(a) -> None:
+    from torch.profiler import profile
+
+    import benchmarks.ppo_vs_trl as bench
+    from pipeline import stage_ppo
+    from pipeline.ppo import trainer as T
+
+    update, seen = T.PPOTrainer.update, {"n": 0}
+
+    def profiled(self, ro):
+        seen["n"] += 1
+        if seen["n"] != a.iteration:
+            return update(self, ro)
+        with profile() as p:
+            out = update(self, ro)
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows), flush=True)
+        return out
+
+    T.PPOTrainer.update = profiled
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = Path(tmp) / "prompts.jsonl"
+        bench.write_prompts(prompts)
+        sizes = argparse.Namespace(source=Path(a.source), iterations=a.iteration, seed=42)
+        stage_ppo.cli(bench.ours_argv(sizes, Path(tmp) / "run", prompts, []))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("attention")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--lengths", type=int, nargs="+", default=[70, 128, 256])
+    sub.add_parser("linear")
+    p = sub.add_parser("sft-step")
+    p.add_argument("--model", required=True)
+    p.add_argument("--length", type=int, default=118)
+    p.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("generation")
+    p.add_argument("--model", required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--static_cache", action="store_true")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="then one more generation under torch.profiler")
+    p = sub.add_parser("eval-batch")
+    p.add_argument("--model", required=True)
+    p.add_argument("--batches", type=int, nargs="+", default=[64, 100, 200])
+    p.add_argument("--static_cache", action="store_true", help="also with a static KV cache")
+    p.add_argument("--repeats", type=int, default=1)
+    p = sub.add_parser("ppo-profile")
+    p.add_argument("--source", required=True)
+    p.add_argument("--iteration", type=int, default=3)
+    p.add_argument("--rows", type=int, default=25)
+    a = ap.parse_args(argv)
+    {"attention": attention, "linear": linear, "sft-step": sft_step, "generation": generation,
+     "eval-batch": eval_batch, "ppo-profile": ppo_profile}[a.what](a)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
