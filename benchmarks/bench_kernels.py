@@ -167,6 +167,12 @@ def generation(a) -> None:
     print(
         f"generation 8 x 32 tokens, {a.threads} threads, static cache {a.static_cache}: {[round(t, 2) for t in ts]} s"
     )
+    if a.profile:
+        from torch.profiler import profile
+
+        with profile() as p:
+            go()
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
 
 
 def eval_batch(a) -> None:

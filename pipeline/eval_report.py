@@ -111,14 +111,16 @@ def _pairwise(a: dict, b: dict, has_gold: bool, win, n_boot: int, seed: int) -> 
     for key in ("reward", "gold"):
         out.setdefault(f"win_rate_{key}", None)
         out.setdefault(f"win_rate_{key}_ci95", None)
-    out["reward_gold_agreement"], out["reward_gold_agreement_ci95"], out["gold_decided"] = None, None, 0
+    out["reward_gold_agreement"], out["reward_gold_agreement_ci95"], out["gold_decided"] = None, None, None
     if has_gold and all(x.get(k) is not None for x in (a, b) for k in ("reward", "gold")):
         agree, n_decided = reward_gold_agreement(a["reward"], b["reward"], a["gold"], b["gold"])
         out["gold_decided"] = n_decided
         if n_decided:
-            boot = np.random.default_rng(seed).choice(agree, size=(n_boot, n_decided)).mean(1)
             out["reward_gold_agreement"] = float(agree.mean())
-            out["reward_gold_agreement_ci95"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+            if n_boot > 0:  # over the prompts the judge decides (their number taken as fixed)
+                from pipeline.metrics.win_rate.win_rate import bootstrap_ci
+
+                out["reward_gold_agreement_ci95"] = list(bootstrap_ci(agree, n_boot, seed))
     return out
 
 
@@ -520,7 +522,8 @@ def render_markdown(report: dict) -> str:
         "",
         "Per-prompt win rates (same prompt, sampled responses, ties count 0.5), "
         "percentile bootstrap 95% CI over prompts. 'Reward agrees with gold': on the prompts where the gold "
-        "judge prefers one of the two responses, how often the reward model prefers the same one.",
+        "judge prefers one of the two responses, how often the reward model prefers the same one (its interval "
+        "resamples those prompts).",
         "",
     ]
     if "ppo_vs_sft" not in report.get("pairwise", {}):
@@ -649,7 +652,7 @@ def render_html(report: dict, results: dict) -> str:
         '<h2>PPO vs SFT</h2><p class="note">Per-prompt win rates on the same prompt (sampled responses, '
         "ties count 0.5) with percentile bootstrap 95% CIs over prompts. 'Reward agrees with gold': on the "
         "prompts where the gold judge prefers one of the two responses, how often the reward model prefers the "
-        "same one.</p>"
+        "same one (its interval resamples those prompts).</p>"
     )
     if "ppo_vs_sft" not in report.get("pairwise", {}):
         b.append('<p class="note">No PPO checkpoint was evaluated.</p>')

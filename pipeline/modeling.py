@@ -102,20 +102,26 @@ def top_layers(model, n: int | None, flag: str = "--lora_layers") -> list[int] |
     return list(range(total - n, total))
 
 
-def training_attention(device, mixed_precision: str):
-    """A fresh context for forwards that are trained through: the math attention kernel on a CPU under bf16,
-    else no change.
+MATH_ATTENTION_MAX_TOKENS = 160  # the math kernel wins up to here; even at 192 (benchmarks/bench_kernels.py attention)
 
-    On a CPU, torch's flash-attention backward in bf16 is slower than the math kernel's at these sequence
-    lengths: forward + backward of one layer's attention (8 rows, 9 heads of 64) took 18 ms against 8 ms at 70
-    tokens and 30 ms against 19 ms at 128 (they meet near 256); in fp32 flash is the faster, and without a
-    backward too. The choice is made at the forward (the backward follows it). Used by SFT (around training)
-    and PPO (the update's forward and every rollout scoring forward, so that the reference and the policy
-    still differ only by the adapter). Generation keeps the default kernels. On accelerators nothing changes.
+
+def training_attention(device, mixed_precision: str, tokens: int):
+    """A fresh context for a forward that is trained through, over sequences of ``tokens``: the math attention
+    kernel on a CPU under bf16 up to ``MATH_ATTENTION_MAX_TOKENS``, else no change.
+
+    On a CPU, torch's flash-attention backward in bf16 is the slower at short lengths: forward + backward of
+    one layer's attention (8 rows, 9 heads of 64) took 12-13 ms against 6-7 ms at 70 tokens, about 20 ms
+    against 11-14 ms at 128 and 32-35 against 22 ms at 160; at 192 and 256 they were even
+    (``benchmarks/bench_kernels.py attention``;
+    docs/benchmarks.md, 2026-12-03). The math kernel also holds each layer's full attention matrix for the
+    backward, so long sequences keep flash; so does fp32, where flash is as fast or faster. The choice is made
+    at the forward (the backward follows it). Used by SFT (each training forward) and PPO (the update's forward
+    and every rollout scoring forward, so that the log-probs the update compares come from one kernel).
+    Generation keeps the default kernels. On accelerators nothing changes.
     """
     from contextlib import nullcontext
 
-    if device.type != "cpu" or mixed_precision != "bf16":
+    if device.type != "cpu" or mixed_precision != "bf16" or tokens > MATH_ATTENTION_MAX_TOKENS:
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -126,8 +132,9 @@ def value_lora_default(model) -> int:
     """PPO's default value-adapter depth: the top quarter of the layers (8 of SmolLM2-135M's 30), at least one.
 
     The value model starts from the reward model, whose top layers already score responses; adapting only them
-    keeps the value backward out of the bottom three quarters of the network (docs/benchmarks.md, 2026-12-03:
-    2.23x -> 2.84x of TRL's PPO step rate). The demo recipe's multi-seed results were measured with 8 layers.
+    keeps the value backward out of the bottom three quarters of the network (docs/benchmarks.md, 2026-12-03
+    afternoon: 2.12x -> 2.35x of TRL's PPO episodes/s). The demo recipe's multi-seed results were measured with
+    8 layers.
     """
     return max(1, -(-model.config.num_hidden_layers // 4))
 

@@ -39,11 +39,14 @@ def completion_trainer_class():
     logits of the positions from the first completion token of the batch onwards only
     (``logits_to_keep``), under the trainer's autocast, and take the token-mean cross-entropy as
     TRL does. Anything else (packing, label smoothing, DFT, custom loss functions, MoE aux loss,
-    sequence parallelism) goes to TRL's own ``compute_loss``.
+    sequence parallelism) goes to TRL's own ``compute_loss``. On a CPU under bf16 every loss forward of
+    short sequences runs the math attention kernel, whose backward is the faster there.
     """
     import torch
     import torch.nn.functional as F
     from trl import SFTTrainer
+
+    from pipeline.modeling import training_attention
 
     class CompletionSFTTrainer(SFTTrainer):
         def _plain_completion_loss(self, inputs) -> bool:
@@ -62,6 +65,12 @@ def completion_trainer_class():
             )
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # The attention kernel whose backward is the faster here (pipeline.modeling.training_attention).
+            acc, tokens = self.accelerator, inputs["input_ids"].shape[-1]
+            with training_attention(acc.device, acc.mixed_precision, tokens):
+                return self._loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if return_outputs or not self._plain_completion_loss(inputs):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             mode = "train" if self.model.training else "eval"
@@ -116,7 +125,6 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
         lora_config,
         publish_lora,
         resume_point,
-        training_attention,
     )
 
     if not model_args.use_peft:
@@ -161,9 +169,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
                 f"every row of the SFT data is longer than --max_length {training_args.max_length} tokens "
                 "before its completion starts; raise --max_length"
             )
-        acc = trainer.accelerator
-        with training_attention(acc.device, acc.mixed_precision):  # the faster backward on a CPU in bf16
-            result = trainer.train(resume_from_checkpoint=resume)
+        result = trainer.train(resume_from_checkpoint=resume)
         check_finite_training(trainer, "SFT")
         publish_lora(trainer, out.path, model_path, AutoModelForCausalLM, tokenizer)
         metrics = {

@@ -146,6 +146,9 @@ def test_reward_gold_agreement_by_hand(report, results):
     assert pw["reward_gold_agreement"] == pytest.approx(sum(hand) / len(hand))
     lo, hi = pw["reward_gold_agreement_ci95"]
     assert lo <= pw["reward_gold_agreement"] <= hi
+    no_interval = aggregate(results, n_boot=0)["pairwise"]["ppo_vs_sft"]
+    assert no_interval["reward_gold_agreement"] == pw["reward_gold_agreement"]
+    assert no_interval["reward_gold_agreement_ci95"] is None
 
 
 def test_greedy_curves_examples(report, results):
@@ -238,6 +241,7 @@ def test_no_gold_path(tmp_path):
     assert all(c["gold_score"] is None for c in rep["checkpoints_greedy"].values())
     pw = rep["pairwise"]["ppo_vs_sft"]
     assert pw["win_rate_gold"] is None and pw["win_rate_gold_ci95"] is None
+    assert pw["reward_gold_agreement"] is None and pw["gold_decided"] is None
     assert pw["win_rate_reward"] is not None
     assert rep["examples"]["ranked_by"] == "reward"
     assert rep["examples"]["best"][0]["index"] == EVIL_PROMPT and rep["examples"]["best"][0]["ppo_gold"] is None

@@ -99,17 +99,22 @@ def test_contiguous_head_feeds_the_vocabulary_projection_a_contiguous_input(tmp_
     torch.testing.assert_close(after, before)
 
 
-@pytest.mark.parametrize("device, precision, flash", [("cpu", "bf16", False), ("cpu", "no", True)])
-def test_training_attention_takes_the_math_kernel_on_a_cpu_in_bf16(device, precision, flash):
-    """On a CPU under bf16 the scoring forwards' attention runs the math kernel (its backward is the faster
-    there); in fp32 the default (flash) stays."""
+@pytest.mark.parametrize(
+    "precision, tokens, flash",
+    [("bf16", 8, False), ("bf16", 161, True), ("no", 8, True)],
+    ids=["bf16", "long", "fp32"],
+)
+def test_training_attention_takes_the_math_kernel_on_a_cpu_in_bf16_for_short_sequences(precision, tokens, flash):
+    """On a CPU under bf16, sequences up to MATH_ATTENTION_MAX_TOKENS train through the math attention kernel
+    (its backward is the faster there); longer ones, and fp32, keep the default (flash)."""
     import torch.nn.functional as F
 
-    from pipeline.modeling import training_attention
+    from pipeline.modeling import MATH_ATTENTION_MAX_TOKENS, training_attention
 
+    assert MATH_ATTENTION_MAX_TOKENS == 160
     q = torch.randn(2, 3, 8, 16, dtype=torch.bfloat16, requires_grad=True)
     default = F.scaled_dot_product_attention(q, q, q, is_causal=True).grad_fn.name()
     assert "Flash" in default  # what the CPU picks unasked, so the check below can tell the kernels apart
-    with training_attention(torch.device(device), precision):
+    with training_attention(torch.device("cpu"), precision, tokens):
         chosen = F.scaled_dot_product_attention(q, q, q, is_causal=True).grad_fn.name()
     assert ("Flash" in chosen) == flash

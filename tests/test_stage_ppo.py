@@ -632,26 +632,44 @@ def test_fused_rollout_forward_learns_what_the_separate_forwards_learn(tmp_path,
         )  # rounding: rows summed in another order
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
 def test_bf16_scoring_forwards_share_the_update_attention_kernel(
-    tiny_artifacts, prompts_file, monkeypatch, fresh_accelerate_state
+    tiny_artifacts, prompts_file, monkeypatch, fresh_accelerate_state, fused
 ):
-    """Under bf16 on a CPU every forward with gradients (the update's) takes the math attention kernel
-    (pipeline.modeling.training_attention), and the rollout's policy and reference forwards take the same one:
-    before the first update the policy is the reference, so the KL is exactly 0."""
+    """Under bf16 on a CPU the rollout's scoring forwards (policy, reference, value) and the update's forward
+    run the math attention kernel (pipeline.modeling.training_attention), whether or not the update reuses the
+    rollout's forward; generation keeps flash. Before the first update the policy is the reference: KL 0."""
     import torch.nn.functional as F
 
-    real, kernels = F.scaled_dot_product_attention, []
+    from pipeline.ppo.trainer import PPOTrainer
+
+    real, calls, where = F.scaled_dot_product_attention, [], {"scoring": False}
 
     def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        kernels.append((torch.is_grad_enabled(), out.grad_fn.name() if out.grad_fn is not None else None))
-        return out
+        calls.append((where["scoring"], torch.backends.cuda.flash_sdp_enabled()))
+        return real(*args, **kwargs)
+
+    def inside(method):
+        def wrapped(self, *args, **kwargs):
+            where["scoring"] = True
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                where["scoring"] = False
+
+        return wrapped
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    assert run_ppo(tiny_artifacts, prompts_file, dtype="bfloat16", mixed_precision="bf16", num_iterations=2) == 0
-    trained = [name for grad, name in kernels if grad and name is not None]
-    assert trained and not any("Flash" in name for name in trained)
+    monkeypatch.setattr(PPOTrainer, "_forward", inside(PPOTrainer._forward))
+    monkeypatch.setattr(PPOTrainer, "update", inside(PPOTrainer.update))
+    sizes = dict(num_mini_batches=1, per_device_train_batch_size=4) if fused else {}
+    assert run_ppo(tiny_artifacts, prompts_file, dtype="bfloat16", mixed_precision="bf16", num_iterations=2,
+                   **sizes) == 0  # fmt: skip
+    scoring = [flash for inside_scoring, flash in calls if inside_scoring]
+    generation = [flash for inside_scoring, flash in calls if not inside_scoring]
+    assert scoring and not any(scoring) and generation and all(generation)
     rows = read_metrics(tiny_artifacts / "ppo" / "metrics.jsonl")
+    assert ("time/policy_value_forward_s" in rows[0]) == fused
     assert rows[0]["objective/kl"] == 0.0 and rows[-1]["objective/kl"] != 0.0
 
 

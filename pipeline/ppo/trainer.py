@@ -504,7 +504,7 @@ class PPOTrainer:
         P = query_response.shape[1] - R
         step = self.args.local_rollout_forward_batch_size
         chunks = [slice(i, i + step) for i in range(0, len(query_response), step)]
-        with self.attention():  # the update's attention kernel for every scoring forward (see training_attention)
+        with self.attention(query_response.shape[1]):  # the update's kernel for every scoring forward
             return self._score(query_response, attention_mask, responses, chunks, P, R)
 
     def _score(self, query_response, attention_mask, responses, chunks, P: int, R: int) -> tuple[Tensor, ...]:
@@ -562,7 +562,7 @@ class PPOTrainer:
                             rl, values = (t[inds] if t is not None else None for t in self._graph)
                             self._graph = None
                         else:
-                            with self.attention():
+                            with self.attention(ro.query_response.shape[1]):
                                 logits, values = self.model(ro.query_response[inds], ro.attention_mask[inds],
                                                             logits_to_keep=R + 1)  # fmt: skip
                             rl = response_logits(logits, R, args.temperature)
