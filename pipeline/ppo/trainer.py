@@ -17,7 +17,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 
@@ -284,8 +284,12 @@ class PPOTrainer:
         self.guard = NonFiniteGuard(accelerator, args.max_nonfinite_steps)
         self.sampler = self._sampler()
         self.clock = PhaseClock(accelerator.device)
-        self.attention = partial(training_attention, accelerator.device, accelerator.mixed_precision)
         self.fused = self.can_fuse()
+        self.attention = partial(training_attention, accelerator.device, accelerator.mixed_precision)
+        if not self.fused:
+            # Separate forwards: the rollout's run without gradients, where flash is the faster kernel, and the
+            # update's must take the rollout's kernel (ratio 1 at its first step), so everything keeps flash.
+            self.attention = lambda tokens: nullcontext()
         self._graph: tuple[Tensor, Tensor | None] | None = None  # the fused forward, kept for the update
         n_minibatches = args.num_ppo_epochs * args.num_mini_batches
         # [minibatch, micro-batch, statistic], filled during the update and reduced once per iteration.
@@ -504,7 +508,7 @@ class PPOTrainer:
         P = query_response.shape[1] - R
         step = self.args.local_rollout_forward_batch_size
         chunks = [slice(i, i + step) for i in range(0, len(query_response), step)]
-        with self.attention(query_response.shape[1]):  # the update's kernel for every scoring forward
+        with self.attention(query_response.shape[1]):  # fused: the update's kernel for every scoring forward
             return self._score(query_response, attention_mask, responses, chunks, P, R)
 
     def _score(self, query_response, attention_mask, responses, chunks, P: int, R: int) -> tuple[Tensor, ...]:
