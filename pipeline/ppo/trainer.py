@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -285,11 +284,6 @@ class PPOTrainer:
         self.sampler = self._sampler()
         self.clock = PhaseClock(accelerator.device)
         self.fused = self.can_fuse()
-        self.attention = partial(training_attention, accelerator.device, accelerator.mixed_precision)
-        if not self.fused:
-            # Separate forwards: the rollout's run without gradients, where flash is the faster kernel, and the
-            # update's must take the rollout's kernel (ratio 1 at its first step), so everything keeps flash.
-            self.attention = lambda tokens: nullcontext()
         self._graph: tuple[Tensor, Tensor | None] | None = None  # the fused forward, kept for the update
         n_minibatches = args.num_ppo_epochs * args.num_mini_batches
         # [minibatch, micro-batch, statistic], filled during the update and reduced once per iteration.
@@ -388,7 +382,8 @@ class PPOTrainer:
             query_response, attention_mask, P, mask, has_eos, sampler_logprobs = self._generate(prompts)
         responses = query_response[:, P:]
         # 2. One forward each: policy log-probs (and entropy), values, reference log-probs (adapter off).
-        logprobs, ref_logprobs, values, entropy = self._forward(query_response, attention_mask, responses)
+        with self._attention(query_response.shape[1]):
+            logprobs, ref_logprobs, values, entropy = self._forward(query_response, attention_mask, responses)
 
         # 3. Score the decoded responses with the reward model (re-encoded by its own tokenizer).
         response_texts = tok.batch_decode(
@@ -502,17 +497,23 @@ class PPOTrainer:
         attention_mask = torch.cat([enc["attention_mask"], mask.long()], 1)
         return query_response, attention_mask, P, mask, has_eos, sampler_logprobs
 
+    def _attention(self, tokens: int):
+        """The attention kernel of the rollout's scoring forwards. Fused, they include the update's own forward:
+        ``training_attention`` (the math kernel on a CPU under bf16, whose backward is the faster there), for
+        the reference and value forwards too, so that the log-probs compared come from one kernel. Separate,
+        they run without gradients, where flash is the faster, and the update's forward takes the same default
+        kernel (ratio 1 at its first step): no change."""
+        if not self.fused:
+            return nullcontext()
+        return training_attention(self.accelerator.device, self.accelerator.mixed_precision, tokens)
+
     def _forward(self, query_response: Tensor, attention_mask: Tensor, responses: Tensor) -> tuple[Tensor, ...]:
         """``(logprobs, ref_logprobs, values, entropy)``, each ``[B, R]``, in chunks of the rollout forward batch."""
+        args, net = self.args, self.unwrapped
         R = responses.shape[1]
         P = query_response.shape[1] - R
-        step = self.args.local_rollout_forward_batch_size
+        step = args.local_rollout_forward_batch_size
         chunks = [slice(i, i + step) for i in range(0, len(query_response), step)]
-        with self.attention(query_response.shape[1]):  # fused: the update's kernel for every scoring forward
-            return self._score(query_response, attention_mask, responses, chunks, P, R)
-
-    def _score(self, query_response, attention_mask, responses, chunks, P: int, R: int) -> tuple[Tensor, ...]:
-        args, net = self.args, self.unwrapped
         if self.fused:  # the update's forward, run now on the whole batch (see can_fuse)
             with self.clock("policy_value_forward"), torch.enable_grad():
                 self.model.train()
@@ -566,9 +567,8 @@ class PPOTrainer:
                             rl, values = (t[inds] if t is not None else None for t in self._graph)
                             self._graph = None
                         else:
-                            with self.attention(ro.query_response.shape[1]):
-                                logits, values = self.model(ro.query_response[inds], ro.attention_mask[inds],
-                                                            logits_to_keep=R + 1)  # fmt: skip
+                            logits, values = self.model(ro.query_response[inds], ro.attention_mask[inds],
+                                                        logits_to_keep=R + 1)  # fmt: skip
                             rl = response_logits(logits, R, args.temperature)
                         new_logprobs = logprobs_from_logits(rl, ro.query_response[inds, P:])
                         pg = policy_loss(new_logprobs, ro.logprobs[inds], ro.advantages[inds], mask, args.cliprange)
