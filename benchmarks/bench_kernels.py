@@ -140,14 +140,15 @@ def generation(a) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import benchmarks.ppo_vs_trl as bench
     from pipeline.modeling import contiguous_head
     from pipeline.sampling import InverseCDFSampler, sampling_kwargs
 
     torch.set_num_threads(a.threads)
     tok = AutoTokenizer.from_pretrained(a.model)
     model = contiguous_head(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).eval())
-    topics = ["the sea", "a cat", "winter", "music", "a city", "coffee", "the moon", "trains"]
-    texts = prompts_of(tok, [[{"role": "user", "content": f"Write one short sentence about {t}."}] for t in topics])
+    rows = [json.loads(line) for line in bench.write_prompts(Path(tempfile.mkdtemp()) / "p.jsonl").open()]
+    texts = prompts_of(tok, [r["prompt"] for r in rows])  # the PPO benchmark's 8 prompts
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
     draw = InverseCDFSampler(record_logprobs=True)
     kw = dict(**sampling_kwargs(0.7, 0, 1.0, draw), max_new_tokens=32, min_new_tokens=32,
