@@ -147,7 +147,8 @@ def generation(a) -> None:
     torch.set_num_threads(a.threads)
     tok = AutoTokenizer.from_pretrained(a.model)
     model = contiguous_head(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).eval())
-    rows = [json.loads(line) for line in bench.write_prompts(Path(tempfile.mkdtemp()) / "p.jsonl").open()]
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [json.loads(line) for line in bench.write_prompts(Path(tmp) / "p.jsonl").open()]
     texts = prompts_of(tok, [r["prompt"] for r in rows])  # the PPO benchmark's 8 prompts
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
     draw = InverseCDFSampler(record_logprobs=True)
