@@ -26,6 +26,7 @@ def test_usage_lists_every_command(capsys):
         ("pipeline.stage_ppo", "configs/ppo_demo.yaml"),
         ("pipeline.stage_ppo", "configs/ppo_rloo_demo.yaml"),
         ("pipeline.stage_ppo", "configs/ppo_ensemble_demo.yaml"),
+        ("pipeline.stage_ppo", "configs/ppo_ensemble_long_demo.yaml"),
         ("pipeline.stage_eval", "configs/eval_demo.yaml"),
     ],
 )
