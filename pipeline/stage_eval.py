@@ -23,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import artifacts as art
-from pipeline.config import StageArguments, run_cli
+from pipeline.config import StageArguments, exit_process, run_cli
 from pipeline.errors import PipelineError
 from pipeline.modeling import contiguous_head
 
@@ -345,4 +345,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    exit_process(cli())

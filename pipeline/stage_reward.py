@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python pipeline/stage_reward.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import TRAINER_DEFAULTS, StageArguments, cpu_only, run_cli, tensorboard_dir
+from pipeline.config import TRAINER_DEFAULTS, StageArguments, cpu_only, exit_process, run_cli, tensorboard_dir
 from pipeline.errors import PipelineError
 
 DEFAULTS = {
@@ -170,4 +170,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    exit_process(cli())

@@ -25,7 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python pipeline/stage_sft.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import TRAINER_DEFAULTS, StageArguments, cpu_only, run_cli, tensorboard_dir
+from pipeline.config import TRAINER_DEFAULTS, StageArguments, cpu_only, exit_process, run_cli, tensorboard_dir
 from pipeline.errors import PipelineError
 
 DEFAULTS = {**TRAINER_DEFAULTS, "learning_rate": 2e-4, "completion_only_loss": True}
@@ -206,4 +206,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    exit_process(cli())
