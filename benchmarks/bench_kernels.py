@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_kernels.py linear
     .venv/bin/python benchmarks/bench_kernels.py sft-step --model DIR [--length 118] [--repeats 3]
     .venv/bin/python benchmarks/bench_kernels.py generation --model DIR [--threads 2] [--static_cache]
+        [--compile] [--continuous_batching]
     .venv/bin/python benchmarks/bench_kernels.py eval-batch --model DIR [--batches 64 100 200]
     .venv/bin/python benchmarks/bench_kernels.py ppo-profile --source DIR [--iteration 3]
 
@@ -156,18 +157,42 @@ def generation(a) -> None:
               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
     if a.static_cache:
         kw["cache_implementation"] = "static"
+    if a.compile:  # transformers compiles the decoding forward only with a static cache, and on a CPU only if asked
+        from transformers import CompileConfig
 
-    def go() -> float:
+        config = CompileConfig(mode="default")  # "reduce-overhead" means CUDA graphs
+        config._compile_all_devices = True  # a class attribute, not an argument
+        kw.update(cache_implementation="static", compile_config=config)
+
+    def go_generate() -> float:
         t = time.perf_counter()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             model.generate(**enc, **kw)
         draw.take_logprobs()
         return time.perf_counter() - t
 
-    go()
+    if a.continuous_batching:
+        # transformers' continuous batching (paged KV cache, its own scheduler thread) on the same prompts and
+        # token count, with its own sampler (no log-probs recorded, so it does strictly less work than ours).
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(do_sample=True, temperature=0.7, top_k=0, max_new_tokens=32,
+                                  eos_token_id=-1, pad_token_id=tok.pad_token_id)  # fmt: skip
+        ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+        def go_batch() -> float:
+            t = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model.generate_batch(ids, generation_config=config)
+            assert all(len(o.generated_tokens) == 32 for o in out.values()), "continuous batching stopped early"
+            return time.perf_counter() - t
+
+    go = go_batch if a.continuous_batching else go_generate
+    first = go()
     ts = [go() for _ in range(a.repeats)]
     print(
-        f"generation 8 x 32 tokens, {a.threads} threads, static cache {a.static_cache}: {[round(t, 2) for t in ts]} s"
+        f"generation 8 x 32 tokens, {a.threads} threads, static cache {a.static_cache}, torch.compile {a.compile}, "
+        f"continuous batching {a.continuous_batching}: {[round(t, 2) for t in ts]} s (the first call: {first:.1f} s)"
     )
     if a.profile:
         from torch.profiler import profile
@@ -253,6 +278,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--static_cache", action="store_true")
+    p.add_argument("--continuous_batching", action="store_true", help="transformers' generate_batch instead")
+    p.add_argument("--compile", action="store_true", help="a static cache and a compiled decoding forward")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="then one more generation under torch.profiler")
     p = sub.add_parser("eval-batch")
