@@ -175,9 +175,6 @@ def exit_process(code: int):
     the two-process refusal test), which turns the one-line error's exit 2 into a signal and a launcher
     traceback. Success, and every single-process run, exits normally."""
     if code != 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import logging
-
-        logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -82,3 +82,32 @@ def test_disk_full_is_one_line_and_keeps_the_previous_artifact(setup, monkeypatc
     assert line.startswith("error: no space left on the device while writing ") and "free some and rerun" in line
     assert (setup["artifacts"] / "sft" / "manifest.json").read_text() == before
     assert not (setup["artifacts"] / ".sft.staging").exists()
+
+
+@pytest.mark.parametrize(
+    "world_size, code, leaves_by",
+    [(None, 2, "sys.exit"), ("1", 2, "sys.exit"), ("2", 0, "sys.exit"), ("2", 2, "os._exit")],
+)
+def test_exit_process_skips_the_teardown_only_for_a_failed_process_of_a_multi_process_run(
+    monkeypatch, world_size, code, leaves_by
+):
+    """A failed rank of a multi-process run leaves by ``os._exit`` (the interpreter's teardown of
+    torch.distributed can abort it, SIGABRT, which hides the exit status 2); everything else exits normally."""
+    import os
+
+    from pipeline.config import exit_process
+
+    left = []
+    monkeypatch.setattr(os, "_exit", lambda status: left.append(status))
+    if world_size is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+    if leaves_by == "os._exit":
+        with pytest.raises(SystemExit):  # reached only because the fake os._exit returns
+            exit_process(code)
+        assert left == [code]
+    else:
+        with pytest.raises(SystemExit) as e:
+            exit_process(code)
+        assert e.value.code == code and left == []
