@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/bench_kernels.py generation --model DIR [--threads 2] [--static_cache]
         [--compile] [--continuous_batching]
     .venv/bin/python benchmarks/bench_kernels.py eval-batch --model DIR [--batches 64 100 200]
+        [--modes generate static compact]
     .venv/bin/python benchmarks/bench_kernels.py ppo-profile --source DIR [--iteration 3]
 
 - ``attention``: forward, and forward + backward, of one layer's attention (9 heads of 64, SmolLM2-135M's)
@@ -16,8 +17,9 @@
   8 rows of ``--length`` tokens) under the default kernels and under ``pipeline.modeling.training_attention``,
   alternating.
 - ``generation``: PPO's rollout sampling at the ppo_vs_trl sizes (8 prompts, 32 tokens, bf16 weights).
-- ``eval-batch``: the evaluation's sampling of 200 held-out prompts x 64 tokens at several batch sizes (and KV
-  caches), after a warm-up, alternating.
+- ``eval-batch``: the evaluation's sampling of 200 held-out prompts x 64 tokens at several batch sizes, through
+  ``generate`` (dynamic or static KV cache) or ``pipeline/decoding.py`` (finished rows leave the batch), after a
+  warm-up, alternating.
 - ``ppo-profile``: our PPO stage at the ppo_vs_trl sizes with ``torch.profiler`` around one iteration's update;
   prints the operators by self time. ``--source`` holds ``sft/model`` and ``reward/model``.
 """
@@ -206,6 +208,7 @@ def eval_batch(a) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from pipeline import decoding
     from pipeline.modeling import contiguous_head
     from pipeline.sampling import sampling_kwargs
 
@@ -215,26 +218,30 @@ def eval_batch(a) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines()][:200]
     texts = prompts_of(tok, [r["prompt"] for r in rows])
 
-    def sample(batch: int, cache: str | None, prompts: list[str]) -> float:
+    def sample(batch: int, mode: str, prompts: list[str]) -> float:
+        """``mode``: ``generate`` (model.generate, dynamic cache), ``static`` (its static cache), ``compact``
+        (pipeline/decoding.py: finished rows leave the batch)."""
         torch.manual_seed(0)
         t = time.perf_counter()
         for i in range(0, len(prompts), batch):
             enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True, add_special_tokens=False,
                       padding_side="left")  # fmt: skip
+            kw = dict(**sampling_kwargs(0.7), max_new_tokens=64, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id)  # fmt: skip
             with torch.no_grad():
-                model.generate(**enc, **sampling_kwargs(0.7), max_new_tokens=64, pad_token_id=tok.pad_token_id,
-                               eos_token_id=tok.eos_token_id, cache_implementation=cache)  # fmt: skip
+                if mode == "compact":
+                    decoding.generate(model, **enc, **kw)
+                else:
+                    model.generate(**enc, **kw, cache_implementation="static" if mode == "static" else None)
         return time.perf_counter() - t
 
-    sample(8, None, texts[:8])  # warm-up: the first generate of a process pays one-off costs
-    caches = [None, "static"] if a.static_cache else [None]
-    times = {(b, c): [] for b in a.batches for c in caches}
+    sample(8, "generate", texts[:8])  # warm-up: the first generate of a process pays one-off costs
+    times = {(b, m): [] for b in a.batches for m in a.modes}
     for _ in range(a.repeats):  # alternating, so that drift hits every setting alike
-        for b, c in times:
-            times[(b, c)].append(sample(b, c, texts))
-    for (b, c), ts in times.items():
-        print(f"eval-batch 200 prompts x 64 tokens, batch {b}, {c or 'dynamic'} cache: "
-              f"{[round(t, 1) for t in ts]} s", flush=True)  # fmt: skip
+        for b, m in times:
+            times[(b, m)].append(sample(b, m, texts))
+    for (b, m), ts in times.items():
+        print(f"eval-batch 200 prompts x 64 tokens, batch {b}, {m}: {[round(t, 1) for t in ts]} s", flush=True)
 
 
 def ppo_profile(a) -> None:
@@ -285,7 +292,13 @@ def main(argv=None) -> int:
     p = sub.add_parser("eval-batch")
     p.add_argument("--model", required=True)
     p.add_argument("--batches", type=int, nargs="+", default=[64, 100, 200])
-    p.add_argument("--static_cache", action="store_true", help="also with a static KV cache")
+    p.add_argument(
+        "--modes",
+        nargs="+",
+        default=["generate", "compact"],
+        choices=["generate", "static", "compact"],
+        help="generate (dynamic KV cache), static (its static KV cache), compact (pipeline/decoding.py)",
+    )
     p.add_argument("--repeats", type=int, default=1)
     p = sub.add_parser("ppo-profile")
     p.add_argument("--source", required=True)

@@ -44,13 +44,22 @@ class InverseCDFSampler(LogitsProcessor):
     def __init__(self, record_logprobs: bool = False):
         self.record_logprobs = record_logprobs
         self._logprobs: list[torch.Tensor] = []
+        self._rows: tuple[torch.Tensor, int] | None = None
+
+    def set_rows(self, rows: torch.Tensor, batch_size: int) -> None:
+        """The next call's scores are those of rows ``rows`` of a batch of ``batch_size`` (a decoding loop that
+        drops finished rows, ``pipeline/decoding.py``, says so before each step); the others record 0."""
+        self._rows = (rows, batch_size)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = torch.softmax(scores.float(), dim=-1)
         tokens = inverse_cdf_sample(probs)
+        rows, self._rows = self._rows, None
         if self.record_logprobs:
-            logp = torch.log_softmax(scores.float(), dim=-1)
-            self._logprobs.append(logp.gather(1, tokens.unsqueeze(1)).squeeze(1))
+            logp = torch.log_softmax(scores.float(), dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+            if rows is not None:
+                logp = logp.new_zeros(rows[1]).index_copy_(0, rows[0], logp)
+            self._logprobs.append(logp)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, tokens.unsqueeze(1), 0.0)
 

@@ -45,7 +45,14 @@ class EvalArguments:
     greedy: bool = field(default=True, metadata={"help": "Also generate greedily for base, sft and ppo."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (the PPO default)."})
     response_length: int = field(default=64, metadata={"help": "Maximum new tokens."})
-    batch_size: int = field(default=16, metadata={"help": "Generation and scoring batch size."})
+    batch_size: int = field(default=16, metadata={"help": "Scoring batch size, and generation's by default."})
+    generation_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts sampled at once (default: --batch_size). Finished responses leave the batch, so a "
+            "larger one is faster on CPUs (docs/benchmarks.md); the scoring still goes by --batch_size."
+        },
+    )
     seed: int = field(default=1234, metadata={"help": "Sampling seed (the same for every checkpoint)."})
     heldout_phrasing: bool = field(
         default=True,
@@ -87,6 +94,7 @@ def generate(model, tok, prompts, args: EvalArguments, do_sample: bool, desc: st
     import torch
     from tqdm.auto import tqdm
 
+    from pipeline import decoding
     from pipeline.sampling import GREEDY, InverseCDFSampler, sampling_kwargs
     from pipeline.sequences import response_mask
 
@@ -95,21 +103,18 @@ def generate(model, tok, prompts, args: EvalArguments, do_sample: bool, desc: st
     sampler = InverseCDFSampler(record_logprobs=True) if do_sample else None
     if do_sample:
         torch.manual_seed(args.seed)
-    for i in tqdm(range(0, len(prompts), args.batch_size), desc=desc, leave=False):
-        chunk = prompts[i : i + args.batch_size]
+    step = args.generation_batch_size or args.batch_size
+    for i in tqdm(range(0, len(prompts), step), desc=desc, leave=False):
+        chunk = prompts[i : i + step]
         rendered = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in chunk]
         enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left").to(
             device
         )
         mode = sampling_kwargs(args.temperature, sampler=sampler) if do_sample else GREEDY
-        with torch.no_grad():
-            out = model.generate(
-                **enc,
-                **mode,
-                max_new_tokens=args.response_length,
-                eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-            )
+        kw = dict(**enc, **mode, max_new_tokens=args.response_length, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)  # fmt: skip
+        with torch.no_grad():  # finished rows leave the batch (pipeline/decoding.py) where that loop applies
+            out = decoding.generate(model, **kw) if decoding.can_compact(model) is None else model.generate(**kw)
         resp = out[:, enc["input_ids"].shape[1] :]
         mask, has_eos = response_mask(resp, tok.eos_token_id)
         if do_sample:
@@ -120,7 +125,10 @@ def generate(model, tok, prompts, args: EvalArguments, do_sample: bool, desc: st
         )
         lengths += mask.sum(1).tolist()
         eos += has_eos.tolist()
-        batches.append((enc["input_ids"], enc["attention_mask"], resp, mask))
+        for j in range(0, len(chunk), args.batch_size):  # scoring batches, without the left padding all rows share
+            ids, am = enc["input_ids"][j : j + args.batch_size], enc["attention_mask"][j : j + args.batch_size]
+            lead = int(am.shape[1] - am.sum(1).max())
+            batches.append((ids[:, lead:], am[:, lead:], resp[j : j + args.batch_size], mask[j : j + args.batch_size]))
     return texts, lengths, eos, batches, (own if do_sample else None)
 
 
@@ -259,6 +267,9 @@ def main(stage: StageArguments, args: EvalArguments) -> dict | None:
             rephrased = [r["prompt"] for r in rephrased]
     if args.kl_budget < 0:
         raise PipelineError(f"--kl_budget {args.kl_budget}: use a value >= 0 (nats)")
+    for flag in ("batch_size", "generation_batch_size", "response_length"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise PipelineError(f"--{flag} {getattr(args, flag)}: use a whole number >= 1")
 
     inputs = {s: art.input_record(layout.stage(s)) for s in ("sft", "reward") + (("ppo",) if want_ppo else ())}
     inputs["dataset"] = source_record("prompt", stage.dataset_name, split)

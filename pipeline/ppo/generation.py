@@ -7,7 +7,9 @@ An engine has two methods, which is all the trainer calls:
   prompts in, prompt + sampled tokens out; the trainer passes the sampling logits processor
   (``pipeline/sampling.py``), which also records the log-prob of every drawn token.
 
-``MergedPolicy`` (below) and ``PeftSampler`` are the two engines here. A GPU inference engine (vLLM) would be a
+``MergedPolicy`` (below) and ``PeftSampler`` are the two engines here. ``MergedPolicy`` decodes with
+``pipeline/decoding.py``, which drops rows from the batch as they finish; ``PeftSampler`` (sharded weights,
+adapters that do not merge) keeps ``generate``. A GPU inference engine (vLLM) would be a
 third behind the same two methods; docs/design.md has the plan.
 
 Sampling from a merged copy of the LoRA policy:
@@ -140,4 +142,10 @@ class MergedPolicy:
             target.copy_(w.to(target.dtype))
 
     def generate(self, **kwargs):
+        """Finished rows leave the batch (``pipeline/decoding.py``) unless the model's generation config asks for
+        processors that loop does not apply."""
+        from pipeline import decoding
+
+        if decoding.can_compact(self.model) is None:
+            return decoding.generate(self.model, **kwargs)
         return self.model.generate(**kwargs)

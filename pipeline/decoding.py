@@ -1,0 +1,137 @@
+"""A decoding loop that drops finished rows from the batch.
+
+``transformers``' ``generate`` keeps every row of a batch in every decoding step until the last row has
+hit EOS (or the token limit): a row that ended at token 10 of 64 still costs a forward row, a slice of
+the KV cache and a vocabulary projection at each of the remaining 54 steps. With a policy whose responses
+average 34-42 of 64 tokens, that is a third or more of every sampled batch spent on padding. Its
+continuous batching (``generate_batch``) does drop finished rows, but its paged cache and scheduler ran
+about 5x slower on a CPU (docs/benchmarks.md, 2026-12-03 evening).
+
+``generate`` here is ``generate``'s contract for the cases this project samples (left-padded prompts,
+sampled or greedy, stop at EOS or after ``max_new_tokens``): one prefill forward, then one token per step
+for the rows still running, removing rows from the batch and the ``DynamicCache`` as they finish. The
+tokens drawn follow the same distribution (the same logits processors run on the same float32 logits);
+only the random stream differs, because finished rows no longer draw. Figures: docs/benchmarks.md
+(2026-12-04).
+
+Models whose generation config asks for processors this loop does not build (repetition penalty,
+bad words, minimum lengths, ...) go through ``model.generate`` unchanged (``can_compact``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pipeline.sequences import position_ids_from
+
+# Generation-config fields whose non-default values ``generate`` turns into logits processors or stopping
+# criteria that the loop below does not apply.
+_UNSUPPORTED = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "min_length": 0,
+    "min_new_tokens": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+    "renormalize_logits": False,
+    "stop_strings": None,
+    "max_time": None,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "guidance_scale": None,
+}
+
+
+def can_compact(model, **overrides) -> str | None:
+    """None when ``generate`` below reproduces ``model.generate`` for this model and these arguments, else why not."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "an encoder-decoder model"
+    config = getattr(model, "generation_config", None)
+    for key, default in _UNSUPPORTED.items():
+        value = overrides.get(key, getattr(config, key, default) if config is not None else default)
+        if value not in (default, None) and not (key == "min_length" and value == 0):
+            return f"the generation config sets {key}={value!r}"
+    return None
+
+
+def _cache_keyword(model) -> str:
+    """The forward's name for the KV cache: ``cache`` in newer transformers, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _eos_ids(eos_token_id, device) -> Tensor:
+    ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    return torch.tensor([i for i in ids if i is not None], dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id,
+    pad_token_id: int,
+    logits_processor=None,
+    **ignored_sampling_flags,
+) -> Tensor:
+    """Prompt + new tokens ``[B, P + T]`` (``T <= max_new_tokens``), rows padded with ``pad_token_id`` after
+    their EOS, as ``model.generate(..., do_sample=False, logits_processor=...)`` returns them.
+
+    The next token is the argmax of ``logits_processor(input_ids, logits)``: greedy decoding with no
+    processor, sampling with the processors of ``pipeline.sampling.sampling_kwargs`` (temperature, top-k/p,
+    then the inverse-CDF draw, which leaves the drawn token the only finite score). A processor with a
+    ``set_rows(rows, batch_size)`` method is told, before each step, which of the original rows the step's
+    scores belong to. ``ignored_sampling_flags`` takes ``sampling_kwargs``' greedy-mode keys
+    (``do_sample=False``, ``temperature=None``, ...)."""
+    from transformers import DynamicCache
+
+    for key, value in ignored_sampling_flags.items():
+        if key not in ("do_sample", "temperature", "top_k", "top_p") or (key == "do_sample" and value):
+            raise TypeError(f"pipeline.decoding.generate: unsupported argument {key}={value!r}")
+    B, P = input_ids.shape
+    device = input_ids.device
+    eos = _eos_ids(eos_token_id, device)
+    new = torch.full((B, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
+    rows = torch.arange(B, device=device)  # the original row of each row still running
+    mask = attention_mask.long()
+    positions = position_ids_from(mask)
+    cache = DynamicCache(config=model.config)
+    kv = {_cache_keyword(model): cache}
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **kv)  # fmt: skip
+    position = positions[:, -1:] + 1
+    seen = input_ids  # the running rows' tokens so far, for processors that read them
+    steps = 0
+    for t in range(max_new_tokens):
+        logits = out.logits[:, -1, :].float()
+        if logits_processor is not None:
+            for proc in logits_processor:
+                if hasattr(proc, "set_rows"):
+                    proc.set_rows(rows, B)
+            logits = logits_processor(seen, logits)
+        token = logits.argmax(-1)
+        new[rows, t] = token
+        steps = t + 1
+        running = ~torch.isin(token, eos)
+        if t == max_new_tokens - 1 or not running.any():
+            break
+        if not running.all():
+            keep = running.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, mask, position, token, seen = rows[keep], mask[keep], position[keep], token[keep], seen[keep]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+        seen = torch.cat([seen, token.unsqueeze(1)], 1)
+        out = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True, **kv)
+        position = position + 1
+    return torch.cat([input_ids, new[:, :steps]], 1)

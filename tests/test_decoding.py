@@ -1,0 +1,125 @@
+"""The decoding loop that drops finished rows (``pipeline/decoding.py``) against ``model.generate``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import decoding
+from pipeline.sampling import GREEDY, InverseCDFSampler, sampling_kwargs
+from pipeline.sequences import response_logprobs, response_mask
+from tests.conftest import make_causal_lm, make_tokenizer
+
+PROMPTS = ["Explain why volcanoes erupt.", "Plants", "Name three rivers in Europe, please", "Hi there"]
+
+
+@pytest.fixture
+def tiny_lm(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tok = make_tokenizer(tmp_path / "tok")
+    make_causal_lm(tmp_path / "lm", tok, initializer_range=0.3)
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "lm").eval(), tok
+
+
+def encode(tok):
+    return tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+
+
+def an_eos_that_stops_rows_early(model, tok, enc, **mode) -> int:
+    """A token some row draws early on but not every row: as the EOS, rows finish at different steps."""
+    torch.manual_seed(3)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=10, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                             **mode)  # fmt: skip
+    new = out[:, enc["input_ids"].shape[1] :]
+    for row in range(len(new)):
+        for t in range(1, 6):
+            candidate = int(new[row, t])
+            hits = (new == candidate).any(1)
+            if candidate != tok.pad_token_id and 0 < int(hits.sum()) < len(new):
+                return candidate
+    pytest.skip("the tiny model repeats one token in every row")
+
+
+def test_greedy_equals_generate_when_rows_finish_at_different_steps(tiny_lm):
+    model, tok = tiny_lm
+    enc = encode(tok)
+    eos = an_eos_that_stops_rows_early(model, tok, enc, **GREEDY)
+    kw = dict(max_new_tokens=12, pad_token_id=tok.pad_token_id, eos_token_id=eos, **GREEDY)
+    with torch.no_grad():
+        want = model.generate(**enc, **kw)
+    got = decoding.generate(model, **enc, **kw)
+    mask, has_eos = response_mask(want[:, enc["input_ids"].shape[1] :], eos)
+    assert has_eos.any() and not mask.all()  # some rows did stop early: the rows left the batch
+    assert torch.equal(got, want)
+
+
+def test_all_rows_finished_stops_the_loop(tiny_lm):
+    """When every row has drawn its EOS the output ends there, as ``generate``'s does."""
+    model, tok = tiny_lm
+    enc = encode(tok)
+    with torch.no_grad():
+        first = model.generate(**enc, max_new_tokens=1, pad_token_id=tok.pad_token_id, **GREEDY)[:, -1]
+    got = decoding.generate(model, **enc, max_new_tokens=12, pad_token_id=tok.pad_token_id,
+                            eos_token_id=first.tolist(), **GREEDY)  # fmt: skip
+    assert torch.equal(got, torch.cat([enc["input_ids"], first.unsqueeze(1)], 1))  # every row ended at token 1
+
+
+def test_sampling_draws_what_generate_draws_until_a_row_finishes(tiny_lm):
+    """The same seed draws the same tokens as ``generate`` while every row runs (the same uniform numbers);
+    after the first row finishes the streams part, since finished rows no longer draw."""
+    model, tok = tiny_lm
+    enc = encode(tok)
+    P = enc["input_ids"].shape[1]
+    eos = an_eos_that_stops_rows_early(model, tok, enc, **sampling_kwargs(0.7))
+    kw = dict(max_new_tokens=12, pad_token_id=tok.pad_token_id, eos_token_id=eos)
+    torch.manual_seed(11)
+    got = decoding.generate(model, **enc, **kw, **sampling_kwargs(0.7))
+    torch.manual_seed(11)
+    with torch.no_grad():
+        want = model.generate(**enc, **kw, **sampling_kwargs(0.7))
+    mask, has_eos = response_mask(got[:, P:], eos)
+    steps = int(mask.sum(1).min())  # every row was still running before this step
+    assert torch.equal(got[:, P : P + steps], want[:, P : P + steps])
+    # Padding after each row's EOS, nothing else.
+    assert (got[:, P:][~mask] == tok.pad_token_id).all()
+
+
+def test_recorded_logprobs_are_a_forward_pass_s_and_zero_for_finished_rows(tiny_lm):
+    model, tok = tiny_lm
+    enc = encode(tok)
+    P = enc["input_ids"].shape[1]
+    temperature = 0.7
+    eos = an_eos_that_stops_rows_early(model, tok, enc, **sampling_kwargs(temperature))
+    sampler = InverseCDFSampler(record_logprobs=True)
+    torch.manual_seed(5)
+    out = decoding.generate(
+        model, **enc, max_new_tokens=12, pad_token_id=tok.pad_token_id, eos_token_id=eos,
+        **sampling_kwargs(temperature, sampler=sampler),
+    )  # fmt: skip
+    resp = out[:, P:]
+    mask, _ = response_mask(resp, eos)
+    got = sampler.take_logprobs()
+    with torch.no_grad():
+        want = response_logprobs(model, out, torch.cat([enc["attention_mask"], mask.long()], 1), resp, temperature)
+    assert got.shape == resp.shape and not mask.all()
+    torch.testing.assert_close(torch.where(mask, got, 0.0), torch.where(mask, want, 0.0), atol=1e-4, rtol=1e-4)
+    assert (got[~mask] == 0).all()  # rows that had left the batch record nothing
+
+
+def test_generation_configs_with_other_processors_go_to_generate(tiny_lm):
+    model, _ = tiny_lm
+    assert decoding.can_compact(model) is None
+    model.generation_config.repetition_penalty = 1.3
+    assert "repetition_penalty" in decoding.can_compact(model)
+    assert decoding.can_compact(model, repetition_penalty=1.0) is None
+
+
+def test_unknown_arguments_are_refused(tiny_lm):
+    model, tok = tiny_lm
+    enc = encode(tok)
+    with pytest.raises(TypeError, match="num_beams"):
+        decoding.generate(model, **enc, max_new_tokens=2, pad_token_id=0, eos_token_id=1, num_beams=2)
+    with pytest.raises(TypeError, match="do_sample"):
+        decoding.generate(model, **enc, max_new_tokens=2, pad_token_id=0, eos_token_id=1, do_sample=True)
