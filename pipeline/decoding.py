@@ -12,7 +12,7 @@ sampled or greedy, stop at EOS or after ``max_new_tokens``): one prefill forward
 for the rows still running, removing rows from the batch and the ``DynamicCache`` as they finish. The
 tokens drawn follow the same distribution (the same logits processors run on the same float32 logits);
 only the random stream differs, because finished rows no longer draw. Figures: docs/benchmarks.md
-(2026-12-04).
+(2026-12-03, night); the design in docs/design.md.
 
 Models whose generation config asks for processors this loop does not build (repetition penalty,
 bad words, minimum lengths, ...) go through ``model.generate`` unchanged (``can_compact``).
