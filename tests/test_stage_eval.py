@@ -172,3 +172,25 @@ def test_a_typo_in_checkpoints_is_one_line(tiny_artifacts, capsys):
 
     assert cli(["--artifact_dir", str(tiny_artifacts), "--checkpoints", "sft", "pp0"]) == 2
     assert error_lines(capsys.readouterr().err) == ["error: --checkpoints sft pp0: name one or more of base, sft, ppo"]
+
+
+def test_generation_batches_are_scored_in_scoring_batches(tmp_path):
+    """``--generation_batch_size`` samples more prompts at once than ``--batch_size`` scores: the scoring pieces,
+    cut from each generation batch without the left padding their rows share, give every response the log-prob
+    the sampler recorded for it (fp32: the KL of a policy to itself is 0 up to rounding)."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.stage_eval import EvalArguments, generate, sequence_logprobs
+    from tests.conftest import make_causal_lm, make_tokenizer
+
+    tok = make_tokenizer(tmp_path / "tok")
+    make_causal_lm(tmp_path / "lm", tok, initializer_range=0.3)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "lm").eval()
+    prompts = [[{"role": "user", "content": "word " * n}] for n in (1, 9, 2, 5, 3)]  # prompt lengths differ
+    args = EvalArguments(batch_size=2, generation_batch_size=5, response_length=7, temperature=0.7, seed=3)
+    texts, lengths, eos, batches, own = generate(model, tok, prompts, args, True, "test")
+    assert len(texts) == len(own) == 5 and [len(b[0]) for b in batches] == [2, 2, 1]
+    assert all(b[1][:, 0].any() for b in batches)  # no column of left padding every row of a piece shares
+    assert batches[2][0].shape[1] < batches[1][0].shape[1] < batches[0][0].shape[1]  # so shorter pieces
+    torch.testing.assert_close(torch.tensor(sequence_logprobs(model, batches, 0.7)), torch.tensor(own),
+                               atol=1e-4, rtol=1e-4)  # fmt: skip
