@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/bench_kernels.py generation --model DIR [--threads 2] [--static_cache]
         [--compile] [--continuous_batching]
     .venv/bin/python benchmarks/bench_kernels.py eval-batch --model DIR [--batches 64 100 200]
-        [--modes generate static compact]
+        [--modes generate static compact] [--profile]
     .venv/bin/python benchmarks/bench_kernels.py ppo-profile --source DIR [--iteration 3]
 
 - ``attention``: forward, and forward + backward, of one layer's attention (9 heads of 64, SmolLM2-135M's)
@@ -242,6 +242,13 @@ def eval_batch(a) -> None:
             times[(b, m)].append(sample(b, m, texts))
     for (b, m), ts in times.items():
         print(f"eval-batch 200 prompts x 64 tokens, batch {b}, {m}: {[round(t, 1) for t in ts]} s", flush=True)
+    if a.profile:  # one more pass of the first setting under torch.profiler
+        from torch.profiler import profile
+
+        b, m = next(iter(times))
+        with profile() as p:
+            print(f"eval-batch profiled: batch {b}, {m}: {sample(b, m, texts):.1f} s", flush=True)
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
 
 
 def ppo_profile(a) -> None:
@@ -300,6 +307,7 @@ def main(argv=None) -> int:
         help="generate (dynamic KV cache), static (its static KV cache), compact (pipeline/decoding.py)",
     )
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--profile", action="store_true", help="then one more pass of the first setting, profiled")
     p = sub.add_parser("ppo-profile")
     p.add_argument("--source", required=True)
     p.add_argument("--iteration", type=int, default=3)

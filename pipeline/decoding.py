@@ -61,11 +61,13 @@ def can_compact(model, **overrides) -> str | None:
     return None
 
 
-def _cache_keyword(model) -> str:
-    """The forward's name for the KV cache: ``cache`` in newer transformers, ``past_key_values`` before."""
+def _forward_keywords(model) -> tuple[str, bool]:
+    """The forward's name for the KV cache (``cache`` in newer transformers, ``past_key_values`` before), and
+    whether it takes ``logits_to_keep`` (the prefill then projects only the last position onto the vocabulary)."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    params = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
 
 def _eos_ids(eos_token_id, device) -> Tensor:
@@ -107,9 +109,10 @@ def generate(
     mask = attention_mask.long()
     positions = position_ids_from(mask)
     cache = DynamicCache(config=model.config)
-    kv = {_cache_keyword(model): cache}
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **kv)  # fmt: skip
+    cache_keyword, keep_last = _forward_keywords(model)
+    kv = {cache_keyword: cache}
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kv,
+                **({"logits_to_keep": 1} if keep_last else {}))  # fmt: skip
     position = positions[:, -1:] + 1
     seen = input_ids  # the running rows' tokens so far, for processors that read them
     steps = 0
