@@ -174,6 +174,16 @@ def test_a_typo_in_checkpoints_is_one_line(tiny_artifacts, capsys):
     assert error_lines(capsys.readouterr().err) == ["error: --checkpoints sft pp0: name one or more of base, sft, ppo"]
 
 
+@pytest.mark.parametrize("flag", ["--batch_size", "--generation_batch_size", "--response_length"])
+def test_a_batch_size_or_length_below_one_is_one_line(tiny_artifacts, flag, capsys):
+    from pipeline.stage_eval import cli
+    from tests.conftest import error_lines
+
+    assert cli(["--artifact_dir", str(tiny_artifacts), "--checkpoints", "sft", flag, "0"]) == 2
+    assert error_lines(capsys.readouterr().err) == [f"error: {flag} 0: use a whole number >= 1"]
+    assert not (tiny_artifacts / "eval").exists()
+
+
 def test_generation_batches_are_scored_in_scoring_batches(tmp_path):
     """``--generation_batch_size`` samples more prompts at once than ``--batch_size`` scores: the scoring pieces,
     cut from each generation batch without the left padding their rows share, give every response the log-prob
