@@ -14,21 +14,22 @@ tokens drawn follow the same distribution (the same logits processors run on the
 only the random stream differs, because finished rows no longer draw. Figures: docs/benchmarks.md
 (2026-12-03, night); the design in docs/design.md.
 
-Models whose generation config asks for processors this loop does not build (repetition penalty,
-bad words, minimum lengths, ...) go through ``model.generate`` unchanged (``can_compact``).
+A generation config's repetition penalty (many chat models ship one) is applied as ``generate`` applies
+it, before the caller's processors; models whose generation config asks for other processors (bad words,
+minimum lengths, ...) go through ``model.generate`` unchanged (``can_compact``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from pipeline.sequences import position_ids_from
 
 # Generation-config fields whose non-default values ``generate`` turns into logits processors or stopping
 # criteria that the loop below does not apply.
 _UNSUPPORTED = {
-    "repetition_penalty": 1.0,
     "encoder_repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0,
     "bad_words_ids": None,
@@ -59,6 +60,18 @@ def can_compact(model, **overrides) -> str | None:
         if value not in (default, None) and not (key == "min_length" and value == 0):
             return f"the generation config sets {key}={value!r}"
     return None
+
+
+class RowsRepetitionPenalty(RepetitionPenaltyLogitsProcessor):
+    """``generate``'s repetition penalty (``prompt_ignore_length`` = each row's left padding, as ``generate`` sets
+    it) for a batch that loses rows: ``set_rows`` picks the running rows' padding lengths before each step."""
+
+    def __init__(self, penalty: float, padding_lengths: Tensor):
+        super().__init__(float(penalty), prompt_ignore_length=padding_lengths)
+        self.padding_lengths = padding_lengths
+
+    def set_rows(self, rows: Tensor, batch_size: int) -> None:
+        self.prompt_ignore_length = self.padding_lengths[rows]
 
 
 def _forward_keywords(model) -> tuple[str, bool]:
@@ -108,6 +121,10 @@ def generate(
     rows = torch.arange(B, device=device)  # the original row of each row still running
     mask = attention_mask.long()
     positions = position_ids_from(mask)
+    penalty = getattr(getattr(model, "generation_config", None), "repetition_penalty", None)
+    if penalty not in (None, 1.0):  # generate puts the config's processors before the caller's
+        padding = (mask != 0).int().argmax(dim=1)
+        logits_processor = LogitsProcessorList([RowsRepetitionPenalty(penalty, padding), *(logits_processor or [])])
     cache = DynamicCache(config=model.config)
     cache_keyword, keep_last = _forward_keywords(model)
     kv = {cache_keyword: cache}

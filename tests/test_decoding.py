@@ -108,12 +108,37 @@ def test_recorded_logprobs_are_a_forward_pass_s_and_zero_for_finished_rows(tiny_
     assert (got[~mask] == 0).all()  # rows that had left the batch record nothing
 
 
+@pytest.mark.parametrize("mode", ["greedy", "sampled"])
+def test_a_generation_config_s_repetition_penalty_applies_as_in_generate(tiny_lm, mode):
+    """Many chat models ship a repetition penalty in their generation config; ``generate`` applies it (prompt
+    padding excluded) before the caller's processors, and so does the loop, on the rows still running."""
+    model, tok = tiny_lm
+    enc = encode(tok)
+    P = enc["input_ids"].shape[1]
+    flags = GREEDY if mode == "greedy" else sampling_kwargs(0.7)
+    eos = an_eos_that_stops_rows_early(model, tok, enc, **flags)
+    kw = dict(max_new_tokens=12, pad_token_id=tok.pad_token_id, eos_token_id=eos, **flags)
+    torch.manual_seed(2)
+    plain = decoding.generate(model, **enc, **kw)
+    model.generation_config.repetition_penalty = 5.0
+    assert decoding.can_compact(model) is None
+    torch.manual_seed(2)
+    got = decoding.generate(model, **enc, **kw)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        want = model.generate(**enc, **kw)
+    assert not torch.equal(got, plain)  # the penalty changes the tokens, so the comparison below means something
+    mask, _ = response_mask(got[:, P:], eos)
+    steps = int(mask.sum(1).min()) if mode == "sampled" else got.shape[1] - P  # sampled: until a row finishes
+    assert torch.equal(got[:, P : P + steps], want[:, P : P + steps])
+
+
 def test_generation_configs_with_other_processors_go_to_generate(tiny_lm):
     model, _ = tiny_lm
     assert decoding.can_compact(model) is None
-    model.generation_config.repetition_penalty = 1.3
-    assert "repetition_penalty" in decoding.can_compact(model)
-    assert decoding.can_compact(model, repetition_penalty=1.0) is None
+    model.generation_config.no_repeat_ngram_size = 2
+    assert "no_repeat_ngram_size" in decoding.can_compact(model)
+    assert decoding.can_compact(model, no_repeat_ngram_size=0) is None
 
 
 def test_unknown_arguments_are_refused(tiny_lm):
