@@ -592,9 +592,9 @@ def test_ensemble_of_reward_adapters_shares_one_base_and_aggregates(tiny_artifac
 
 @pytest.mark.parametrize("merged", [True, False])
 def test_sampler_log_probs_match_the_training_forward(tiny_artifacts, prompts_file, merged):
-    """The rollout path (the merged copy or the PEFT policy, sampling through generate) draws from the distribution
-    the training forward computes: in fp32 the multiplicative token-probability error stays at 1, iteration after
-    iteration, as the adapter moves away from zero (a learning rate high enough to move it)."""
+    """The rollout path (the merged copy through pipeline/decoding.py, or the PEFT policy through generate) draws
+    from the distribution the training forward computes: in fp32 the multiplicative token-probability error stays
+    at 1, iteration after iteration, as the adapter moves away from zero (a learning rate high enough to move it)."""
     assert run_ppo(tiny_artifacts, prompts_file, merged_generation=merged, learning_rate=1e-2, num_iterations=3) == 0
     rows = read_metrics(tiny_artifacts / "ppo" / "metrics.jsonl")
     assert rows[-1]["objective/kl"] != 0.0  # the policy moved
