@@ -235,6 +235,8 @@ def eval_batch(a) -> None:
                     model.generate(**enc, **kw, cache_implementation="static" if mode == "static" else None)
         return time.perf_counter() - t
 
+    if "compact" in a.modes and (why := decoding.can_compact(model)):
+        raise SystemExit(f"bench_kernels: --modes compact cannot run on this model: {why}")
     sample(8, "generate", texts[:8])  # warm-up: the first generate of a process pays one-off costs
     times = {(b, m): [] for b in a.batches for m in a.modes}
     for _ in range(a.repeats):  # alternating, so that drift hits every setting alike

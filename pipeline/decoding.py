@@ -47,13 +47,29 @@ _UNSUPPORTED = {
     "num_beams": 1,
     "num_return_sequences": 1,
     "guidance_scale": None,
+    "watermarking_config": None,
+    "remove_invalid_values": False,
 }
+
+# Cache layers whose ``batch_select_indices`` drops rows from everything they hold (key/value tensors only).
+_ROW_SELECTABLE = {"DynamicLayer", "DynamicSlidingWindowLayer", "DynamicIndexedLayer", "DummyLayer"}
 
 
 def can_compact(model, **overrides) -> str | None:
-    """None when ``generate`` below reproduces ``model.generate`` for this model and these arguments, else why not."""
+    """None when ``generate`` below reproduces ``model.generate`` for this model and these arguments (up to
+    rounding: smaller batches change the matrix shapes, so bf16 logits can differ in their last bits), else why
+    not: processors it does not apply, or a cache whose rows it cannot drop (recurrent or linear-attention
+    state, custom caches)."""
+    from transformers import DynamicCache
+
     if getattr(model.config, "is_encoder_decoder", False):
         return "an encoder-decoder model"
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    if supports is None or not supports():
+        return f"{type(model).__name__} does not use transformers' DynamicCache"
+    odd = sorted({type(layer).__name__ for layer in DynamicCache(config=model.config).layers} - _ROW_SELECTABLE)
+    if odd:  # e.g. a linear-attention or hybrid layer, whose recurrent state batch_select_indices leaves as it was
+        return f"its cache has layers whose rows it cannot drop ({', '.join(odd)})"
     config = getattr(model, "generation_config", None)
     for key, default in _UNSUPPORTED.items():
         value = overrides.get(key, getattr(config, key, default) if config is not None else default)
@@ -84,6 +100,8 @@ def _forward_keywords(model) -> tuple[str, bool]:
 
 
 def _eos_ids(eos_token_id, device) -> Tensor:
+    if isinstance(eos_token_id, Tensor):
+        eos_token_id = eos_token_id.flatten().tolist()
     ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
     return torch.tensor([i for i in ids if i is not None], dtype=torch.long, device=device)
 
@@ -96,12 +114,13 @@ def generate(
     *,
     max_new_tokens: int,
     eos_token_id,
-    pad_token_id: int,
+    pad_token_id: int | None,
     logits_processor=None,
     **ignored_sampling_flags,
 ) -> Tensor:
     """Prompt + new tokens ``[B, P + T]`` (``T <= max_new_tokens``), rows padded with ``pad_token_id`` after
-    their EOS, as ``model.generate(..., do_sample=False, logits_processor=...)`` returns them.
+    their EOS, as ``model.generate(..., do_sample=False, logits_processor=...)`` returns them. As there, a
+    missing ``pad_token_id`` falls back to the first EOS id.
 
     The next token is the argmax of ``logits_processor(input_ids, logits)``: greedy decoding with no
     processor, sampling with the processors of ``pipeline.sampling.sampling_kwargs`` (temperature, top-k/p,
@@ -117,6 +136,12 @@ def generate(
     B, P = input_ids.shape
     device = input_ids.device
     eos = _eos_ids(eos_token_id, device)
+    if pad_token_id is None:
+        if not len(eos):
+            raise ValueError("pipeline.decoding.generate: give a pad_token_id or an eos_token_id")
+        pad_token_id = int(eos[0])
+    if max_new_tokens < 1:
+        return input_ids
     new = torch.full((B, max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=device)
     rows = torch.arange(B, device=device)  # the original row of each row still running
     mask = attention_mask.long()

@@ -37,8 +37,9 @@ class InverseCDFSampler(LogitsProcessor):
     With ``record_logprobs=True`` it also keeps, step by step, the log-probability of each drawn token
     under the distribution it was drawn from (after temperature, top-k and top-p): ``take_logprobs()``
     returns them as ``[B, steps]``, aligned with the generated tokens. That is the sampling policy's own
-    log-prob of its sample at no extra forward pass (the evaluation's Monte-Carlo KL uses it). Rows that
-    already finished keep drawing; mask them with the response mask.
+    log-prob of its sample at no extra forward pass (the evaluation's Monte-Carlo KL uses it). Under
+    ``model.generate`` rows that already finished keep drawing; under ``pipeline.decoding.generate`` they
+    leave the batch and record 0 (``set_rows``). Either way, mask them with the response mask.
     """
 
     def __init__(self, record_logprobs: bool = False):

@@ -116,21 +116,30 @@ def test_a_generation_config_s_repetition_penalty_applies_as_in_generate(tiny_lm
     enc = encode(tok)
     P = enc["input_ids"].shape[1]
     flags = GREEDY if mode == "greedy" else sampling_kwargs(0.7)
-    eos = an_eos_that_stops_rows_early(model, tok, enc, **flags)
-    kw = dict(max_new_tokens=12, pad_token_id=tok.pad_token_id, eos_token_id=eos, **flags)
-    torch.manual_seed(2)
-    plain = decoding.generate(model, **enc, **kw)
     model.generation_config.repetition_penalty = 5.0
     assert decoding.can_compact(model) is None
-    torch.manual_seed(2)
+    eos = an_eos_that_stops_rows_early(model, tok, enc, **flags)  # chosen on the penalised model's own tokens
+    kw = dict(max_new_tokens=12, pad_token_id=tok.pad_token_id, eos_token_id=eos, **flags)
+    torch.manual_seed(3)  # the seed the EOS was chosen with
     got = decoding.generate(model, **enc, **kw)
-    torch.manual_seed(2)
+    torch.manual_seed(3)
     with torch.no_grad():
         want = model.generate(**enc, **kw)
+    model.generation_config.repetition_penalty = 1.0
+    torch.manual_seed(3)
+    plain = decoding.generate(model, **enc, **kw)
     assert not torch.equal(got, plain)  # the penalty changes the tokens, so the comparison below means something
-    mask, _ = response_mask(got[:, P:], eos)
+    mask, has_eos = response_mask(got[:, P:], eos)
+    assert has_eos.any() and not mask.all()  # rows left the batch, so set_rows picked the running rows' padding
     steps = int(mask.sum(1).min()) if mode == "sampled" else got.shape[1] - P  # sampled: until a row finishes
     assert torch.equal(got[:, P : P + steps], want[:, P : P + steps])
+
+
+def test_the_repetition_penalty_follows_the_running_rows():
+    """After rows leave, each running row keeps its own prompt padding length (what the penalty ignores)."""
+    proc = decoding.RowsRepetitionPenalty(1.3, torch.tensor([0, 2, 5, 1]))
+    proc.set_rows(torch.tensor([1, 3]), 4)
+    assert proc.prompt_ignore_length.tolist() == [2, 1]
 
 
 def test_generation_configs_with_other_processors_go_to_generate(tiny_lm):
@@ -139,6 +148,26 @@ def test_generation_configs_with_other_processors_go_to_generate(tiny_lm):
     model.generation_config.no_repeat_ngram_size = 2
     assert "no_repeat_ngram_size" in decoding.can_compact(model)
     assert decoding.can_compact(model, no_repeat_ngram_size=0) is None
+    model.generation_config.no_repeat_ngram_size = 0
+    model.generation_config.remove_invalid_values = True
+    assert "remove_invalid_values" in decoding.can_compact(model)
+
+
+def test_models_whose_cache_rows_cannot_be_dropped_go_to_generate(tiny_lm, monkeypatch):
+    """Recurrent or linear-attention state (hybrid models) is not cut by ``batch_select_indices``; models
+    that do not take a ``DynamicCache`` at all go to ``generate`` too."""
+    model, _ = tiny_lm
+    n = model.config.num_hidden_layers
+    monkeypatch.setattr(
+        model.config, "layer_types", ["linear_attention"] + ["full_attention"] * (n - 1), raising=False
+    )
+    assert "LinearAttentionLayer" in decoding.can_compact(model)
+    monkeypatch.setattr(model.config, "layer_types", ["hybrid"] + ["full_attention"] * (n - 1), raising=False)
+    assert "LinearAttentionAndFullAttentionLayer" in decoding.can_compact(model)
+    monkeypatch.setattr(model.config, "layer_types", ["full_attention"] * n, raising=False)
+    assert decoding.can_compact(model) is None
+    monkeypatch.setattr(type(model), "_supports_default_dynamic_cache", classmethod(lambda cls: False))
+    assert "DynamicCache" in decoding.can_compact(model)
 
 
 def test_unknown_arguments_are_refused(tiny_lm):
@@ -148,3 +177,16 @@ def test_unknown_arguments_are_refused(tiny_lm):
         decoding.generate(model, **enc, max_new_tokens=2, pad_token_id=0, eos_token_id=1, num_beams=2)
     with pytest.raises(TypeError, match="do_sample"):
         decoding.generate(model, **enc, max_new_tokens=2, pad_token_id=0, eos_token_id=1, do_sample=True)
+
+
+def test_generate_s_fallbacks_for_pad_eos_and_zero_tokens(tiny_lm):
+    """As in ``generate``: no pad id pads with the first EOS id, an EOS tensor works, zero new tokens is the prompt."""
+    model, tok = tiny_lm
+    enc = encode(tok)
+    eos = an_eos_that_stops_rows_early(model, tok, enc, **GREEDY)
+    got = decoding.generate(model, **enc, max_new_tokens=12, pad_token_id=None, eos_token_id=torch.tensor([eos]))
+    with torch.no_grad():
+        want = model.generate(**enc, max_new_tokens=12, pad_token_id=eos, eos_token_id=eos, **GREEDY)
+    assert torch.equal(got, want)
+    same = decoding.generate(model, **enc, max_new_tokens=0, pad_token_id=0, eos_token_id=eos)
+    assert torch.equal(same, enc["input_ids"])
