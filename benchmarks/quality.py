@@ -54,6 +54,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from pipeline.demo import precision_flags  # noqa: E402
+from pipeline.modeling import BF16_FLAG_STAGES  # noqa: E402
+
 # Two-sided 95% Student t quantiles by degrees of freedom (a table: no scipy in the project's dependencies).
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -89,6 +92,8 @@ class Runner:
             print(f"quality: stopping after {self.runs} stage runs (--max_runs); rerun to continue", flush=True)
             sys.exit(0)
         cmd = [sys.executable, "-m", module, "--config", str(REPO / config), "--artifact_dir", str(art), *extra]
+        if module in BF16_FLAG_STAGES:  # fp32 where bf16 is emulated, as `rlhf demo` does
+            cmd += precision_flags()
         print(f"quality: {' '.join(cmd[2:])}", flush=True)
         t = time.perf_counter()
         with self.log.open("a") as log:

@@ -13,6 +13,7 @@ import sys
 import time
 
 from pipeline.artifacts import REPO_ROOT
+from pipeline.modeling import BF16_FLAG_STAGES, native_bf16_here
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT)
 STEPS = [  # (title, module, recipe)
@@ -21,6 +22,12 @@ STEPS = [  # (title, module, recipe)
     ("PPO", "pipeline.stage_ppo", "configs/ppo_demo.yaml"),
     ("evaluation", "pipeline.stage_eval", "configs/eval_demo.yaml"),
 ]
+
+
+def precision_flags() -> list[str]:
+    """``--bf16 false`` for the recipes that ask for bf16 (SFT, reward, evaluation) where bf16 is not native,
+    as PPO's ``--dtype auto`` decides for itself: the recipes stay the fast setting where it is fast."""
+    return [] if native_bf16_here() else ["--bf16", "false"]
 
 
 def _die_with_parent() -> None:
@@ -63,6 +70,14 @@ def cli(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = ["sft", "reward", "ppo", "eval"]
     timings = []
+    fp32 = precision_flags()
+    if fp32:
+        print(
+            "demo: this machine has no native bf16 matmul (AVX512-BF16, AMX or a bf16 GPU): SFT, the reward model "
+            "and the evaluation run in fp32 (--bf16 false; emulated bf16 is about 150x slower), PPO picks fp32 "
+            "itself (--dtype auto)",
+            flush=True,
+        )
     for name, (title, module, recipe) in zip(names, STEPS):
         if args.only and args.only != name:
             continue
@@ -70,6 +85,8 @@ def cli(argv: list[str] | None = None) -> int:
         stage_argv = ["--config", str(REPO_ROOT / recipe), "--artifact_dir", args.artifact_dir]
         if args.force:
             stage_argv.append("--force")
+        if module in BF16_FLAG_STAGES:
+            stage_argv += fp32
         t = time.perf_counter()
         # A fresh process per stage: each sets up its own Accelerate state (precision, processes).
         rc = run_stage([sys.executable, "-m", module, *stage_argv])

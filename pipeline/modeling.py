@@ -70,6 +70,32 @@ def fast_bf16(has_cuda: bool) -> bool:
     return bool({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags())
 
 
+BF16_FLAG_STAGES = ("pipeline.stage_sft", "pipeline.stage_reward", "pipeline.stage_eval")  # stages with --bf16
+
+
+def native_bf16_here() -> bool:
+    """``fast_bf16`` for the device a stage will use (the first GPU if there is one, else the CPU)."""
+    if fast_bf16(False):
+        return True
+    import torch
+
+    return torch.cuda.is_available() and fast_bf16(True)
+
+
+def warn_if_emulated_bf16(stage: str, bf16: bool) -> None:
+    """One line on stderr when ``--bf16 true`` will run emulated (a CPU without AVX512-BF16, AMX or Arm BF16):
+    the stage still runs as asked, but every matrix product is about 150 times slower than in fp32."""
+    import sys
+
+    if bf16 and not native_bf16_here():
+        print(
+            f"{stage}: warning: --bf16 true on a CPU without native bf16 (AVX512-BF16, AMX): every matmul is "
+            "emulated, about 150x slower than fp32; add --bf16 false",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def check_model_args(model_args) -> None:
     """Refuse, in one line, the ModelConfig flags no stage applies yet (rather than record and ignore them)."""
     for flag in ("load_in_4bit", "load_in_8bit"):

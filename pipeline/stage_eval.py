@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 from pipeline import artifacts as art
 from pipeline.config import StageArguments, exit_process, run_cli
 from pipeline.errors import PipelineError
-from pipeline.modeling import contiguous_head
+from pipeline.modeling import contiguous_head, warn_if_emulated_bf16
 
 CHECKPOINT_KINDS = ("base", "sft", "ppo")
 
@@ -279,6 +279,7 @@ def main(stage: StageArguments, args: EvalArguments) -> dict | None:
     fingerprint = art.fingerprint(config, inputs)
     if art.skip_if_complete(stage.artifact_dir, "eval", fingerprint, stage.force):
         return None
+    warn_if_emulated_bf16("eval", args.bf16)
     run_dir = layout.run_dir("eval")
     finished = finished_checkpoints(run_dir, fingerprint, stage.force)
 

@@ -86,6 +86,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
         lora_config,
         publish_lora,
         resume_point,
+        warn_if_emulated_bf16,
     )
 
     if not model_args.use_peft:
@@ -99,6 +100,8 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     is_main = training_args.process_index == 0
     if art.skip_if_complete(stage_args.artifact_dir, "reward", fingerprint, stage_args.force, is_main_process=is_main):
         return None
+    if is_main:
+        warn_if_emulated_bf16("reward", bool(training_args.bf16))
 
     run_dir = art.Layout(stage_args.artifact_dir).run_dir("reward")
     resume = resume_point(run_dir, fingerprint, stage_args.force, training_args.resume_from_checkpoint, is_main)
