@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/bench_kernels.py generation --model DIR [--threads 2] [--static_cache]
         [--compile] [--continuous_batching]
     .venv/bin/python benchmarks/bench_kernels.py eval-batch --model DIR [--batches 64 100 200]
-        [--modes generate static compact] [--profile]
+        [--modes generate static compact] [--profile] [--dtype auto] [--quality --repeats 5]
     .venv/bin/python benchmarks/bench_kernels.py ppo-profile --source DIR [--iteration 3]
 
 - ``attention``: forward, and forward + backward, of one layer's attention (9 heads of 64, SmolLM2-135M's)
@@ -19,7 +19,8 @@
 - ``generation``: PPO's rollout sampling at the ppo_vs_trl sizes (8 prompts, 32 tokens, bf16 weights).
 - ``eval-batch``: the evaluation's sampling of 200 held-out prompts x 64 tokens at several batch sizes, through
   ``generate`` (dynamic or static KV cache) or ``pipeline/decoding.py`` (finished rows leave the batch), after a
-  warm-up, alternating.
+  warm-up, alternating. ``--quality``: a new seed per repeat, and each pass's gold score, response length and
+  EOS rate, so that two decoding paths can be compared over seeds.
 - ``ppo-profile``: our PPO stage at the ppo_vs_trl sizes with ``torch.profiler`` around one iteration's update;
   prints the operators by self time. ``--source`` holds ``sft/model`` and ``reward/model``.
 """
@@ -209,20 +210,26 @@ def eval_batch(a) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline import decoding
-    from pipeline.modeling import contiguous_head
+    from pipeline.modeling import contiguous_head, native_bf16_here
     from pipeline.sampling import sampling_kwargs
+    from pipeline.sequences import response_mask
+    from reward_models.gold_judge import score as judge
 
+    dtype = {"auto": torch.bfloat16 if native_bf16_here() else torch.float32, "bfloat16": torch.bfloat16,
+             "float32": torch.float32}[a.dtype]  # fmt: skip
     tok = AutoTokenizer.from_pretrained(a.model)
-    model = contiguous_head(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).eval())
+    model = contiguous_head(AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).eval())
     path = REPO / "data" / "embedded" / "eval_prompts.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()][:200]
-    texts = prompts_of(tok, [r["prompt"] for r in rows])
+    messages = [r["prompt"] for r in rows]
+    texts = prompts_of(tok, messages)
 
-    def sample(batch: int, mode: str, prompts: list[str]) -> float:
+    def sample(batch: int, mode: str, prompts: list[str], seed: int = 0) -> tuple[float, dict]:
         """``mode``: ``generate`` (model.generate, dynamic cache), ``static`` (its static cache), ``compact``
-        (pipeline/decoding.py: finished rows leave the batch)."""
-        torch.manual_seed(0)
-        t = time.perf_counter()
+        (pipeline/decoding.py: finished rows leave the batch). Returns seconds and, with ``--quality``, the
+        pass's mean gold score, response length and EOS rate (decoded and judged outside the timing)."""
+        torch.manual_seed(seed)
+        t, outs = time.perf_counter(), []
         for i in range(0, len(prompts), batch):
             enc = tok(prompts[i : i + batch], return_tensors="pt", padding=True, add_special_tokens=False,
                       padding_side="left")  # fmt: skip
@@ -230,26 +237,53 @@ def eval_batch(a) -> None:
                       eos_token_id=tok.eos_token_id)  # fmt: skip
             with torch.no_grad():
                 if mode == "compact":
-                    decoding.generate(model, **enc, **kw)
+                    out = decoding.generate(model, **enc, **kw)
                 else:
-                    model.generate(**enc, **kw, cache_implementation="static" if mode == "static" else None)
-        return time.perf_counter() - t
+                    out = model.generate(**enc, **kw, cache_implementation="static" if mode == "static" else None)
+            outs.append(out[:, enc["input_ids"].shape[1] :])
+        secs = time.perf_counter() - t
+        if not a.quality:
+            return secs, {}
+        gold, length, ended = [], [], []
+        for resp in outs:  # decoded as the evaluation stage decodes
+            mask, has_eos = response_mask(resp, tok.eos_token_id)
+            resp = resp.masked_fill(~mask | (resp == tok.eos_token_id), tok.pad_token_id)
+            gold += tok.batch_decode(resp, skip_special_tokens=True)
+            length += mask.sum(1).tolist()
+            ended += has_eos.tolist()
+        gold = [judge(p, r) for p, r in zip(messages[: len(gold)], gold)]
+        return secs, {"gold": statistics.mean(gold), "length": statistics.mean(length), "eos": statistics.mean(ended)}
 
     if "compact" in a.modes and (why := decoding.can_compact(model)):
         raise SystemExit(f"bench_kernels: --modes compact cannot run on this model: {why}")
     sample(8, "generate", texts[:8])  # warm-up: the first generate of a process pays one-off costs
     times = {(b, m): [] for b in a.batches for m in a.modes}
-    for _ in range(a.repeats):  # alternating, so that drift hits every setting alike
+    stats = {key: [] for key in times}
+    for r in range(a.repeats):  # alternating, so that drift hits every setting alike
         for b, m in times:
-            times[(b, m)].append(sample(b, m, texts))
+            secs, st = sample(b, m, texts, seed=r if a.quality else 0)
+            times[(b, m)].append(secs)
+            stats[(b, m)].append(st)
+            if a.quality:
+                print(f"eval-batch batch {b}, {m}, seed {r}: {secs:.1f} s, gold {st['gold']:.4f}, "
+                      f"length {st['length']:.2f}, EOS {st['eos']:.3f}", flush=True)  # fmt: skip
     for (b, m), ts in times.items():
         print(f"eval-batch 200 prompts x 64 tokens, batch {b}, {m}: {[round(t, 1) for t in ts]} s", flush=True)
+    if a.quality and a.repeats > 1:  # mean over seeds, 95% t interval (t quantiles from quality.py's table)
+        from benchmarks.quality import t_interval
+
+        for (b, m), sts in stats.items():
+            parts = []
+            for k in ("gold", "length", "eos"):
+                mean, lo, hi = t_interval([s[k] for s in sts])
+                parts.append(f"{k} {mean:.4f} [{lo:.4f}, {hi:.4f}]")
+            print(f"eval-batch batch {b}, {m}, {a.repeats} seeds: " + ", ".join(parts), flush=True)
     if a.profile:  # one more pass of the first setting under torch.profiler
         from torch.profiler import profile
 
         b, m = next(iter(times))
         with profile() as p:
-            print(f"eval-batch profiled: batch {b}, {m}: {sample(b, m, texts):.1f} s", flush=True)
+            print(f"eval-batch profiled: batch {b}, {m}: {sample(b, m, texts)[0]:.1f} s", flush=True)
         print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
 
 
@@ -310,6 +344,14 @@ def main(argv=None) -> int:
     )
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="then one more pass of the first setting, profiled")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+                   help="auto: bf16 where bf16 matmuls are native, else fp32")  # fmt: skip
+    p.add_argument(
+        "--quality",
+        action="store_true",
+        help="sample repeat r with seed r and print each pass's gold score, length and EOS rate, then their means "
+        "over seeds with 95%% t intervals: does a decoding path change what is sampled?",
+    )
     p = sub.add_parser("ppo-profile")
     p.add_argument("--source", required=True)
     p.add_argument("--iteration", type=int, default=3)
