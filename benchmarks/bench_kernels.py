@@ -212,7 +212,7 @@ def eval_batch(a) -> None:
     from pipeline import decoding
     from pipeline.modeling import contiguous_head, native_bf16_here
     from pipeline.sampling import sampling_kwargs
-    from pipeline.sequences import response_mask
+    from pipeline.stage_eval import decode_responses
     from reward_models.gold_judge import score as judge
 
     dtype = {"auto": torch.bfloat16 if native_bf16_here() else torch.float32, "bfloat16": torch.bfloat16,
@@ -244,14 +244,13 @@ def eval_batch(a) -> None:
         secs = time.perf_counter() - t
         if not a.quality:
             return secs, {}
-        gold, length, ended = [], [], []
+        responses, length, ended = [], [], []
         for resp in outs:  # decoded as the evaluation stage decodes
-            mask, has_eos = response_mask(resp, tok.eos_token_id)
-            resp = resp.masked_fill(~mask | (resp == tok.eos_token_id), tok.pad_token_id)
-            gold += tok.batch_decode(resp, skip_special_tokens=True)
+            decoded, _, mask, has_eos = decode_responses(tok, resp)
+            responses += decoded
             length += mask.sum(1).tolist()
             ended += has_eos.tolist()
-        gold = [judge(p, r) for p, r in zip(messages[: len(gold)], gold)]
+        gold = [judge(p, r) for p, r in zip(messages, responses)]
         return secs, {"gold": statistics.mean(gold), "length": statistics.mean(length), "eos": statistics.mean(ended)}
 
     if "compact" in a.modes and (why := decoding.can_compact(model)):

@@ -74,12 +74,11 @@ BF16_FLAG_STAGES = ("pipeline.stage_sft", "pipeline.stage_reward", "pipeline.sta
 
 
 def native_bf16_here() -> bool:
-    """``fast_bf16`` for the device a stage will use (the first GPU if there is one, else the CPU)."""
-    if fast_bf16(False):
-        return True
+    """``fast_bf16`` for the device a stage will use (the first GPU if there is one, else the CPU), as PPO's
+    ``--dtype auto`` decides it."""
     import torch
 
-    return torch.cuda.is_available() and fast_bf16(True)
+    return fast_bf16(torch.cuda.is_available())
 
 
 def warn_if_emulated_bf16(stage: str, bf16: bool) -> None:

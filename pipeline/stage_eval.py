@@ -83,6 +83,18 @@ class EvalArguments:
     )
 
 
+def decode_responses(tok, resp):
+    """``(texts, resp, mask, has_eos)`` of generated responses ``[B, T]``: the texts as they are judged (cut at
+    the EOS, which is left out), the responses with pad after their EOS, the response mask (EOS included) and
+    whether each row drew its EOS."""
+    from pipeline.sequences import response_mask
+
+    mask, has_eos = response_mask(resp, tok.eos_token_id)
+    resp = resp.masked_fill(~mask, tok.pad_token_id)
+    texts = tok.batch_decode(resp.masked_fill(resp == tok.eos_token_id, tok.pad_token_id), skip_special_tokens=True)
+    return texts, resp, mask, has_eos
+
+
 def generate(model, tok, prompts, args: EvalArguments, do_sample: bool, desc: str):
     """Batched generation -> (response texts, lengths, has_eos, batches, own log-probs).
 
@@ -96,7 +108,6 @@ def generate(model, tok, prompts, args: EvalArguments, do_sample: bool, desc: st
 
     from pipeline import decoding
     from pipeline.sampling import GREEDY, InverseCDFSampler, sampling_kwargs
-    from pipeline.sequences import response_mask
 
     texts, lengths, eos, batches, own = [], [], [], [], []
     device = next(model.parameters()).device
@@ -115,14 +126,10 @@ def generate(model, tok, prompts, args: EvalArguments, do_sample: bool, desc: st
                   pad_token_id=tok.pad_token_id)  # fmt: skip
         with torch.no_grad():  # finished rows leave the batch (pipeline/decoding.py) where that loop applies
             out = decoding.generate(model, **kw) if decoding.can_compact(model) is None else model.generate(**kw)
-        resp = out[:, enc["input_ids"].shape[1] :]
-        mask, has_eos = response_mask(resp, tok.eos_token_id)
+        chunk_texts, resp, mask, has_eos = decode_responses(tok, out[:, enc["input_ids"].shape[1] :])
         if do_sample:
             own += torch.where(mask, sampler.take_logprobs().to(mask.device), 0.0).sum(1).tolist()
-        resp = resp.masked_fill(~mask, tok.pad_token_id)
-        texts += tok.batch_decode(
-            resp.masked_fill(resp == tok.eos_token_id, tok.pad_token_id), skip_special_tokens=True
-        )
+        texts += chunk_texts
         lengths += mask.sum(1).tolist()
         eos += has_eos.tolist()
         for j in range(0, len(chunk), args.batch_size):  # scoring batches, without the left padding all rows share
