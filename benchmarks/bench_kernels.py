@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/bench_kernels.py generation --model DIR [--threads 2] [--static_cache]
         [--compile] [--continuous_batching]
     .venv/bin/python benchmarks/bench_kernels.py eval-batch --model DIR [--batches 64 100 200]
-        [--modes generate static compact] [--profile] [--dtype auto] [--quality --repeats 5]
+        [--modes generate static compact compact-1pass] [--profile] [--dtype auto] [--quality --repeats 5]
     .venv/bin/python benchmarks/bench_kernels.py ppo-profile --source DIR [--iteration 3]
 
 - ``attention``: forward, and forward + backward, of one layer's attention (9 heads of 64, SmolLM2-135M's)
@@ -18,7 +18,8 @@
   alternating.
 - ``generation``: PPO's rollout sampling at the ppo_vs_trl sizes (8 prompts, 32 tokens, bf16 weights).
 - ``eval-batch``: the evaluation's sampling of 200 held-out prompts x 64 tokens at several batch sizes, through
-  ``generate`` (dynamic or static KV cache) or ``pipeline/decoding.py`` (finished rows leave the batch), after a
+  ``generate`` (dynamic or static KV cache) or ``pipeline/decoding.py`` (finished rows leave the batch; with
+  ``compact-1pass``, its prompts as one forward rather than a shared prefix and length-sorted chunks), after a
   warm-up, alternating. ``--quality``: a new seed per repeat, and each pass's gold score, response length and
   EOS rate, so that two decoding paths can be compared over seeds.
 - ``ppo-profile``: our PPO stage at the ppo_vs_trl sizes with ``torch.profiler`` around one iteration's update;
@@ -226,7 +227,8 @@ def eval_batch(a) -> None:
 
     def sample(batch: int, mode: str, prompts: list[str], seed: int = 0) -> tuple[float, dict]:
         """``mode``: ``generate`` (model.generate, dynamic cache), ``static`` (its static cache), ``compact``
-        (pipeline/decoding.py: finished rows leave the batch). Returns seconds and, with ``--quality``, the
+        (pipeline/decoding.py: finished rows leave the batch), ``compact-1pass`` (the same with the prompts in
+        one forward). Returns seconds and, with ``--quality``, the
         pass's mean gold score, response length and EOS rate (decoded and judged outside the timing)."""
         torch.manual_seed(seed)
         t, outs = time.perf_counter(), []
@@ -236,8 +238,8 @@ def eval_batch(a) -> None:
             kw = dict(**sampling_kwargs(0.7), max_new_tokens=64, pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.eos_token_id)  # fmt: skip
             with torch.no_grad():
-                if mode == "compact":
-                    out = decoding.generate(model, **enc, **kw)
+                if mode.startswith("compact"):
+                    out = decoding.generate(model, **enc, **kw, split_prefill=mode == "compact")
                 else:
                     out = model.generate(**enc, **kw, cache_implementation="static" if mode == "static" else None)
             outs.append(out[:, enc["input_ids"].shape[1] :])
@@ -253,7 +255,7 @@ def eval_batch(a) -> None:
         gold = [judge(p, r) for p, r in zip(messages, responses)]
         return secs, {"gold": statistics.mean(gold), "length": statistics.mean(length), "eos": statistics.mean(ended)}
 
-    if "compact" in a.modes and (why := decoding.can_compact(model)):
+    if any(m.startswith("compact") for m in a.modes) and (why := decoding.can_compact(model)):
         raise SystemExit(f"bench_kernels: --modes compact cannot run on this model: {why}")
     sample(8, "generate", texts[:8])  # warm-up: the first generate of a process pays one-off costs
     times = {(b, m): [] for b in a.batches for m in a.modes}
@@ -338,8 +340,9 @@ def main(argv=None) -> int:
         "--modes",
         nargs="+",
         default=["generate", "compact"],
-        choices=["generate", "static", "compact"],
-        help="generate (dynamic KV cache), static (its static KV cache), compact (pipeline/decoding.py)",
+        choices=["generate", "static", "compact", "compact-1pass"],
+        help="generate (dynamic KV cache), static (its static KV cache), compact (pipeline/decoding.py), "
+        "compact-1pass (the same, its prompts as one forward: no shared prefix, no length-sorted chunks)",
     )
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="then one more pass of the first setting, profiled")

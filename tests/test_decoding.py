@@ -190,3 +190,75 @@ def test_generate_s_fallbacks_for_pad_eos_and_zero_tokens(tiny_lm):
     assert torch.equal(got, want)
     same = decoding.generate(model, **enc, max_new_tokens=0, pad_token_id=0, eos_token_id=eos)
     assert torch.equal(same, enc["input_ids"])
+
+
+SHARED = "You are a careful assistant. Answer briefly and plainly. "
+OWN = ["Explain why volcanoes erupt, in two sentences.", "Plants", "Hi", "Name three rivers in Europe, please"]
+SHARED_PROMPTS = [SHARED + p for p in OWN]
+
+
+def test_prefill_shares_the_prefix_and_chunks_rows_yet_matches_one_forward(tiny_lm):
+    """The shared prefix runs once and the rows run in length-sorted chunks; the last-position logits and every
+    unmasked key and value equal those of one forward over the left-padded batch."""
+    from transformers import DynamicCache
+
+    from pipeline.sequences import position_ids_from
+
+    model, tok = tiny_lm
+    enc = tok(SHARED_PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    shared = decoding._shared_prefix_length(ids, mask.sum(1))
+    assert shared >= len(tok(SHARED.strip()).input_ids) - 1  # the common words, give or take a merged token
+    assert decoding.can_share_prefill(model, mask) is None
+    calls = []
+    hook = model.register_forward_hook(lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape),
+                                       with_kwargs=True)  # fmt: skip
+    logits, cache = decoding.prefill(model, ids, mask, chunk_tokens=2 * (mask.sum(1).max() - shared))
+    hook.remove()
+    assert calls[0] == (1, shared) and len(calls) == 3  # the prefix once, then two chunks of the four rows
+    assert sum(b * w for b, w in calls[1:]) < ids.numel()  # fewer token rows than the one padded forward
+    want_cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from(mask), use_cache=True,
+                     past_key_values=want_cache).logits[:, -1:]  # fmt: skip
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    real = mask.bool()[:, None, :, None]
+    for got_layer, want_layer in zip(cache.layers, want_cache.layers):
+        assert got_layer.keys.shape == want_layer.keys.shape
+        for got_t, want_t in ((got_layer.keys, want_layer.keys), (got_layer.values, want_layer.values)):
+            torch.testing.assert_close(torch.where(real, got_t, 0.0), torch.where(real, want_t, 0.0), atol=1e-5,
+                                       rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 4096])
+def test_greedy_equals_generate_with_a_shared_prefix(tiny_lm, chunk_tokens, monkeypatch):
+    """Greedy tokens as ``generate``'s, with the prefix shared and rows one per chunk or all in one."""
+    model, tok = tiny_lm
+    monkeypatch.setattr(decoding, "PREFILL_CHUNK_TOKENS", chunk_tokens)
+    enc = tok(SHARED_PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    eos = an_eos_that_stops_rows_early(model, tok, enc, **GREEDY)
+    kw = dict(max_new_tokens=12, pad_token_id=tok.pad_token_id, eos_token_id=eos, **GREEDY)
+    with torch.no_grad():
+        want = model.generate(**enc, **kw)
+    assert torch.equal(decoding.generate(model, **enc, **kw), want)
+
+
+def test_prefill_is_one_forward_where_it_cannot_split_the_batch(tiny_lm, monkeypatch):
+    model, tok = tiny_lm
+    right = tok(SHARED_PROMPTS, return_tensors="pt", padding=True, padding_side="right")
+    assert "left-padded" in decoding.can_share_prefill(model, right["attention_mask"])
+    left = tok(SHARED_PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    n = model.config.num_hidden_layers
+    monkeypatch.setattr(model.config, "layer_types", ["sliding_attention"] * n, raising=False)
+    monkeypatch.setattr(model.config, "sliding_window", 4, raising=False)
+    assert "DynamicSlidingWindowLayer" in decoding.can_share_prefill(model, left["attention_mask"])
+    monkeypatch.setattr(model.config, "layer_types", ["full_attention"] * n, raising=False)
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2", raising=False)
+    assert "flash_attention_2" in decoding.can_share_prefill(model, left["attention_mask"])
+    calls = []
+    hook = model.register_forward_hook(lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape),
+                                       with_kwargs=True)  # fmt: skip
+    monkeypatch.setattr(model.config, "_attn_implementation", "sdpa", raising=False)
+    decoding.prefill(model, right["input_ids"], right["attention_mask"])
+    hook.remove()
+    assert calls == [right["input_ids"].shape]
