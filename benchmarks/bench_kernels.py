@@ -7,6 +7,7 @@
         [--compile] [--continuous_batching]
     .venv/bin/python benchmarks/bench_kernels.py eval-batch --model DIR [--batches 64 100 200]
         [--modes generate static compact compact-1pass] [--profile] [--dtype auto] [--quality --repeats 5]
+    .venv/bin/python benchmarks/bench_kernels.py scoring --model DIR [--rows 32] [--chunks 512 1024 2048 4096]
     .venv/bin/python benchmarks/bench_kernels.py ppo-profile --source DIR [--iteration 3]
 
 - ``attention``: forward, and forward + backward, of one layer's attention (9 heads of 64, SmolLM2-135M's)
@@ -22,6 +23,8 @@
   ``compact-1pass``, its prompts as one forward rather than a shared prefix and length-sorted chunks), after a
   warm-up, alternating. ``--quality``: a new seed per repeat, and each pass's gold score, response length and
   EOS rate, so that two decoding paths can be compared over seeds.
+- ``scoring``: the PPO rollout's log-prob forward over 32 PPO prompts and sampled responses, as one padded
+  forward and through ``pipeline.decoding.scoring_forward`` (shared prefix once, length-sorted chunks).
 - ``ppo-profile``: our PPO stage at the ppo_vs_trl sizes with ``torch.profiler`` around one iteration's update;
   prints the operators by self time. ``--source`` holds ``sft/model`` and ``reward/model``.
 """
@@ -288,6 +291,58 @@ def eval_batch(a) -> None:
         print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
 
 
+def scoring(a) -> None:
+    """The PPO rollout's log-prob forward at the demo's sizes: ``--rows`` PPO prompts with responses sampled
+    by the model (at most 64 tokens), scored as one padded forward and through ``decoding.scoring_forward`` at
+    several chunk sizes, alternating."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline import decoding
+    from pipeline.modeling import contiguous_head, native_bf16_here
+    from pipeline.sampling import sampling_kwargs
+    from pipeline.sequences import response_mask
+
+    dtype = {"auto": torch.bfloat16 if native_bf16_here() else torch.float32, "bfloat16": torch.bfloat16,
+             "float32": torch.float32}[a.dtype]  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = contiguous_head(AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).eval())
+    path = REPO / "data" / "embedded" / "ppo_prompts.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()][: a.rows]
+    enc = tok(prompts_of(tok, [r["prompt"] for r in rows]), return_tensors="pt", padding=True,
+              add_special_tokens=False, padding_side="left")  # fmt: skip
+    torch.manual_seed(0)
+    out = decoding.generate(model, **enc, **sampling_kwargs(0.7), max_new_tokens=64, pad_token_id=tok.pad_token_id,
+                            eos_token_id=tok.eos_token_id)  # fmt: skip
+    P = enc["input_ids"].shape[1]
+    out = torch.nn.functional.pad(out, (0, P + 64 - out.shape[1]), value=tok.pad_token_id)
+    mask, _ = response_mask(out[:, P:], tok.eos_token_id)
+    qr = torch.cat([out[:, :P], out[:, P:].masked_fill(~mask, tok.pad_token_id)], 1)
+    am = torch.cat([enc["attention_mask"], mask.long()], 1)
+
+    def run(ids, m, pos, kv, k):
+        return model(input_ids=ids, attention_mask=m, position_ids=pos, use_cache=bool(kv), logits_to_keep=k,
+                     **kv).logits  # fmt: skip
+
+    settings = ["one forward"] + [str(c) for c in a.chunks]
+    times = {s: [] for s in settings}
+    with torch.no_grad():
+        for _ in range(a.repeats + 1):  # the first round is a warm-up
+            for s in settings:
+                t = time.perf_counter()
+                if s == "one forward":
+                    decoding.scoring_forward(run, model, qr, am, P, 65, split=False)
+                else:
+                    decoding.scoring_forward(run, model, qr, am, P, 65, chunk_tokens=int(s))
+                times[s].append(time.perf_counter() - t)
+    real = int(am.sum())
+    print(f"scoring {a.rows} rows, {qr.shape[1]} columns, {real} real tokens ({1 - real / qr.numel():.0%} padding), "
+          f"{dtype}", flush=True)  # fmt: skip
+    for s, ts in times.items():
+        label = s if s == "one forward" else f"scoring_forward, chunks of {s} tokens"
+        print(f"scoring: {label}: {[round(t, 2) for t in ts[1:]]} s", flush=True)
+
+
 def ppo_profile(a) -> None:
     from torch.profiler import profile
 
@@ -354,13 +409,19 @@ def main(argv=None) -> int:
         help="sample repeat r with seed r and print each pass's gold score, length and EOS rate, then their means "
         "over seeds with 95%% t intervals: does a decoding path change what is sampled?",
     )
+    p = sub.add_parser("scoring")
+    p.add_argument("--model", required=True)
+    p.add_argument("--rows", type=int, default=32)
+    p.add_argument("--chunks", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     p = sub.add_parser("ppo-profile")
     p.add_argument("--source", required=True)
     p.add_argument("--iteration", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
     a = ap.parse_args(argv)
     {"attention": attention, "linear": linear, "sft-step": sft_step, "generation": generation,
-     "eval-batch": eval_batch, "ppo-profile": ppo_profile}[a.what](a)  # fmt: skip
+     "eval-batch": eval_batch, "scoring": scoring, "ppo-profile": ppo_profile}[a.what](a)  # fmt: skip
     return 0
 
 

@@ -56,6 +56,8 @@ _ROW_SELECTABLE = {"DynamicLayer", "DynamicSlidingWindowLayer", "DynamicIndexedL
 
 # Tokens per prompt-forward chunk in ``prefill`` (rows x the chunk's longest prompt).
 PREFILL_CHUNK_TOKENS = 4096
+# Tokens per chunk in ``scoring_forward`` (rows x the chunk's longest prompt and response).
+SCORING_CHUNK_TOKENS = 1024
 
 
 def can_compact(model, **overrides) -> str | None:
@@ -212,6 +214,83 @@ def prefill(model, input_ids: Tensor, attention_mask: Tensor, *, chunk_tokens: i
     for layer, (k, v) in enumerate(full):
         cache.update(k, v, layer)
     return logits, cache
+
+
+def scoring_forward(run, model, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, keep: int, *,
+                    chunk_tokens: int | None = None, split: bool = True) -> Tensor:  # fmt: skip
+    """The outputs of the last ``keep`` positions ``[B, keep, ...]`` of a forward over prompts (the first
+    ``prompt_length`` columns, left-padded) and their responses (right-padded, the last ``keep - 1`` columns
+    at most): what the rollout and the evaluation score, log-probs or values. As ``prefill`` does for the
+    prompts alone, the prefix every prompt shares runs once and the rows run in length-sorted chunks of about
+    ``chunk_tokens`` (default ``SCORING_CHUNK_TOKENS``), each cut to its own longest prompt and response; the
+    positions after a chunk's longest response, masked in every row, come back as zeros.
+
+    ``run(input_ids, attention_mask, position_ids, cache_kwargs, keep)`` is one forward of ``model`` (the
+    transformers model whose config and cache it uses; PEFT wrappers go in ``run``), returning the outputs of
+    its last ``keep`` positions; ``cache_kwargs`` is ``{}`` or the forward's cache keyword with a
+    ``DynamicCache`` of the shared prefix. Where ``can_share_prefill`` says no, or with ``split=False``, it is
+    one forward over the whole batch."""
+    from transformers import DynamicCache
+
+    B, L = input_ids.shape
+    P = prompt_length
+    mask = attention_mask.long()
+    response = mask[:, P:]
+    whole = (
+        not split
+        or keep > L - P + 1
+        or can_share_prefill(model, mask[:, :P]) is not None
+        or not torch.equal(response, response.cummin(1).values if response.shape[1] else response)
+    )
+    if whole:
+        return run(input_ids, mask, position_ids_from(mask), {}, keep)
+    chunk_tokens = chunk_tokens or SCORING_CHUNK_TOKENS
+    cache_keyword = _forward_keywords(model)[0]
+    device = input_ids.device
+    prompts = mask[:, :P].sum(1)
+    c = _shared_prefix_length(input_ids[:, :P], prompts)
+    shared = []
+    if c:
+        start = int(P - prompts[0])
+        pcache = DynamicCache(config=model.config)
+        run(input_ids[:1, start : start + c], mask.new_ones(1, c), torch.arange(c, device=device)[None],
+            {cache_keyword: pcache}, 1)  # fmt: skip
+        shared = [(layer.keys, layer.values) for layer in pcache.layers]
+    own, answered = prompts - c, response.sum(1)
+    order = torch.argsort(own + answered, descending=True, stable=True).tolist()
+    full, i = None, 0
+    while i < B:
+        rows = []
+        while i < B:  # add rows while the chunk, cut to its longest prompt and response, stays in the budget
+            r = order[i]
+            grown = (max([int(own[j]) for j in rows] + [int(own[r])]) + max([int(answered[j]) for j in rows]
+                     + [int(answered[r])])) * (len(rows) + 1)  # fmt: skip
+            if rows and grown > chunk_tokens:
+                break
+            rows.append(r)
+            i += 1
+        idx = torch.tensor(rows, device=device)
+        w, rc = int(own[idx].max()), int(answered[idx].max())
+        ids = input_ids[idx, P - w : P + rc]
+        head = (torch.arange(w, device=device) >= w - own[idx].unsqueeze(1)).long()  # the prefix's end: masked
+        sub = torch.cat([head, response[idx, :rc]], 1)
+        kv = {}
+        if c:
+            cache = DynamicCache(config=model.config)
+            for layer, (k, v) in enumerate(shared):
+                cache.update(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1), layer)
+            kv = {cache_keyword: cache}
+        cmask = torch.cat([sub.new_ones(len(rows), c), sub], 1)
+        # The window is columns L - keep .. L of the batch; the chunk ends at column P + rc, after which every
+        # row of it is masked (zeros). ``k`` of its last positions fall in the window (at least one is run).
+        k = max(1, keep - (L - P - rc))
+        out = run(ids, cmask, position_ids_from(cmask)[:, c:], kv, k)
+        if full is None:
+            full = out.new_zeros((B, keep, *out.shape[2:]))
+        start = P + rc - k - (L - keep)
+        if start + k > 0:
+            full[idx, max(start, 0) : start + k] = out[:, max(-start, 0) :]
+    return full
 
 
 @torch.no_grad()

@@ -140,17 +140,25 @@ def generate(model, tok, prompts, args: EvalArguments, do_sample: bool, desc: st
 
 
 def sequence_logprobs(model, batches, temperature: float):
-    """Summed log-prob of each sampled response under ``model`` (temperature-scaled, as sampled)."""
+    """Summed log-prob of each sampled response under ``model`` (temperature-scaled, as sampled). The shared
+    prompt prefix runs once and the rows in length-sorted chunks (``decoding.scoring_forward``)."""
     import torch
 
-    from pipeline.sequences import response_logprobs
+    from pipeline.decoding import scoring_forward
+    from pipeline.ppo.core import logprobs_from_logits
+    from pipeline.sequences import response_logits
+
+    def run(ids, am, pos, kv, k):
+        return model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=bool(kv), logits_to_keep=k,
+                     **kv).logits  # fmt: skip
 
     out = []
     with torch.no_grad():
         for ids, am, resp, mask in batches:
-            lp = response_logprobs(
-                model, torch.cat([ids, resp], 1), torch.cat([am, mask.long()], 1), resp, temperature
-            )
+            R = resp.shape[1]
+            qr, qm = torch.cat([ids, resp], 1), torch.cat([am, mask.long()], 1)
+            logits = scoring_forward(run, model, qr, qm, ids.shape[1], R + 1)
+            lp = logprobs_from_logits(response_logits(logits, R, temperature), resp)
             out += torch.where(mask, lp, 0.0).sum(1).tolist()
     return out
 

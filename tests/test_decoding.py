@@ -262,3 +262,68 @@ def test_prefill_is_one_forward_where_it_cannot_split_the_batch(tiny_lm, monkeyp
     decoding.prefill(model, right["input_ids"], right["attention_mask"])
     hook.remove()
     assert calls == [right["input_ids"].shape]
+
+
+def _prompts_and_responses(tok, lengths=(5, 1, 3, 0)):
+    """Left-padded shared-prefix prompts, then right-padded responses of ``lengths`` tokens (R = 6)."""
+    enc = tok(SHARED_PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    R = 6
+    torch.manual_seed(0)
+    resp = torch.randint(5, len(tok) - 1, (len(lengths), R))
+    rmask = torch.arange(R).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    resp = resp.masked_fill(~rmask, tok.pad_token_id)
+    ids = torch.cat([enc["input_ids"], resp], 1)
+    mask = torch.cat([enc["attention_mask"], rmask.long()], 1)
+    return ids, mask, enc["input_ids"].shape[1], rmask
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 40, 10_000])
+def test_scoring_forward_equals_one_padded_forward(tiny_lm, chunk_tokens):
+    """Log-probs and last-position outputs through ``scoring_forward`` (shared prefix once, length-sorted chunks
+    cut to their longest prompt and response) equal one forward over the padded batch where the mask is 1."""
+    from pipeline.sequences import position_ids_from
+
+    model, tok = tiny_lm
+    ids, mask, P, rmask = _prompts_and_responses(tok)
+    calls = []
+
+    def run(i, am, pos, kv, k):
+        calls.append(tuple(i.shape))
+        return model(input_ids=i, attention_mask=am, position_ids=pos, use_cache=bool(kv), logits_to_keep=k,
+                     **kv).logits  # fmt: skip
+
+    keep = ids.shape[1] - P + 1
+    with torch.no_grad():
+        got = decoding.scoring_forward(run, model, ids, mask, P, keep, chunk_tokens=chunk_tokens)
+        want = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from(mask),
+                     logits_to_keep=keep).logits  # fmt: skip
+    assert calls[0][0] == 1 and len(calls) >= 2  # the shared prefix ran once, as one row
+    assert sum(b * w for b, w in calls[1:]) < ids.numel()
+    used = torch.cat([torch.ones(len(ids), 1, dtype=torch.bool), rmask], 1)  # the last prompt token, the response
+    torch.testing.assert_close(got[used], want[used], atol=1e-5, rtol=1e-5)
+    if chunk_tokens == 1:  # every row a chunk of its own: the positions after its response are zeros
+        assert (got[~used] == 0).all()
+    with torch.no_grad():  # a window of the last position only: masked padding in the shorter rows
+        last = decoding.scoring_forward(run, model, ids, mask, P, 1, chunk_tokens=chunk_tokens)
+    full = rmask.all(1)
+    torch.testing.assert_close(last[full], want[full][:, -1:], atol=1e-5, rtol=1e-5)
+
+
+def test_scoring_forward_is_one_forward_where_it_cannot_split(tiny_lm):
+    model, tok = tiny_lm
+    ids, mask, P, _ = _prompts_and_responses(tok)
+    calls = []
+
+    def run(i, am, pos, kv, k):
+        calls.append(tuple(i.shape))
+        return model(input_ids=i, attention_mask=am, position_ids=pos, logits_to_keep=k).logits
+
+    with torch.no_grad():
+        decoding.scoring_forward(run, model, ids, mask, P, ids.shape[1] - P + 1, split=False)
+        decoding.scoring_forward(
+            run, model, ids, mask, P, ids.shape[1], chunk_tokens=1
+        )  # the window reaches the prompt
+        holes = mask.clone()
+        holes[0, P] = 0  # a response mask that is not right-padded
+        decoding.scoring_forward(run, model, ids, holes, P, 3)
+    assert calls == [tuple(ids.shape)] * 3

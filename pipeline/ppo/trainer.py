@@ -45,7 +45,7 @@ from pipeline.ppo.core import (
 )
 from pipeline.ppo.gae import compute_gae, grpo_advantages, reward_to_go, rloo_advantages
 from pipeline.sampling import InverseCDFSampler, sampling_kwargs
-from pipeline.sequences import position_ids_from, response_logits, response_logprobs, response_mask
+from pipeline.sequences import position_ids_from, response_logits, response_mask
 
 RewardFn = Callable[[list[list[dict]], list[str]], Tensor]  # (prompts, responses) -> scores [B] on the CPU
 
@@ -524,27 +524,51 @@ class PPOTrainer:
             rl = rl.detach()
             logprobs, entropy = logprobs_from_logits(rl, responses), entropy_from_logits(rl)
             values = v.detach()[:, P - 1 : -1] if v is not None else torch.zeros_like(logprobs)
-        else:
+        else:  # without gradients: the shared prompt prefix once, rows in length-sorted chunks (scoring_forward)
             logprobs, values, entropies = [], [], []
             for c in chunks:
                 qr, am = query_response[c], attention_mask[c]
                 with self.clock("policy_forward"):
-                    rl = response_logits(net.policy_logits(qr, am, logits_to_keep=R + 1), R, args.temperature)
+                    rl = response_logits(self._scored(qr, am, P, "policy"), R, args.temperature)
                     logprobs.append(logprobs_from_logits(rl, responses[c]))
                     entropies.append(entropy_from_logits(rl))
                 if net.value is None:  # critic-free
                     values.append(torch.zeros_like(logprobs[-1]))
                 else:
                     with self.clock("value_forward"):
-                        values.append(net.values(qr, am)[:, P - 1 : -1])
+                        values.append(self._scored(qr, am, P, "value")[:, :-1])
             logprobs, values, entropy = torch.cat(logprobs), torch.cat(values), torch.cat(entropies)
         ref_logprobs = []
         for c in chunks:
             with self.clock("reference_forward"), net.policy.disable_adapter():  # the reference is the SFT model
-                ref_logprobs.append(
-                    response_logprobs(net.policy, query_response[c], attention_mask[c], responses[c], args.temperature)
-                )
+                rl = response_logits(self._scored(query_response[c], attention_mask[c], P, "policy"), R,
+                                     args.temperature)  # fmt: skip
+                ref_logprobs.append(logprobs_from_logits(rl, responses[c]))
         return logprobs, torch.cat(ref_logprobs), values, entropy
+
+    def _scored(self, query_response: Tensor, attention_mask: Tensor, P: int, which: str) -> Tensor:
+        """Without gradients, the policy's logits (``which="policy"``; the reference under ``disable_adapter``)
+        or the value model's per-token values at the last ``R + 1`` positions, through
+        ``decoding.scoring_forward``: the same numbers as one padded forward up to rounding, with less work."""
+        from pipeline.decoding import scoring_forward
+
+        net, keep = self.unwrapped, query_response.shape[1] - P + 1
+        if which == "policy":
+            model = net.policy.get_base_model()
+
+            def run(ids, am, pos, kv, k):
+                return net.policy(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=bool(kv),
+                                  logits_to_keep=k, **kv).logits  # fmt: skip
+
+        else:
+            model = net.value_backbone()
+            backbone = getattr(model, model.base_model_prefix)
+
+            def run(ids, am, pos, kv, k):
+                hidden = backbone(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=bool(kv), **kv)
+                return model.score(hidden.last_hidden_state[:, -k:]).squeeze(-1).float()
+
+        return scoring_forward(run, model, query_response, attention_mask, P, keep)
 
     # ------------------------------------------------------------------ update
     def update(self, ro: Rollout) -> dict:
