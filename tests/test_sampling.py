@@ -85,8 +85,8 @@ def test_generate_top_k_one_is_greedy_and_seeds_reproduce(tiny_lm):
 def test_recorded_logprobs_equal_a_forward_pass(tiny_lm):
     """The sampler's recorded log-probs are those of the sampled tokens under softmax(logits / T), as a
     fresh forward pass over prompt + response computes them (left padding, rows ending early)."""
-    from pipeline.ppo.trainer import response_logprobs, response_mask
     from pipeline.sampling import InverseCDFSampler
+    from pipeline.sequences import response_logprobs, response_mask
 
     model, tok = tiny_lm
     temperature = 0.7
