@@ -260,17 +260,15 @@ def scoring_forward(run, model, input_ids: Tensor, attention_mask: Tensor, promp
     order = torch.argsort(own + answered, descending=True, stable=True).tolist()
     full, i = None, 0
     while i < B:
-        rows = []
+        rows, w, rc = [], 0, 0
         while i < B:  # add rows while the chunk, cut to its longest prompt and response, stays in the budget
             r = order[i]
-            grown = (max([int(own[j]) for j in rows] + [int(own[r])]) + max([int(answered[j]) for j in rows]
-                     + [int(answered[r])])) * (len(rows) + 1)  # fmt: skip
-            if rows and grown > chunk_tokens:
+            w2, rc2 = max(w, int(own[r])), max(rc, int(answered[r]))
+            if rows and (w2 + rc2) * (len(rows) + 1) > chunk_tokens:
                 break
             rows.append(r)
-            i += 1
+            w, rc, i = w2, rc2, i + 1
         idx = torch.tensor(rows, device=device)
-        w, rc = int(own[idx].max()), int(answered[idx].max())
         ids = input_ids[idx, P - w : P + rc]
         head = (torch.arange(w, device=device) >= w - own[idx].unsqueeze(1)).long()  # the prefix's end: masked
         sub = torch.cat([head, response[idx, :rc]], 1)
