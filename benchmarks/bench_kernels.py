@@ -320,10 +320,7 @@ def scoring(a) -> None:
     qr = torch.cat([out[:, :P], out[:, P:].masked_fill(~mask, tok.pad_token_id)], 1)
     am = torch.cat([enc["attention_mask"], mask.long()], 1)
 
-    def run(ids, m, pos, kv, k):
-        return model(input_ids=ids, attention_mask=m, position_ids=pos, use_cache=bool(kv), logits_to_keep=k,
-                     **kv).logits  # fmt: skip
-
+    run = decoding.causal_lm_run(model)
     settings = ["one forward"] + [str(c) for c in a.chunks]
     times = {s: [] for s in settings}
     with torch.no_grad():

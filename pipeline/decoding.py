@@ -142,6 +142,59 @@ def can_share_prefill(model, attention_mask: Tensor) -> str | None:
     return None
 
 
+def causal_lm_run(model, logits_to_keep: bool = True):
+    """``scoring_forward``'s ``run`` for a causal LM (or a PEFT model around one): its logits at the last ``k``
+    positions, projected onto the vocabulary only there where the forward takes ``logits_to_keep``."""
+
+    def run(ids: Tensor, mask: Tensor, positions: Tensor, cache_kwargs: dict, k: int) -> Tensor:
+        keep = {"logits_to_keep": k} if logits_to_keep else {}
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=bool(cache_kwargs),
+                     **keep, **cache_kwargs).logits[:, -k:]  # fmt: skip
+
+    return run
+
+
+def _shared_prefix(run, model, input_ids: Tensor, lengths: Tensor, c: int) -> list[tuple[Tensor, Tensor]]:
+    """Per layer, the keys and values of the ``c`` tokens every left-padded row starts with, run once as one
+    row through ``run`` (``scoring_forward``'s signature)."""
+    from transformers import DynamicCache
+
+    if not c:
+        return []
+    start = int(input_ids.shape[1] - lengths[0])
+    cache = DynamicCache(config=model.config)
+    run(input_ids[:1, start : start + c], lengths.new_ones(1, c), torch.arange(c, device=input_ids.device)[None],
+        {_forward_keywords(model)[0]: cache}, 1)  # fmt: skip
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _chunk_cache(model, shared: list[tuple[Tensor, Tensor]], rows: int):
+    """A new ``DynamicCache`` holding the shared prefix for each of ``rows`` rows."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    for layer, (k, v) in enumerate(shared):
+        cache.update(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1), layer)
+    return cache
+
+
+def _chunks(own: Tensor, answered: Tensor, budget: int):
+    """Rows sorted by ``own + answered`` (longest first), grouped while the group, cut to its longest ``own``
+    and longest ``answered``, stays within ``budget`` tokens (at least one row each): ``(rows, w, rc)``."""
+    order = torch.argsort(own + answered, descending=True, stable=True).tolist()
+    i = 0
+    while i < len(order):
+        rows, w, rc = [], 0, 0
+        while i < len(order):
+            r = order[i]
+            w2, rc2 = max(w, int(own[r])), max(rc, int(answered[r]))
+            if rows and (w2 + rc2) * (len(rows) + 1) > budget:
+                break
+            rows.append(r)
+            w, rc, i = w2, rc2, i + 1
+        yield rows, w, rc
+
+
 def prefill(model, input_ids: Tensor, attention_mask: Tensor, *, chunk_tokens: int | None = None, split: bool = True):
     """The prompt forward of a decoding loop: ``(last-position logits [B, 1, V], cache)``, the cache laid out
     as one forward over the left-padded batch lays it out, computed with less work:
@@ -159,52 +212,36 @@ def prefill(model, input_ids: Tensor, attention_mask: Tensor, *, chunk_tokens: i
 
     chunk_tokens = chunk_tokens or PREFILL_CHUNK_TOKENS
     cache_keyword, keep_last = _forward_keywords(model)
+    run = causal_lm_run(model, keep_last)
     mask = attention_mask.long()
-    last = {"logits_to_keep": 1} if keep_last else {}
     B, P = input_ids.shape
     if not split or can_share_prefill(model, mask) is not None:
         cache = DynamicCache(config=model.config)
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from(mask), use_cache=True,
-                    **{cache_keyword: cache}, **last)  # fmt: skip
-        return out.logits[:, -1:], cache
+        return run(input_ids, mask, position_ids_from(mask), {cache_keyword: cache}, 1), cache
     device = input_ids.device
     lengths = mask.sum(1)
     c = _shared_prefix_length(input_ids, lengths)
-    shared = []  # per layer: (keys, values) of the shared prefix, one row
-    if c:
-        start = int(P - lengths[0])
-        pcache = DynamicCache(config=model.config)
-        model(input_ids=input_ids[:1, start : start + c], position_ids=torch.arange(c, device=device)[None],
-              use_cache=True, **{cache_keyword: pcache}, **last)  # fmt: skip
-        shared = [(layer.keys, layer.values) for layer in pcache.layers]
+    shared = _shared_prefix(run, model, input_ids, lengths, c)
     own = lengths - c  # each row's tokens after the prefix
-    order = torch.argsort(own, descending=True, stable=True).tolist()
     logits, full = None, None
-    i = 0
-    while i < B:
-        width = int(own[order[i]])  # the chunk's longest, as rows are sorted
-        rows = order[i : i + max(1, chunk_tokens // max(width, 1))]
-        i += len(rows)
+    for rows, width, _ in _chunks(own, torch.zeros_like(own), chunk_tokens):
         idx = torch.tensor(rows, device=device)
         n = own[idx]
         ids = input_ids[idx, P - width :]  # a shorter row's first columns are the prefix's end: masked here
         sub = (torch.arange(width, device=device) >= width - n.unsqueeze(1)).long()
-        cache = DynamicCache(config=model.config)
-        for layer, (k, v) in enumerate(shared):
-            cache.update(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1), layer)
+        cache = _chunk_cache(model, shared, len(rows))
         cmask = torch.cat([sub.new_ones(len(rows), c), sub], 1)
-        out = model(input_ids=ids, attention_mask=cmask, position_ids=position_ids_from(cmask)[:, c:], use_cache=True,
-                    **{cache_keyword: cache}, **last)  # fmt: skip
+        out_logits = run(ids, cmask, position_ids_from(cmask)[:, c:], {cache_keyword: cache}, 1)
         # Row j's real tokens end the single forward's row (columns P - c - n_j .. P); here the prefix is at
         # columns 0..c and its own tokens end the chunk (c + width - n_j .. c + width).
         offset = torch.arange(P, device=device) - (P - c - n).unsqueeze(1)  # index into the row's real tokens
         src = torch.where(offset < c, offset, offset + width - n.unsqueeze(1)).clamp(min=0)
         if logits is None:
-            logits = out.logits.new_empty((B, 1, out.logits.shape[-1]))
+            logits = out_logits.new_empty((B, 1, out_logits.shape[-1]))
             full = [(layer.keys.new_zeros((B, *layer.keys.shape[1:2], P, layer.keys.shape[-1])),
                      layer.values.new_zeros((B, *layer.values.shape[1:2], P, layer.values.shape[-1])))
                     for layer in cache.layers]  # fmt: skip
-        logits[idx] = out.logits[:, -1:]
+        logits[idx] = out_logits
         for (fk, fv), layer in zip(full, cache.layers):
             at = src[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
             fk[idx] = layer.keys.gather(2, at)
@@ -230,7 +267,6 @@ def scoring_forward(run, model, input_ids: Tensor, attention_mask: Tensor, promp
     its last ``keep`` positions; ``cache_kwargs`` is ``{}`` or the forward's cache keyword with a
     ``DynamicCache`` of the shared prefix. Where ``can_share_prefill`` says no, or with ``split=False``, it is
     one forward over the whole batch."""
-    from transformers import DynamicCache
 
     B, L = input_ids.shape
     P = prompt_length
@@ -249,35 +285,15 @@ def scoring_forward(run, model, input_ids: Tensor, attention_mask: Tensor, promp
     device = input_ids.device
     prompts = mask[:, :P].sum(1)
     c = _shared_prefix_length(input_ids[:, :P], prompts)
-    shared = []
-    if c:
-        start = int(P - prompts[0])
-        pcache = DynamicCache(config=model.config)
-        run(input_ids[:1, start : start + c], mask.new_ones(1, c), torch.arange(c, device=device)[None],
-            {cache_keyword: pcache}, 1)  # fmt: skip
-        shared = [(layer.keys, layer.values) for layer in pcache.layers]
+    shared = _shared_prefix(run, model, input_ids[:, :P], prompts, c)
     own, answered = prompts - c, response.sum(1)
-    order = torch.argsort(own + answered, descending=True, stable=True).tolist()
-    full, i = None, 0
-    while i < B:
-        rows, w, rc = [], 0, 0
-        while i < B:  # add rows while the chunk, cut to its longest prompt and response, stays in the budget
-            r = order[i]
-            w2, rc2 = max(w, int(own[r])), max(rc, int(answered[r]))
-            if rows and (w2 + rc2) * (len(rows) + 1) > chunk_tokens:
-                break
-            rows.append(r)
-            w, rc, i = w2, rc2, i + 1
+    full = None
+    for rows, w, rc in _chunks(own, answered, chunk_tokens):
         idx = torch.tensor(rows, device=device)
         ids = input_ids[idx, P - w : P + rc]
         head = (torch.arange(w, device=device) >= w - own[idx].unsqueeze(1)).long()  # the prefix's end: masked
         sub = torch.cat([head, response[idx, :rc]], 1)
-        kv = {}
-        if c:
-            cache = DynamicCache(config=model.config)
-            for layer, (k, v) in enumerate(shared):
-                cache.update(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1), layer)
-            kv = {cache_keyword: cache}
+        kv = {cache_keyword: _chunk_cache(model, shared, len(rows))} if c else {}
         cmask = torch.cat([sub.new_ones(len(rows), c), sub], 1)
         # The window is columns L - keep .. L of the batch; the chunk ends at column P + rc, after which every
         # row of it is masked (zeros). ``k`` of its last positions fall in the window (at least one is run).

@@ -144,15 +144,11 @@ def sequence_logprobs(model, batches, temperature: float):
     prompt prefix runs once and the rows in length-sorted chunks (``decoding.scoring_forward``)."""
     import torch
 
-    from pipeline.decoding import scoring_forward
+    from pipeline.decoding import causal_lm_run, scoring_forward
     from pipeline.ppo.core import logprobs_from_logits
     from pipeline.sequences import response_logits
 
-    def run(ids, am, pos, kv, k):
-        return model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=bool(kv), logits_to_keep=k,
-                     **kv).logits  # fmt: skip
-
-    out = []
+    run, out = causal_lm_run(model), []
     with torch.no_grad():
         for ids, am, resp, mask in batches:
             R = resp.shape[1]

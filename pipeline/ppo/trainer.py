@@ -550,16 +550,11 @@ class PPOTrainer:
         """Without gradients, the policy's logits (``which="policy"``; the reference under ``disable_adapter``)
         or the value model's per-token values at the last ``R + 1`` positions, through
         ``decoding.scoring_forward``: the same numbers as one padded forward up to rounding, with less work."""
-        from pipeline.decoding import scoring_forward
+        from pipeline.decoding import causal_lm_run, scoring_forward
 
         net, keep = self.unwrapped, query_response.shape[1] - P + 1
         if which == "policy":
-            model = net.policy.get_base_model()
-
-            def run(ids, am, pos, kv, k):
-                return net.policy(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=bool(kv),
-                                  logits_to_keep=k, **kv).logits  # fmt: skip
-
+            model, run = net.policy.get_base_model(), causal_lm_run(net.policy)
         else:
             model = net.value_backbone()
             backbone = getattr(model, model.base_model_prefix)
