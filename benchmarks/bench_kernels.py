@@ -340,6 +340,38 @@ def scoring(a) -> None:
         print(f"scoring: {label}: {[round(t, 2) for t in ts[1:]]} s", flush=True)
 
 
+def reward(a) -> None:
+    """Reward-model scoring of the embedded task's 400 held-out preference pairs (800 replies: what the reward
+    stage's held-out accuracy scores; the evaluation and PPO score the same way) through ``reward_scores``:
+    one right-padded forward per batch against ``scoring_forward`` (the shared system turn once, rows in
+    length-sorted chunks), alternating; and the largest difference between the two paths' scores."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.modeling import native_bf16_here
+    from reward_models.learned import load_reward_tokenizer, reward_scores
+
+    dtype = {"auto": torch.bfloat16 if native_bf16_here() else torch.float32, "bfloat16": torch.bfloat16,
+             "float32": torch.float32}[a.dtype]  # fmt: skip
+    tok = load_reward_tokenizer(a.model)
+    model = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1, dtype=dtype).eval()
+    rows = [json.loads(line) for line in (REPO / "data" / "embedded" / "pref_test.jsonl").read_text().splitlines()]
+    prompts = [r["prompt"] for r in rows] * 2
+    replies = [r["chosen"][0]["content"] for r in rows] + [r["rejected"][0]["content"] for r in rows]
+    times, scores = {}, {}
+    for _ in range(a.repeats + 1):  # the first round is a warm-up
+        for b in a.batches:
+            for split in (False, True):
+                t = time.perf_counter()
+                scores[(b, split)] = reward_scores(model, tok, prompts, replies, b, split=split)
+                times.setdefault((b, split), []).append(time.perf_counter() - t)
+    for (b, split), ts in times.items():
+        label = "scoring_forward" if split else "one forward per batch"
+        diff = (scores[(b, split)] - scores[(b, False)]).abs().max().item()
+        print(f"reward {len(replies)} replies, batch {b}, {label}: {[round(t, 1) for t in ts[1:]]} s "
+              f"(largest score difference to one forward: {diff:.2e})", flush=True)  # fmt: skip
+
+
 def ppo_profile(a) -> None:
     from torch.profiler import profile
 

@@ -154,6 +154,30 @@ def causal_lm_run(model, logits_to_keep: bool = True):
     return run
 
 
+def score_head_run(model):
+    """``scoring_forward``'s ``run`` for a decoder sequence-classification model (a reward or value model; a PEFT
+    model around one): the score head on the last ``k`` positions ``[B, k]`` (float32), or None where the model
+    is not a decoder with a ``score`` head over its backbone (an encoder reward model, say). Inside PEFT the
+    backbone's LoRA layers and the wrapped score head follow the active adapter, or none under
+    ``disable_adapter()``."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(inner, getattr(inner, "base_model_prefix", ""), None)
+    if backbone is None or not hasattr(inner, "score") or "ForSequenceClassification" not in type(inner).__name__:
+        return None
+    if not {"cache", "past_key_values"} & set(inspect.signature(backbone.forward).parameters):
+        return None
+
+    def run(ids: Tensor, mask: Tensor, positions: Tensor, cache_kwargs: dict, k: int) -> Tensor:
+        hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=bool(cache_kwargs),
+                          **cache_kwargs).last_hidden_state  # fmt: skip
+        return inner.score(hidden[:, -k:]).squeeze(-1).float()
+
+    run.model = inner  # the transformers model whose config and cache ``scoring_forward`` uses
+    return run
+
+
 def _shared_prefix(run, model, input_ids: Tensor, lengths: Tensor, c: int) -> list[tuple[Tensor, Tensor]]:
     """Per layer, the keys and values of the ``c`` tokens every left-padded row starts with, run once as one
     row through ``run`` (``scoring_forward``'s signature)."""

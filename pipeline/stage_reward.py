@@ -45,6 +45,37 @@ def pairwise_accuracy(model, tokenizer, pairs, batch_size: int = 16) -> dict:
     }
 
 
+def reward_trainer_class():
+    """TRL's ``RewardTrainer`` with ``--train_sampling_strategy group_by_length`` working.
+
+    Grouping pairs of similar length pads less: the collator pads both replies of every pair in a batch to the
+    batch's longest, and the embedded task's pairs are 23% padding in random batches of 8 against 7% grouped
+    (docs/benchmarks.md, 2026-12-04 morning). transformers' ``LengthGroupedSampler`` cannot infer lengths from
+    TRL's tokenized ``chosen_ids``/``rejected_ids`` columns, and the trainer drops any other column before it
+    samples; this class adds a pair's length (its longer reply, what it pads to) as the sampler's
+    ``--length_column_name`` and keeps that column."""
+    from datasets import Dataset
+    from trl import RewardTrainer
+
+    class GroupedRewardTrainer(RewardTrainer):
+        def _grouped(self, args) -> bool:
+            return args.train_sampling_strategy == "group_by_length"
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+            name = args.length_column_name
+            if self._grouped(args) and isinstance(dataset, Dataset) and name not in dataset.column_names:
+                dataset = dataset.map(lambda ex: {name: max(len(ex["chosen_ids"]), len(ex["rejected_ids"]))})
+            return dataset
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if self._grouped(self.args) and self.args.length_column_name not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, self.args.length_column_name]
+
+    return GroupedRewardTrainer
+
+
 def start_model(artifact_dir: str, model_name_or_path: str | None) -> tuple[str, dict]:
     """The model the reward model starts from (default: the SFT stage's merged model) and its input record."""
     from pipeline import artifacts as art
@@ -118,8 +149,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     )
     model.config.pad_token_id = tokenizer.pad_token_id
 
-    from trl import RewardTrainer
-
+    RewardTrainer = reward_trainer_class()
     with art.stage_output(stage_args.artifact_dir, "reward", config, inputs, training_args.process_index == 0) as out:
         training_args.output_dir = str(run_dir)
         trainer = RewardTrainer(

@@ -19,37 +19,53 @@ def chat_texts(tokenizer, prompts: list[list[dict]], responses: list[str]) -> li
     ]
 
 
-def reward_scores(model, tokenizer, prompts, responses, batch_size: int = 16, max_length: int | None = None):
+def reward_scores(
+    model, tokenizer, prompts, responses, batch_size: int = 16, max_length: int | None = None, split: bool = True
+):
     """Score (prompt, response) pairs with a sequence-classification reward model -> float tensor [N].
 
-    Text goes through the reward model's own tokenizer and chat template, so a reward model
-    whose tokenizer differs from the policy's scores the same decoded text.
+    Text goes through the reward model's own tokenizer and chat template, so a reward
+    model whose tokenizer differs from the policy's scores the same decoded text.
+
+    Texts are scored in batches of ``batch_size``, sorted by length. For a decoder reward model each batch goes
+    through ``pipeline.decoding.scoring_forward`` left-padded: the conversation prefix every text shares (the
+    chat template's system turn) runs once, and the rows run in length-sorted chunks; the score is the head's
+    output at the last token, as the model's own pooling takes it (its last non-pad token). Other models (an
+    encoder reward model), and every model with ``split=False`` (for benchmarks), run one right-padded forward
+    per batch.
     """
     import torch
+
+    from pipeline.decoding import score_head_run, scoring_forward
 
     texts = chat_texts(tokenizer, prompts, responses)
     if not texts:
         return torch.zeros(0)
     # Batches of similar length pad less; scores go back to the input order.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
+    run = score_head_run(model) if split else None
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if pad_id is None:  # the model's pooling then takes the last column, padding or not: keep its forward
+        run = None
     device = next(model.parameters()).device
+
+    def encode(batch: list[str], side: str):
+        return tokenizer(batch, return_tensors="pt", padding=True, padding_side=side, add_special_tokens=False,
+                         truncation=max_length is not None, max_length=max_length).to(device)  # fmt: skip
+
     out = []
-    try:
-        with torch.no_grad():
-            for i in range(0, len(texts), batch_size):
-                enc = tokenizer(
-                    [texts[j] for j in order[i : i + batch_size]],
-                    return_tensors="pt",
-                    padding=True,
-                    add_special_tokens=False,
-                    truncation=max_length is not None,
-                    max_length=max_length,
-                ).to(device)
-                out.append(model(**enc).logits[:, 0].float().cpu())
-    finally:
-        tokenizer.padding_side = side
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            batch = [texts[j] for j in order[i : i + batch_size]]
+            if run is not None:
+                enc = encode(batch, "left")
+                ids, mask = enc["input_ids"], enc["attention_mask"]
+                # A text ending in the pad id (pad = EOS) is scored before those tokens by the model's pooling:
+                # such a batch goes through the model's own forward.
+                if not (ids[:, -1] == pad_id).any():
+                    out.append(scoring_forward(run, run.model, ids, mask, ids.shape[1], 1)[:, 0].cpu())
+                    continue
+            out.append(model(**encode(batch, "right")).logits[:, 0].float().cpu())
     scores = torch.empty(len(texts))
     scores[torch.tensor(order)] = torch.cat(out)
     return scores

@@ -550,19 +550,16 @@ class PPOTrainer:
         """Without gradients, the policy's logits (``which="policy"``; the reference under ``disable_adapter``)
         or the value model's per-token values at the last ``R + 1`` positions, through
         ``decoding.scoring_forward``: the same numbers as one padded forward up to rounding, with less work."""
-        from pipeline.decoding import causal_lm_run, scoring_forward
+        from pipeline.decoding import causal_lm_run, score_head_run, scoring_forward
 
         net, keep = self.unwrapped, query_response.shape[1] - P + 1
         if which == "policy":
             model, run = net.policy.get_base_model(), causal_lm_run(net.policy)
         else:
-            model = net.value_backbone()
-            backbone = getattr(model, model.base_model_prefix)
-
-            def run(ids, am, pos, kv, k):
-                hidden = backbone(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=bool(kv), **kv)
-                return model.score(hidden.last_hidden_state[:, -k:]).squeeze(-1).float()
-
+            run = score_head_run(net.value_backbone())
+            if run is None:  # not a decoder with a score head: the per-token values of one forward
+                return net.values(query_response, attention_mask)[:, P - 1 :]
+            model = run.model
         return scoring_forward(run, model, query_response, attention_mask, P, keep)
 
     # ------------------------------------------------------------------ update
