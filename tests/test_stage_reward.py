@@ -98,3 +98,34 @@ def test_reward_adapters_of_two_seeds_form_an_ensemble_on_one_base(setup):
         merged = AutoModelForSequenceClassification.from_pretrained(d / "reward" / "model").eval()
         want = reward_scores(merged, load_reward_tokenizer(str(d / "reward" / "model")), prompts, responses)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_group_by_length_batches_pairs_of_similar_length(tmp_path, tiny_tok):
+    """``--train_sampling_strategy group_by_length``: the pair's longer reply is the sampler's length, the column
+    survives until the sampler reads it, and batches hold pairs of similar length. transformers' sampler sorts
+    random megabatches (here 4 batches each) by length, so at most one batch per megabatch mixes the long pairs
+    with the short ones; in random batches nearly every batch would."""
+    from datasets import Dataset
+    from trl import RewardConfig
+
+    from pipeline.stage_reward import reward_trainer_class
+    from tests.conftest import make_seq_cls
+
+    model = make_seq_cls(tmp_path / "rm", tiny_tok)
+    words = [1, 2, 3, 4, 24, 26, 28, 30] * 8  # 64 pairs: short and long
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": "Explain volcanoes."}],
+                               "chosen": [{"role": "assistant", "content": "lava " * n}],
+                               "rejected": [{"role": "assistant", "content": "rock"}]} for n in words])  # fmt: skip
+    args = RewardConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, use_cpu=True,
+                        report_to="none", train_sampling_strategy="group_by_length", max_steps=2)  # fmt: skip
+    trainer = reward_trainer_class()(model=model, args=args, train_dataset=rows, processing_class=tiny_tok)
+    data = trainer.train_dataset
+    assert data["length"] == [max(len(c), len(r)) for c, r in zip(data["chosen_ids"], data["rejected_ids"])]
+    cut = (min(data["length"]) + max(data["length"])) / 2
+    mixed = 0
+    for batch in trainer.get_train_dataloader():
+        n = batch["input_ids"].shape[0] // 2  # chosen rows first, then the rejected ones
+        long = (batch["attention_mask"][:n].sum(1) > cut).tolist()
+        mixed += any(long) and not all(long)
+    assert mixed <= 4  # one per megabatch at most
+    assert trainer.train().global_step == 2  # the collator ignores the length column
