@@ -8,6 +8,7 @@
     .venv/bin/python benchmarks/bench_kernels.py eval-batch --model DIR [--batches 64 100 200]
         [--modes generate static compact compact-1pass] [--profile] [--dtype auto] [--quality --repeats 5]
     .venv/bin/python benchmarks/bench_kernels.py scoring --model DIR [--rows 32] [--chunks 512 1024 2048 4096]
+    .venv/bin/python benchmarks/bench_kernels.py reward --model DIR [--pairs 100] [--batches 32] [--repeats 3]
     .venv/bin/python benchmarks/bench_kernels.py ppo-profile --source DIR [--iteration 3]
 
 - ``attention``: forward, and forward + backward, of one layer's attention (9 heads of 64, SmolLM2-135M's)
@@ -25,6 +26,8 @@
   EOS rate, so that two decoding paths can be compared over seeds.
 - ``scoring``: the PPO rollout's log-prob forward over 32 PPO prompts and sampled responses, as one padded
   forward and through ``pipeline.decoding.scoring_forward`` (shared prefix once, length-sorted chunks).
+- ``reward``: ``reward_scores`` on held-out preference pairs, one right-padded forward per batch against
+  ``scoring_forward`` (shared system turn once, length-sorted chunks), alternating; ``--model`` is a reward model.
 - ``ppo-profile``: our PPO stage at the ppo_vs_trl sizes with ``torch.profiler`` around one iteration's update;
   prints the operators by self time. ``--source`` holds ``sft/model`` and ``reward/model``.
 """
@@ -341,10 +344,11 @@ def scoring(a) -> None:
 
 
 def reward(a) -> None:
-    """Reward-model scoring of the embedded task's 400 held-out preference pairs (800 replies: what the reward
-    stage's held-out accuracy scores; the evaluation and PPO score the same way) through ``reward_scores``:
-    one right-padded forward per batch against ``scoring_forward`` (the shared system turn once, rows in
-    length-sorted chunks), alternating; and the largest difference between the two paths' scores."""
+    """Reward-model scoring of the embedded task's held-out preference pairs (``--pairs`` of them, both replies:
+    what the reward stage's held-out accuracy scores; PPO and the evaluation score the same way) through
+    ``reward_scores``: one right-padded forward per batch against ``scoring_forward`` (the shared system turn
+    once, rows in length-sorted chunks), alternating after a small warm-up; and the largest difference between
+    the two paths' scores."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -355,11 +359,14 @@ def reward(a) -> None:
              "float32": torch.float32}[a.dtype]  # fmt: skip
     tok = load_reward_tokenizer(a.model)
     model = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1, dtype=dtype).eval()
-    rows = [json.loads(line) for line in (REPO / "data" / "embedded" / "pref_test.jsonl").read_text().splitlines()]
+    path = REPO / "data" / "embedded" / "pref_test.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()][: a.pairs]
     prompts = [r["prompt"] for r in rows] * 2
     replies = [r["chosen"][0]["content"] for r in rows] + [r["rejected"][0]["content"] for r in rows]
+    for split in (False, True):  # warm-up: the first forwards of a process pay one-off costs
+        reward_scores(model, tok, prompts[:8], replies[:8], 8, split=split)
     times, scores = {}, {}
-    for _ in range(a.repeats + 1):  # the first round is a warm-up
+    for _ in range(a.repeats):
         for b in a.batches:
             for split in (False, True):
                 t = time.perf_counter()
@@ -368,7 +375,7 @@ def reward(a) -> None:
     for (b, split), ts in times.items():
         label = "scoring_forward" if split else "one forward per batch"
         diff = (scores[(b, split)] - scores[(b, False)]).abs().max().item()
-        print(f"reward {len(replies)} replies, batch {b}, {label}: {[round(t, 1) for t in ts[1:]]} s "
+        print(f"reward {len(replies)} replies, batch {b}, {label}: {[round(t, 1) for t in ts]} s "
               f"(largest score difference to one forward: {diff:.2e})", flush=True)  # fmt: skip
 
 
@@ -444,13 +451,19 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    p = sub.add_parser("reward")
+    p.add_argument("--model", required=True, help="a reward model directory (reward/model)")
+    p.add_argument("--pairs", type=int, default=100)
+    p.add_argument("--batches", type=int, nargs="+", default=[32])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     p = sub.add_parser("ppo-profile")
     p.add_argument("--source", required=True)
     p.add_argument("--iteration", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
     a = ap.parse_args(argv)
-    {"attention": attention, "linear": linear, "sft-step": sft_step, "generation": generation,
-     "eval-batch": eval_batch, "scoring": scoring, "ppo-profile": ppo_profile}[a.what](a)  # fmt: skip
+    {"attention": attention, "linear": linear, "sft-step": sft_step, "generation": generation, "eval-batch": eval_batch,
+     "scoring": scoring, "reward": reward, "ppo-profile": ppo_profile}[a.what](a)  # fmt: skip
     return 0
 
 
