@@ -462,8 +462,9 @@ def main(argv=None) -> int:
     p.add_argument("--iteration", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
     a = ap.parse_args(argv)
-    {"attention": attention, "linear": linear, "sft-step": sft_step, "generation": generation, "eval-batch": eval_batch,
-     "scoring": scoring, "reward": reward, "ppo-profile": ppo_profile}[a.what](a)  # fmt: skip
+    {"attention": attention, "linear": linear, "sft-step": sft_step, "generation": generation,
+     "eval-batch": eval_batch, "scoring": scoring, "reward": reward,
+     "ppo-profile": ppo_profile}[a.what](a)  # fmt: skip
     return 0
 
 
