@@ -47,6 +47,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+def model_dtype(name: str):
+    """``--dtype``: ``auto`` is bf16 where bf16 matmuls are native, else fp32."""
+    import torch
+
+    from pipeline.modeling import native_bf16_here
+
+    if name == "auto":
+        return torch.bfloat16 if native_bf16_here() else torch.float32
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
 def mean_ms(fn, *args, n: int = 20, warmup: int = 3) -> float:
     """Mean milliseconds of ``fn(*args)`` over ``n`` calls after ``warmup``."""
     for _ in range(warmup):
@@ -220,13 +231,12 @@ def eval_batch(a) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline import decoding
-    from pipeline.modeling import contiguous_head, native_bf16_here
+    from pipeline.modeling import contiguous_head
     from pipeline.sampling import sampling_kwargs
     from pipeline.stage_eval import decode_responses
     from reward_models.gold_judge import score as judge
 
-    dtype = {"auto": torch.bfloat16 if native_bf16_here() else torch.float32, "bfloat16": torch.bfloat16,
-             "float32": torch.float32}[a.dtype]  # fmt: skip
+    dtype = model_dtype(a.dtype)
     tok = AutoTokenizer.from_pretrained(a.model)
     model = contiguous_head(AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).eval())
     path = REPO / "data" / "embedded" / "eval_prompts.jsonl"
@@ -305,12 +315,11 @@ def scoring(a) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline import decoding
-    from pipeline.modeling import contiguous_head, native_bf16_here
+    from pipeline.modeling import contiguous_head
     from pipeline.sampling import sampling_kwargs
     from pipeline.sequences import response_mask
 
-    dtype = {"auto": torch.bfloat16 if native_bf16_here() else torch.float32, "bfloat16": torch.bfloat16,
-             "float32": torch.float32}[a.dtype]  # fmt: skip
+    dtype = model_dtype(a.dtype)
     tok = AutoTokenizer.from_pretrained(a.model)
     model = contiguous_head(AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype).eval())
     path = REPO / "data" / "embedded" / "ppo_prompts.jsonl"
@@ -352,14 +361,11 @@ def reward(a) -> None:
     ``reward_scores``: one right-padded forward per batch against ``scoring_forward`` (the shared system turn
     once, rows in length-sorted chunks), alternating after a small warm-up; and the largest difference between
     the two paths' scores."""
-    import torch
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.modeling import native_bf16_here
     from reward_models.learned import load_reward_tokenizer, reward_scores
 
-    dtype = {"auto": torch.bfloat16 if native_bf16_here() else torch.float32, "bfloat16": torch.bfloat16,
-             "float32": torch.float32}[a.dtype]  # fmt: skip
+    dtype = model_dtype(a.dtype)
     tok = load_reward_tokenizer(a.model)
     model = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1, dtype=dtype).eval()
     path = REPO / "data" / "embedded" / "pref_test.jsonl"
