@@ -48,10 +48,11 @@ def train(art: Path, strategy: str, seed: int, log: Path) -> None:
     print(f"reward_grouping:   done in {time.perf_counter() - t:.0f}s", flush=True)
 
 
-def batch_tokens(art: Path, strategy: str, seed: int) -> dict:
-    """Tokens in the recipe's batches (each pair's two replies padded to the batch's longest) and in the pairs
-    themselves, over as many batches as the recipe trains on, as the trainer's sampler draws them for this
-    strategy and seed (outside the timed run, so not necessarily its very draw)."""
+def batch_tokens(sft: Path, strategies: tuple[str, ...], seeds: list[int]) -> dict[tuple[str, int], dict]:
+    """Per (strategy, seed): tokens in the recipe's batches (each pair's two replies padded to the batch's
+    longest) and in the pairs themselves, over as many batches as the recipe trains on, as the trainer's sampler
+    draws them (outside the timed run, so not necessarily its very draw). The SFT model, its tokenizer and the
+    pairs load once."""
     import tempfile
 
     import yaml
@@ -63,24 +64,27 @@ def batch_tokens(art: Path, strategy: str, seed: int) -> dict:
     from pipeline.stage_reward import load_pairs, reward_trainer_class
 
     recipe = yaml.safe_load((REPO / "configs" / "reward_demo.yaml").read_text())
-    sft = art / "sft" / "model"
     tok = load_tokenizer(str(sft))
-    model = AutoModelForSequenceClassification.from_pretrained(sft, num_labels=1)
+    model = AutoModelForSequenceClassification.from_pretrained(sft, num_labels=1)  # only batches are drawn
     model.config.pad_token_id = tok.pad_token_id
-    with tempfile.TemporaryDirectory() as tmp:
-        targs = RewardConfig(output_dir=tmp, per_device_train_batch_size=recipe["per_device_train_batch_size"],
-                             max_length=recipe["max_length"], seed=seed, train_sampling_strategy=strategy,
-                             use_cpu=True, report_to="none", bf16=False)  # fmt: skip
-        trainer = reward_trainer_class()(model=model, args=targs, train_dataset=load_pairs(StageArguments())[0],
-                                         processing_class=tok)  # fmt: skip
-        set_seed(seed)  # as Trainer.train seeds before it builds the dataloader
-        padded = real = 0
-        for step, batch in enumerate(trainer.get_train_dataloader()):
-            if step == recipe["max_steps"]:
-                break
-            padded += batch["input_ids"].numel()
-            real += int(batch["attention_mask"].sum())
-    return {"batch_tokens": padded, "pair_tokens": real, "padding_share": 1 - real / padded}
+    pairs = load_pairs(StageArguments())[0]
+    trainer_class, out = reward_trainer_class(), {}
+    for strategy in strategies:
+        for seed in seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                targs = RewardConfig(output_dir=tmp, per_device_train_batch_size=recipe["per_device_train_batch_size"],
+                                     max_length=recipe["max_length"], seed=seed, train_sampling_strategy=strategy,
+                                     use_cpu=True, report_to="none", bf16=False)  # fmt: skip
+                trainer = trainer_class(model=model, args=targs, train_dataset=pairs, processing_class=tok)
+                set_seed(seed)  # as Trainer.train seeds before it builds the dataloader
+                padded = real = 0
+                for step, batch in enumerate(trainer.get_train_dataloader()):
+                    if step == recipe["max_steps"]:
+                        break
+                    padded += batch["input_ids"].numel()
+                    real += int(batch["attention_mask"].sum())
+            out[(strategy, seed)] = {"batch_tokens": padded, "pair_tokens": real, "padding_share": 1 - real / padded}
+    return out
 
 
 def main(argv=None) -> int:
@@ -98,13 +102,14 @@ def main(argv=None) -> int:
             link_inputs(Path(a.source), art, stages=("sft",))
             train(art, strategy, seed, log)
     result = {"command": "python benchmarks/reward_grouping.py " + " ".join(argv or sys.argv[1:]), "strategies": {}}
+    tokens = batch_tokens(Path(a.source) / "sft" / "model", STRATEGIES, a.seeds)
     for strategy in STRATEGIES:
         runs = []
         for seed in a.seeds:
             art = out / f"{strategy}-seed-{seed}"
             m = json.loads((art / "reward" / "manifest.json").read_text())["metrics"]
             runs.append({"seed": seed, "accuracy": m["test"]["accuracy"], "margin": m["test"]["margin_mean"],
-                         "train_runtime_s": m["train_runtime_s"], **batch_tokens(art, strategy, seed)})  # fmt: skip
+                         "train_runtime_s": m["train_runtime_s"], **tokens[(strategy, seed)]})  # fmt: skip
         summary = {k: t_interval([r[k] for r in runs]) for k in ("accuracy", "margin", "train_runtime_s")}
         result["strategies"][strategy] = {"runs": runs, "summary": summary}
         acc, lo, hi = summary["accuracy"]
