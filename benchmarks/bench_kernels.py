@@ -9,6 +9,7 @@
         [--modes generate static compact compact-1pass] [--profile] [--dtype auto] [--quality --repeats 5]
     .venv/bin/python benchmarks/bench_kernels.py scoring --model DIR [--rows 32] [--chunks 512 1024 2048 4096]
     .venv/bin/python benchmarks/bench_kernels.py reward --model DIR [--pairs 100] [--batches 32] [--repeats 3]
+    .venv/bin/python benchmarks/bench_kernels.py reward-chunks --model DIR [--steps 10] [--chunks 256 512 1024]
     .venv/bin/python benchmarks/bench_kernels.py ppo-profile --source DIR [--iteration 3]
 
 - ``attention``: forward, and forward + backward, of one layer's attention (9 heads of 64, SmolLM2-135M's)
@@ -28,6 +29,8 @@
   forward and through ``pipeline.decoding.scoring_forward`` (shared prefix once, length-sorted chunks).
 - ``reward``: ``reward_scores`` on held-out preference pairs, one right-padded forward per batch against
   ``scoring_forward`` (shared system turn once, length-sorted chunks), alternating; ``--model`` is a reward model.
+- ``reward-chunks``: the reward stage's training loss, forward + backward, on its recipe's first random
+  batches: one forward over the padded batch against length-sorted chunks of rows at several token budgets.
 - ``ppo-profile``: our PPO stage at the ppo_vs_trl sizes with ``torch.profiler`` around one iteration's update;
   prints the operators by self time. ``--source`` holds ``sft/model`` and ``reward/model``.
 """
@@ -388,6 +391,75 @@ def reward(a) -> None:
               f"(largest score difference to one forward: {diff:.2e})", flush=True)  # fmt: skip
 
 
+def reward_chunks(a) -> None:
+    """Forward + backward of the reward stage's training loss on its recipe's first ``--steps`` random batches
+    (``configs/reward_demo.yaml``: 8 pairs, LoRA on the top 8 layers, fp32 where bf16 is emulated) from the SFT
+    model ``--model``: one forward over the padded batch against ``stage_reward.LengthChunked`` at each
+    ``--chunks`` token budget (``PAIR_CHUNK_TOKENS``), alternating after a warm-up; the tokens each computes,
+    padding included; the largest loss difference to one forward."""
+    import yaml
+    from transformers import AutoModelForSequenceClassification, set_seed
+    from trl import RewardConfig
+
+    from pipeline import stage_reward
+    from pipeline.config import StageArguments
+    from pipeline.modeling import load_tokenizer, lora_config
+
+    recipe = yaml.safe_load((REPO / "configs" / "reward_demo.yaml").read_text())
+    tok = load_tokenizer(a.model)
+    lora = argparse.Namespace(lora_r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"], lora_target_modules=None)
+    set_seed(42)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1, dtype=model_dtype(a.dtype))
+        model.config.pad_token_id = tok.pad_token_id
+        args = RewardConfig(output_dir=tmp, per_device_train_batch_size=recipe["per_device_train_batch_size"],
+                            max_length=recipe["max_length"], use_cpu=True, report_to="none", bf16=False, seed=42,
+                            center_rewards_coefficient=0.01)  # fmt: skip
+        trainer = stage_reward.reward_trainer_class()(
+            model=model, args=args, train_dataset=stage_reward.load_pairs(StageArguments())[0], processing_class=tok,
+            peft_config=lora_config(lora, "SEQ_CLS", ["score"], model, recipe["lora_layers"]),
+        )  # fmt: skip
+        set_seed(42)
+        batches = []
+        for batch in trainer.get_train_dataloader():
+            batches.append(batch)
+            if len(batches) == a.steps:
+                break
+    net = trainer.model
+    net.train()
+    computed = {}
+
+    def run(budget: int) -> tuple[float, list[float]]:
+        stage_reward.PAIR_CHUNK_TOKENS = budget
+        shapes = []
+        hook = net.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(kw["input_ids"].shape), with_kwargs=True)
+        losses, t = [], time.perf_counter()
+        for batch in batches:
+            loss = trainer.compute_loss(net, dict(batch))
+            loss.backward()
+            net.zero_grad()
+            losses.append(loss.item())
+        hook.remove()
+        computed[budget] = sum(r * w for r, w in shapes)
+        return time.perf_counter() - t, losses
+
+    one = 10**9  # a budget no batch reaches: one forward
+    budgets = [one, *a.chunks]
+    run(one), run(budgets[-1])  # warm-up
+    times, losses = {b: [] for b in budgets}, {}
+    for _ in range(a.repeats):
+        for b in budgets:
+            t, losses[b] = run(b)
+            times[b].append(t)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    for b in budgets:
+        label = "one forward" if b == one else f"chunks of {b} tokens"
+        diff = max(abs(x - y) for x, y in zip(losses[b], losses[one]))
+        print(f"reward-chunks {a.steps} batches, {label:20}: median {statistics.median(times[b]):.2f} s "
+              f"{[round(t, 2) for t in times[b]]}; tokens computed {computed[b]} (padding "
+              f"{1 - real / computed[b]:.3f}); largest loss difference {diff:.1e}", flush=True)  # fmt: skip
+
+
 def ppo_profile(a) -> None:
     from torch.profiler import profile
 
@@ -466,13 +538,19 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[32])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    p = sub.add_parser("reward-chunks")
+    p.add_argument("--model", required=True, help="the SFT model the reward model starts from (sft/model)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--chunks", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     p = sub.add_parser("ppo-profile")
     p.add_argument("--source", required=True)
     p.add_argument("--iteration", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
     a = ap.parse_args(argv)
     {"attention": attention, "linear": linear, "sft-step": sft_step, "generation": generation,
-     "eval-batch": eval_batch, "scoring": scoring, "reward": reward,
+     "eval-batch": eval_batch, "scoring": scoring, "reward": reward, "reward-chunks": reward_chunks,
      "ppo-profile": ppo_profile}[a.what](a)  # fmt: skip
     return 0
 

@@ -202,7 +202,7 @@ def _chunk_cache(model, shared: list[tuple[Tensor, Tensor]], rows: int):
     return cache
 
 
-def _chunks(own: Tensor, answered: Tensor, budget: int):
+def length_chunks(own: Tensor, answered: Tensor, budget: int):
     """Rows sorted by ``own + answered`` (longest first), grouped while the group, cut to its longest ``own``
     and longest ``answered``, stays within ``budget`` tokens (at least one row each): ``(rows, w, rc)``."""
     order = torch.argsort(own + answered, descending=True, stable=True).tolist()
@@ -217,6 +217,17 @@ def _chunks(own: Tensor, answered: Tensor, budget: int):
             rows.append(r)
             w, rc, i = w2, rc2, i + 1
         yield rows, w, rc
+
+
+def right_padded_chunks(attention_mask: Tensor, chunk_tokens: int) -> list[tuple[list[int], int]] | None:
+    """A right-padded batch's rows in length-sorted chunks of about ``chunk_tokens`` tokens (rows x the chunk's
+    longest row), each with its width: ``[(rows, width)]``; None when the batch is not right-padded. Training
+    losses run such chunks as separate forwards to skip the padding a batch's shorter rows carry."""
+    lengths = attention_mask.sum(1)
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    if not torch.equal(attention_mask.bool(), columns[None, :] < lengths[:, None]):
+        return None
+    return [(rows, w) for rows, w, _ in length_chunks(lengths.cpu(), torch.zeros_like(lengths.cpu()), chunk_tokens)]
 
 
 def prefill(model, input_ids: Tensor, attention_mask: Tensor, *, chunk_tokens: int | None = None, split: bool = True):
@@ -248,7 +259,7 @@ def prefill(model, input_ids: Tensor, attention_mask: Tensor, *, chunk_tokens: i
     shared = _shared_prefix(run, model, input_ids, lengths, c)
     own = lengths - c  # each row's tokens after the prefix
     logits, full = None, None
-    for rows, width, _ in _chunks(own, torch.zeros_like(own), chunk_tokens):
+    for rows, width, _ in length_chunks(own, torch.zeros_like(own), chunk_tokens):
         idx = torch.tensor(rows, device=device)
         n = own[idx]
         ids = input_ids[idx, P - width :]  # a shorter row's first columns are the prefix's end: masked here
@@ -312,7 +323,7 @@ def scoring_forward(run, model, input_ids: Tensor, attention_mask: Tensor, promp
     shared = _shared_prefix(run, model, input_ids[:, :P], prompts, c)
     own, answered = prompts - c, response.sum(1)
     full = None
-    for rows, w, rc in _chunks(own, answered, chunk_tokens):
+    for rows, w, rc in length_chunks(own, answered, chunk_tokens):
         idx = torch.tensor(rows, device=device)
         ids = input_ids[idx, P - w : P + rc]
         head = (torch.arange(w, device=device) >= w - own[idx].unsqueeze(1)).long()  # the prefix's end: masked

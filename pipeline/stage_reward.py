@@ -53,7 +53,11 @@ def reward_trainer_class():
     (docs/benchmarks.md, 2026-12-04 morning). transformers' ``LengthGroupedSampler`` cannot infer lengths from
     TRL's tokenized ``chosen_ids``/``rejected_ids`` columns, and the trainer drops any other column before it
     samples; this class adds a pair's length (its longer reply, what it pads to) as the sampler's
-    ``--length_column_name`` and keeps that column."""
+    ``--length_column_name`` and keeps that column.
+
+    On one CPU process its loss runs each batch as length-sorted chunks (``LengthChunked``): the same loss, less
+    padding computed."""
+    from accelerate.utils import DistributedType
     from datasets import Dataset
     from trl import RewardTrainer
 
@@ -73,7 +77,48 @@ def reward_trainer_class():
             if self._grouped(self.args) and self.args.length_column_name not in self._signature_columns:
                 self._signature_columns = [*self._signature_columns, self.args.length_column_name]
 
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self.accelerator.distributed_type == DistributedType.NO and self.accelerator.device.type == "cpu":
+                model = LengthChunked(model, PAIR_CHUNK_TOKENS)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
     return GroupedRewardTrainer
+
+
+# Tokens per forward chunk of a training batch in ``LengthChunked`` (rows x the chunk's longest reply).
+PAIR_CHUNK_TOKENS = 1024
+
+
+class LengthChunked:
+    """A sequence-classification model called on a right-padded batch as length-sorted chunks, each cut to its
+    own longest row: the same scores (and, through them, the same loss and gradients) as one forward, without
+    computing the padding that a batch's shorter rows carry.
+
+    The reward collator pads both replies of every pair in a batch to the batch's longest; in the embedded task's
+    random batches of 8 pairs that is 23% of the tokens (docs/benchmarks.md). Length-grouped batches pad less but
+    change which pairs train together (and the model: docs/results.md); chunking one batch changes nothing about
+    what is trained on. One process only: DDP and sharded wrappers expect one forward per backward, and on
+    accelerators one wide forward is cheap where padding is, so the trainer uses this on one CPU process."""
+
+    def __init__(self, model, chunk_tokens: int):
+        self.model, self.chunk_tokens = model, chunk_tokens
+
+    def __call__(self, input_ids, attention_mask, **kwargs):
+        import torch
+        from transformers.modeling_outputs import SequenceClassifierOutputWithPast
+
+        from pipeline.decoding import right_padded_chunks
+
+        chunks = right_padded_chunks(attention_mask, self.chunk_tokens)
+        if chunks is None or len(chunks) == 1:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        order, logits = [], []
+        for rows, width in chunks:
+            out = self.model(input_ids=input_ids[rows, :width], attention_mask=attention_mask[rows, :width], **kwargs)
+            order += rows
+            logits.append(out.logits)
+        inverse = torch.argsort(torch.tensor(order, device=input_ids.device))
+        return SequenceClassifierOutputWithPast(logits=torch.cat(logits)[inverse])
 
 
 def start_model(artifact_dir: str, model_name_or_path: str | None) -> tuple[str, dict]:

@@ -129,3 +129,53 @@ def test_group_by_length_batches_pairs_of_similar_length(tmp_path, tiny_tok):
         mixed += any(long) and not all(long)
     assert mixed <= 4  # one per megabatch at most
     assert trainer.train().global_step == 2  # the collator ignores the length column
+
+
+def test_length_chunked_loss_matches_one_forward(tmp_path, tiny_tok, monkeypatch):
+    """On one CPU process the reward loss runs a batch as length-sorted chunks cut to their own longest row: fewer
+    tokens computed, the same loss and gradients as TRL's one forward over the padded batch. A batch that is not
+    right-padded runs as one forward."""
+    import torch
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    from pipeline import stage_reward
+    from tests.conftest import make_seq_cls
+
+    model = make_seq_cls(tmp_path / "rm", tiny_tok)
+    words = [1, 30, 3, 9, 20, 2, 15, 5]
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": "Explain volcanoes."}],
+                               "chosen": [{"role": "assistant", "content": "lava " * n}],
+                               "rejected": [{"role": "assistant", "content": "rock " * (n // 2 + 1)}]}
+                              for n in words])  # fmt: skip
+    args = RewardConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, use_cpu=True,
+                        report_to="none", center_rewards_coefficient=0.01)  # fmt: skip
+    trainer = stage_reward.reward_trainer_class()(
+        model=model, args=args, train_dataset=rows, processing_class=tiny_tok
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 16
+    monkeypatch.setattr(stage_reward, "PAIR_CHUNK_TOKENS", batch["input_ids"].shape[1] * 4)
+    shapes = []
+    model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(kw["input_ids"].shape), with_kwargs=True)
+
+    def loss_and_grads(compute_loss, inputs):
+        model.zero_grad()
+        loss = compute_loss(trainer, model, dict(inputs))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    chunked_loss, chunked_grads = loss_and_grads(type(trainer).compute_loss, batch)
+    chunked_shapes, shapes[:] = list(shapes), []
+    plain_loss, plain_grads = loss_and_grads(RewardTrainer.compute_loss, batch)
+    assert shapes == [batch["input_ids"].shape]
+    assert len(chunked_shapes) >= 3 and sum(r for r, _ in chunked_shapes) == 16
+    assert sum(r * w for r, w in chunked_shapes) < 0.8 * batch["input_ids"].numel()
+    torch.testing.assert_close(chunked_loss, plain_loss)
+    for got, want in zip(chunked_grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+    left = {k: v.flip(1) if k in ("input_ids", "attention_mask") else v for k, v in batch.items()}  # left-padded
+    shapes[:] = []
+    loss_and_grads(type(trainer).compute_loss, left)
+    assert shapes == [batch["input_ids"].shape]
