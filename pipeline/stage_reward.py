@@ -95,10 +95,10 @@ class LengthChunked:
     computing the padding that a batch's shorter rows carry.
 
     The reward collator pads both replies of every pair in a batch to the batch's longest; in the embedded task's
-    random batches of 8 pairs that is 23% of the tokens (docs/benchmarks.md). Length-grouped batches pad less but
-    change which pairs train together (and the model: docs/results.md); chunking one batch changes nothing about
-    what is trained on. One process only: DDP and sharded wrappers expect one forward per backward, and on
-    accelerators one wide forward is cheap where padding is, so the trainer uses this on one CPU process."""
+    random batches of 8 pairs that is 23% of the tokens, 12.5% in chunks of 1024 tokens (docs/benchmarks.md,
+    2026-12-04 midday). Length-grouped batches pad less but change which pairs train together; chunking one batch
+    changes nothing about what is trained on. The trainer uses this on one CPU process only: DDP and sharded
+    wrappers expect one forward per backward, and on accelerators the trade is unmeasured."""
 
     def __init__(self, model, chunk_tokens: int):
         self.model, self.chunk_tokens = model, chunk_tokens
