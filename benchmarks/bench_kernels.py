@@ -412,9 +412,10 @@ def reward_chunks(a) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=1, dtype=model_dtype(a.dtype))
         model.config.pad_token_id = tok.pad_token_id
+        center = stage_reward.DEFAULTS["center_rewards_coefficient"]
         args = RewardConfig(output_dir=tmp, per_device_train_batch_size=recipe["per_device_train_batch_size"],
                             max_length=recipe["max_length"], use_cpu=True, report_to="none", bf16=False, seed=42,
-                            center_rewards_coefficient=0.01)  # fmt: skip
+                            center_rewards_coefficient=center)  # fmt: skip
         trainer = stage_reward.reward_trainer_class()(
             model=model, args=args, train_dataset=stage_reward.load_pairs(StageArguments())[0], processing_class=tok,
             peft_config=lora_config(lora, "SEQ_CLS", ["score"], model, recipe["lora_layers"]),

@@ -219,17 +219,6 @@ def length_chunks(own: Tensor, answered: Tensor, budget: int):
         yield rows, w, rc
 
 
-def right_padded_chunks(attention_mask: Tensor, chunk_tokens: int) -> list[tuple[list[int], int]] | None:
-    """A right-padded batch's rows in length-sorted chunks of about ``chunk_tokens`` tokens (rows x the chunk's
-    longest row), each with its width: ``[(rows, width)]``; None when the batch is not right-padded. Training
-    losses run such chunks as separate forwards to skip the padding a batch's shorter rows carry."""
-    lengths = attention_mask.sum(1)
-    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    if not torch.equal(attention_mask.bool(), columns[None, :] < lengths[:, None]):
-        return None
-    return [(rows, w) for rows, w, _ in length_chunks(lengths.cpu(), torch.zeros_like(lengths.cpu()), chunk_tokens)]
-
-
 def prefill(model, input_ids: Tensor, attention_mask: Tensor, *, chunk_tokens: int | None = None, split: bool = True):
     """The prompt forward of a decoding loop: ``(last-position logits [B, 1, V], cache)``, the cache laid out
     as one forward over the left-padded batch lays it out, computed with less work:

@@ -107,13 +107,16 @@ class LengthChunked:
         import torch
         from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
-        from pipeline.decoding import right_padded_chunks
+        from pipeline.decoding import length_chunks
 
-        chunks = right_padded_chunks(attention_mask, self.chunk_tokens)
-        if chunks is None or len(chunks) == 1:
+        lengths = attention_mask.sum(1)
+        columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        chunks = list(length_chunks(lengths.cpu(), torch.zeros_like(lengths.cpu()), self.chunk_tokens))
+        right_padded = torch.equal(attention_mask.bool(), columns[None, :] < lengths[:, None])
+        if len(chunks) == 1 or not right_padded:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         order, logits = [], []
-        for rows, width in chunks:
+        for rows, width, _ in chunks:
             out = self.model(input_ids=input_ids[rows, :width], attention_mask=attention_mask[rows, :width], **kwargs)
             order += rows
             logits.append(out.logits)
