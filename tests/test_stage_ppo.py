@@ -417,6 +417,31 @@ def test_resuming_a_finished_run_is_one_line(tiny_artifacts, prompts_file, capsy
     assert (tiny_artifacts / "ppo" / "manifest.json").exists()
 
 
+def test_rerun_after_a_kill_between_last_checkpoint_and_publish_publishes(tiny_artifacts, prompts_file, monkeypatch):
+    """A kill after the final checkpoint but before ``ppo/`` is in place: a plain rerun publishes from it."""
+    from safetensors.torch import load_file
+
+    from pipeline.ppo.trainer import PPOTrainer
+
+    with monkeypatch.context() as m:
+        m.setattr(PPOTrainer, "publish", lambda self: None)  # the process dies here
+        assert run_ppo(tiny_artifacts, prompts_file, save_every=1) == 0
+    run = tiny_artifacts / "ppo-run"
+    assert not (tiny_artifacts / "ppo").exists()
+    final = load_file(str(run / "checkpoints" / "iter-000002" / "policy_adapter" / "adapter_model.safetensors"))
+    before = read_metrics(run / "metrics.jsonl")
+    calls = []
+    monkeypatch.setattr(PPOTrainer, "update", lambda self, ro: calls.append(1))
+    assert run_ppo(tiny_artifacts, prompts_file, save_every=1) == 0
+    assert not calls, "no iteration runs again"
+    assert (tiny_artifacts / "ppo" / "manifest.json").exists() and not run.exists()
+    assert read_metrics(tiny_artifacts / "ppo" / "metrics.jsonl") == before
+    published = load_file(str(tiny_artifacts / "ppo" / "policy_adapter" / "adapter_model.safetensors"))
+    assert published.keys() == final.keys()
+    for k in final:
+        torch.testing.assert_close(published[k], final[k], rtol=0, atol=0)
+
+
 def test_max_prompt_length_counts_tokens(tiny_artifacts, tmp_path, capsys):
     """Prompts longer than --max_prompt_length tokens (as the rollout encodes them) are dropped, with a count."""
     from accelerate import Accelerator

@@ -649,6 +649,7 @@ class PPOTrainer:
         the same fingerprint (a plain rerun continues), or start a fresh run directory (``--force``)."""
         acc, run = self.accelerator, self.layout.ppo_run
         spec = self.args.resume_from_checkpoint
+        explicit = spec is not None
         if spec is None:
             found = ckpt.list_checkpoints(self.layout.run_checkpoints)
             recorded = ckpt.read_state(found[-1]).get("fingerprint", "") if found else None
@@ -661,7 +662,7 @@ class PPOTrainer:
                 raise PipelineError(
                     f"{path} belongs to a run with other inputs or config; start anew without --resume_from_checkpoint"
                 )
-            if state["iteration"] >= self.args.num_iterations:
+            if explicit and state["iteration"] >= self.args.num_iterations:
                 raise PipelineError(
                     f"{path} ends a finished run (iteration {state['iteration']} of {self.args.num_iterations}): "
                     "there is nothing to resume; its stage output is the result"
@@ -670,7 +671,11 @@ class PPOTrainer:
             self.kl_ctl.load_state_dict(state["kl_controller"])
             self.score_moments.load_state_dict(state["score_moments"])
             self.guard.load_state_dict(state["nonfinite_steps"])
-            acc.print(f"ppo: resumed from {path} at iteration {self.iteration}")
+            if self.iteration >= self.args.num_iterations:
+                # Killed after the last checkpoint but before ``ppo/`` was in place: publish it from there.
+                acc.print(f"ppo: {path} ends the run; publishing its stage output")
+            else:
+                acc.print(f"ppo: resumed from {path} at iteration {self.iteration}")
         if acc.is_main_process:
             run.mkdir(parents=True, exist_ok=True)
             self.layout.run_metrics.write_text("".join(json.dumps(h) + "\n" for h in self.history))
