@@ -258,6 +258,57 @@ def resume_point(run_dir, fingerprint: str, force: bool, explicit: str | None, i
     return str(complete[-1]) if continue_run(run_dir, fingerprint, recorded, force, "run", is_main_process) else None
 
 
+def train_or_finish(trainer, resume: str | None):
+    """``trainer.train(resume_from_checkpoint=resume)``, except when ``resume`` is the final checkpoint of its
+    run (a kill came between it and the publish): HF's loop would then run one step past ``max_steps`` (it
+    skips the checkpoint's batches and steps once more before it checks the end), so the checkpoint's adapter
+    and trainer state are loaded instead and no step runs. Returns a ``TrainOutput`` either way."""
+    import json
+    from pathlib import Path
+
+    if resume:
+        state_file = Path(resume) / "trainer_state.json"
+        saved = json.loads(state_file.read_text()) if state_file.exists() else {}
+        if saved.get("max_steps") and saved.get("global_step", 0) >= saved["max_steps"]:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+            from transformers import TrainerState
+            from transformers.trainer_utils import TrainOutput
+
+            weights = Path(resume) / "adapter_model.safetensors"
+            if not weights.exists():
+                raise PipelineError(f"{resume} holds no adapter_model.safetensors; rerun with --force to start anew")
+            set_peft_model_state_dict(trainer.model, load_file(str(weights)))
+            trainer.state = TrainerState.load_from_json(str(state_file))
+            return TrainOutput(trainer.state.global_step, None, {})
+    return trainer.train(resume_from_checkpoint=resume)
+
+
+def train_summary(result, resume: str | None) -> dict:
+    """The manifest's training figures from an HF ``TrainOutput``. After a resume, HF's ``training_loss`` is
+    the mean over the steps this call ran (none when the kill came after the final checkpoint, where HF
+    reports 0.0): the manifest says so with ``train_loss_from_step``, and has no loss when no step ran."""
+    from pathlib import Path
+
+    start = int(Path(resume).name.split("-")[-1]) if resume else 0
+    ran = result.global_step - start
+    return {
+        "train_loss": result.training_loss if ran > 0 else None,
+        "train_loss_from_step": start,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "train_steps": result.global_step,
+    }
+
+
+def loss_text(metrics: dict) -> str:
+    """``loss 0.1234`` (``, from step N`` after a resume), or ``no step ran`` for a published summary line."""
+    if metrics["train_loss"] is None:
+        return "no step ran: resumed at the final checkpoint"
+    start = metrics["train_loss_from_step"]
+    text = f"loss {metrics['train_loss']:.4f}" + (f" over the steps after {start}" if start else "")
+    return text + f", {metrics['train_runtime_s']:.0f}s"
+
+
 def publish_lora(trainer, out_path, base_path: str, model_cls, tokenizer, **load_kwargs) -> None:
     """Save a LoRA trainer's adapter (``adapter/``) and the merged model (``model/``) into a staging dir.
 

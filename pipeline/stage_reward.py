@@ -163,8 +163,11 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
         check_model_args,
         load_tokenizer,
         lora_config,
+        loss_text,
         publish_lora,
         resume_point,
+        train_or_finish,
+        train_summary,
         warn_if_emulated_bf16,
     )
 
@@ -207,7 +210,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
             processing_class=tokenizer,
             peft_config=lora_config(model_args, "SEQ_CLS", ["score"], model, model_args.lora_layers),
         )
-        result = trainer.train(resume_from_checkpoint=resume)
+        result = train_or_finish(trainer, resume)
         check_finite_training(trainer, "reward model")
         publish_lora(trainer, out.path, start, AutoModelForSequenceClassification, tokenizer, num_labels=1)
         if trainer.accelerator.is_main_process:
@@ -218,9 +221,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
             with trainer.accelerator.autocast():
                 held_out = pairwise_accuracy(scorer, tokenizer, list(test), training_args.per_device_eval_batch_size)
             metrics = {
-                "train_loss": result.training_loss,
-                "train_runtime_s": result.metrics.get("train_runtime"),
-                "train_steps": result.global_step,
+                **train_summary(result, resume),
                 "train_pairs": len(train),
                 "test": held_out,
                 "log_history": trainer.state.log_history,
@@ -228,7 +229,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
             out.write_manifest(metrics, tokenizer)
             print(
                 f"reward: held-out pairwise accuracy {held_out['accuracy']:.3f} on {held_out['num_pairs']} pairs "
-                f"(train loss {result.training_loss:.4f}, {metrics['train_runtime_s']:.0f}s)"
+                f"(train {loss_text(metrics)})"
             )
         trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:

@@ -123,8 +123,11 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
         ensure_distinct_pad_token,
         load_tokenizer,
         lora_config,
+        loss_text,
         publish_lora,
         resume_point,
+        train_or_finish,
+        train_summary,
         warn_if_emulated_bf16,
     )
 
@@ -172,13 +175,11 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
                 f"every row of the SFT data is longer than --max_length {training_args.max_length} tokens "
                 "before its completion starts; raise --max_length"
             )
-        result = trainer.train(resume_from_checkpoint=resume)
+        result = train_or_finish(trainer, resume)
         check_finite_training(trainer, "SFT")
         publish_lora(trainer, out.path, model_path, AutoModelForCausalLM, tokenizer)
         metrics = {
-            "train_loss": result.training_loss,
-            "train_runtime_s": result.metrics.get("train_runtime"),
-            "train_steps": result.global_step,
+            **train_summary(result, resume),
             "train_rows": len(train),
             "log_history": trainer.state.log_history,
         }
@@ -187,10 +188,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
         trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
         shutil.rmtree(run_dir, ignore_errors=True)
-        print(
-            f"sft: wrote {art.Layout(stage_args.artifact_dir).stage('sft')} (loss {result.training_loss:.4f}, "
-            f"{metrics['train_runtime_s']:.0f}s)"
-        )
+        print(f"sft: wrote {art.Layout(stage_args.artifact_dir).stage('sft')} ({loss_text(metrics)})")
     return metrics
 
 

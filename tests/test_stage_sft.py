@@ -238,6 +238,46 @@ def test_plain_rerun_after_a_kill_continues_from_the_newest_checkpoint(setup, tm
     assert want.keys() == got.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6, msg=k)
+    full_metrics = json.loads((runs["full"]["artifacts"] / stage / "manifest.json").read_text())["metrics"]
+    metrics = json.loads((art_dir / stage / "manifest.json").read_text())["metrics"]
+    assert full_metrics["train_loss_from_step"] == 0 and metrics["train_loss_from_step"] == 2
+    assert metrics["train_loss"] > 0 and metrics["train_steps"] == 4
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_rerun_after_a_kill_between_the_final_checkpoint_and_publish(setup, monkeypatch, capsys, stage):
+    """Killed after the last step's checkpoint, before the stage is in place: the rerun trains no step (HF's
+    loop would run one past max_steps), publishes that checkpoint's adapter, and records no loss instead of
+    HF's 0.0 for zero steps."""
+    from safetensors.torch import load_file
+
+    import pipeline.modeling
+
+    def run():
+        return (run_sft if stage == "sft" else run_rm)(setup, "--max_steps", "2", "--save_steps", "1")
+
+    if stage == "reward":
+        assert run_sft(setup) == 0
+
+    def dying_publish(*a, **k):
+        raise _Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline.modeling, "publish_lora", dying_publish)
+        with pytest.raises(_Killed):
+            run()
+    art_dir = setup["artifacts"]
+    final = load_file(str(art_dir / f"{stage}-run" / "checkpoint-2" / "adapter_model.safetensors"))
+    capsys.readouterr()
+    assert run() == 0
+    assert "no step ran: resumed at the final checkpoint" in capsys.readouterr().out
+    metrics = json.loads((art_dir / stage / "manifest.json").read_text())["metrics"]
+    assert metrics["train_loss"] is None and metrics["train_loss_from_step"] == 2 and metrics["train_steps"] == 2
+    assert [h["step"] for h in metrics["log_history"] if "loss" in h] == [1, 2]
+    got = load_file(str(art_dir / stage / "adapter" / "adapter_model.safetensors"))
+    assert got.keys() == final.keys()
+    for k in final:
+        torch.testing.assert_close(got[k], final[k], rtol=0, atol=0, msg=k)
 
 
 def test_checkpoints_of_another_run_are_refused_unless_forced(setup, capsys):
