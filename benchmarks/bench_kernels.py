@@ -10,6 +10,7 @@
     .venv/bin/python benchmarks/bench_kernels.py scoring --model DIR [--rows 32] [--chunks 512 1024 2048 4096]
     .venv/bin/python benchmarks/bench_kernels.py reward --model DIR [--pairs 100] [--batches 32] [--repeats 3]
     .venv/bin/python benchmarks/bench_kernels.py reward-chunks --model DIR [--steps 10] [--chunks 256 512 1024]
+    .venv/bin/python benchmarks/bench_kernels.py update-chunks --source DIR [--iterations 3] [--chunks 512 1024]
     .venv/bin/python benchmarks/bench_kernels.py ppo-profile --source DIR [--iteration 3]
 
 - ``attention``: forward, and forward + backward, of one layer's attention (9 heads of 64, SmolLM2-135M's)
@@ -31,6 +32,8 @@
   ``scoring_forward`` (shared system turn once, length-sorted chunks), alternating; ``--model`` is a reward model.
 - ``reward-chunks``: the reward stage's training loss, forward + backward, on its recipe's first random
   batches: one forward over the padded batch against length-sorted chunks of rows at several token budgets.
+- ``update-chunks``: the PPO update's forward + backward on the demo recipe's own rollouts, one padded forward
+  per micro-batch against length-sorted chunks of rows at several token budgets.
 - ``ppo-profile``: our PPO stage at the ppo_vs_trl sizes with ``torch.profiler`` around one iteration's update;
   prints the operators by self time. ``--source`` holds ``sft/model`` and ``reward/model``.
 """
@@ -461,6 +464,77 @@ def reward_chunks(a) -> None:
               f"{1 - real / computed[b]:.3f}); largest loss difference {diff:.1e}", flush=True)  # fmt: skip
 
 
+def update_chunks(a) -> None:
+    """The PPO update's forward + backward on the demo recipe's own rollouts (``configs/ppo_demo.yaml`` on
+    ``--source``'s ``sft/`` and ``reward/``, ``--iterations`` iterations): after each rollout, every micro-batch
+    of a fixed shuffle runs ``PPOTrainer._train_forward`` and a backward as one padded forward against
+    length-sorted chunks at each ``--chunks`` token budget (``--update_chunk_tokens``), alternating, with no
+    optimizer step; then the iteration's real update runs. Prints seconds and tokens computed per setting."""
+    import os
+    import shutil
+
+    import torch
+
+    from pipeline import stage_ppo
+    from pipeline.decoding import length_chunks
+    from pipeline.ppo import trainer as T
+    from pipeline.ppo.core import logprobs_from_logits
+
+    one = 10**9  # a budget no micro-batch reaches: one forward
+    budgets = [one, *a.chunks]
+    times, tokens, real = {b: [] for b in budgets}, dict.fromkeys(budgets, 0), [0]
+    update, seen = T.PPOTrainer.update, {"n": 0}
+
+    def timed(self, ro):
+        seen["n"] += 1
+        B, P = ro.mask.shape[0], ro.context_length
+        micro = self.args.per_device_train_batch_size
+        order = torch.randperm(B, generator=torch.Generator().manual_seed(seen["n"]))
+        batches = [order[i : i + micro] for i in range(0, B, micro)]
+        own_budget = self.chunk_tokens
+
+        def run(budget: int) -> float:
+            self.chunk_tokens = budget
+            t = time.perf_counter()
+            for inds in batches:
+                qr, am, mask = ro.query_response[inds], ro.attention_mask[inds], ro.mask[inds]
+                rl, values = self._train_forward(qr, am, P)
+                lp = logprobs_from_logits(rl, qr[:, P:])
+                loss = torch.where(mask, lp, 0.0).sum() / mask.sum()
+                if values is not None:
+                    loss = loss + torch.where(mask, values[:, P - 1 : -1], 0.0).pow(2).sum() / mask.sum()
+                loss.backward()
+                self.model.zero_grad()
+            return time.perf_counter() - t
+
+        self.model.train()
+        run(budgets[-1])  # warm-up
+        for _ in range(a.repeats):
+            for b in budgets:
+                times[b].append(run(b))
+        for inds in batches:
+            am = ro.attention_mask[inds].long()
+            own, answered = am[:, :P].sum(1), am[:, P:].sum(1)
+            real[0] += int(am.sum())
+            for b in budgets:
+                tokens[b] += sum(len(rows) * (w + rc) for rows, w, rc in length_chunks(own, answered, b))
+        self.chunk_tokens = own_budget
+        return update(self, ro)
+
+    T.PPOTrainer.update = timed
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in ("sft", "reward"):
+            shutil.copytree(Path(a.source) / stage, Path(tmp) / stage, copy_function=os.link)
+        argv = ["--config", str(REPO / "configs" / "ppo_demo.yaml"), "--artifact_dir", tmp,
+                "--stop_after_iterations", str(a.iterations), "--sample_every", "0"]  # fmt: skip
+        assert stage_ppo.cli(argv) == 0
+    for b in budgets:
+        label = "one forward" if b == one else f"chunks of {b} tokens"
+        print(f"update-chunks {a.iterations} iterations, {label:20}: median {statistics.median(times[b]):.2f} s "
+              f"per iteration {[round(t, 2) for t in times[b]]}; tokens computed {tokens[b]} "
+              f"(padding {1 - real[0] / tokens[b]:.3f})", flush=True)  # fmt: skip
+
+
 def ppo_profile(a) -> None:
     from torch.profiler import profile
 
@@ -545,6 +619,11 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", type=int, nargs="+", default=[256, 512, 1024])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    p = sub.add_parser("update-chunks")
+    p.add_argument("--source", required=True, help="an artifact directory holding sft/ and reward/")
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--chunks", type=int, nargs="+", default=[512, 1024])
+    p.add_argument("--repeats", type=int, default=2)
     p = sub.add_parser("ppo-profile")
     p.add_argument("--source", required=True)
     p.add_argument("--iteration", type=int, default=3)
@@ -552,7 +631,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     {"attention": attention, "linear": linear, "sft-step": sft_step, "generation": generation,
      "eval-batch": eval_batch, "scoring": scoring, "reward": reward, "reward-chunks": reward_chunks,
-     "ppo-profile": ppo_profile}[a.what](a)  # fmt: skip
+     "update-chunks": update_chunks, "ppo-profile": ppo_profile}[a.what](a)  # fmt: skip
     return 0
 
 

@@ -89,6 +89,12 @@ class PPOArguments:
     lr_scheduler_type: str = arg("linear", "transformers scheduler name, stepped once per iteration.")
     max_grad_norm: float = arg(1.0, "Gradient-norm clip.")
     max_nonfinite_steps: int = arg(3, "Stop after more than this many non-finite steps in a row.")
+    update_chunk_tokens: int = arg(
+        512,
+        "On one CPU process, the update's forward runs each micro-batch as "
+        "length-sorted chunks of about this many tokens, each cut to its own longest "
+        "row (the same loss and gradients, less padding); 0: one forward.",
+    )
     # PPO / GAE
     gamma: float = arg(1.0, "Discount.")
     lam: float = arg(0.95, "GAE lambda.")
@@ -196,8 +202,8 @@ def check_args(model_args, args: PPOArguments, has_cuda: bool) -> None:
             raise PipelineError(f"--{name} {getattr(args, name)}: use a value > 0")
     if not 0 < args.top_p <= 1 or args.top_k < 0:
         raise PipelineError(f"--top_p {args.top_p} / --top_k {args.top_k}: use 0 < top_p <= 1 and top_k >= 0")
-    if args.sample_every < 0 or args.max_nonfinite_steps < 0:
-        raise PipelineError("--sample_every and --max_nonfinite_steps: use a value >= 0")
+    if args.sample_every < 0 or args.max_nonfinite_steps < 0 or args.update_chunk_tokens < 0:
+        raise PipelineError("--sample_every, --max_nonfinite_steps and --update_chunk_tokens: use a value >= 0")
 
 
 @dataclass

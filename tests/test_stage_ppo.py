@@ -69,6 +69,10 @@ def test_precision_settings_are_checked(tiny_artifacts, prompts_file, capsys, se
         (dict(lam=-0.1), "--lam -0.1: use a value in [0, 1]"),
         (dict(kl_estimator="k2"), "--kl_estimator 'k2': use k1 or k3"),
         (dict(target_kl=0.0), "--target_kl 0.0: use a value > 0, or leave it unset for a fixed beta"),
+        (
+            dict(update_chunk_tokens=-1),
+            "--sample_every, --max_nonfinite_steps and --update_chunk_tokens: use a value >= 0",
+        ),  # fmt: skip
     ],
 )
 def test_out_of_range_settings_are_one_line_errors_before_anything_is_touched(
@@ -722,3 +726,89 @@ def test_fast_bf16_reads_the_cpu_flags(monkeypatch):
     assert not modeling.fast_bf16(has_cuda=False)
     monkeypatch.setattr(modeling, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
     assert modeling.fast_bf16(has_cuda=False)
+
+
+def test_chunked_update_forward_matches_one_forward(tiny_artifacts, prompts_file):
+    """On one CPU process the update's forward runs its rows as length-sorted chunks cut to their own longest
+    prompt and response (PPOTrainer._train_forward): the response logits and values at every real position,
+    and the gradients of a loss over them, are those of one forward over the padded batch."""
+    from pipeline.ppo.core import logprobs_from_logits
+
+    trainer, _, _ = make_trainer(tiny_artifacts, prompts_file)
+    assert trainer.chunk_tokens  # one CPU process: chunked by default
+    g = torch.Generator().manual_seed(0)
+    B, P, R = 8, 12, 7
+    prompt_lens = torch.tensor([12, 3, 7, 12, 5, 9, 2, 11])
+    response_lens = torch.tensor([7, 1, 4, 0, 7, 2, 5, 3])
+    vocab = trainer.tokenizer.vocab_size
+    ids = torch.randint(5, vocab, (B, P + R), generator=g)
+    am = torch.zeros(B, P + R, dtype=torch.long)
+    for i in range(B):
+        am[i, P - prompt_lens[i] : P + response_lens[i]] = 1
+    ids = ids.masked_fill(am == 0, trainer.tokenizer.pad_token_id)
+    mask = am[:, P:].bool()
+
+    def run(chunk_tokens):
+        trainer.chunk_tokens = chunk_tokens
+        trainer.model.zero_grad()
+        rl, values = trainer._train_forward(ids, am, P)
+        lp = logprobs_from_logits(rl, ids[:, P:])
+        v = values[:, P - 1 : -1]
+        loss = (torch.where(mask, lp, 0.0).sum() + torch.where(mask, v, 0.0).pow(2).sum()) / mask.sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        return lp.detach(), v.detach(), loss.detach(), grads
+
+    calls = []
+    forward = trainer.model.forward
+    trainer.model.forward = lambda *a, **k: calls.append(a[0].numel()) or forward(*a, **k)
+    lp1, v1, loss1, g1 = run(None)
+    assert calls == [B * (P + R)]
+    calls.clear()
+    lp2, v2, loss2, g2 = run(40)
+    assert len(calls) >= 3 and sum(calls) < B * (P + R)
+    torch.testing.assert_close(lp2[mask], lp1[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v2[mask], v1[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss2, loss1, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g2.keys() and g1
+    for n in g1:
+        torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_chunked_update_learns_what_one_forward_learns(tmp_path, tiny_tok, prompts_file, monkeypatch):
+    """Whole runs, separate and fused forwards: chunked update forwards give the metrics and weights of one
+    forward per micro-batch, up to rounding."""
+    from safetensors.torch import load_file
+
+    import pipeline.decoding
+    from pipeline.ppo.trainer import PPOTrainer
+
+    real_chunks, counts = pipeline.decoding.length_chunks, []
+
+    def counted(*a, **k):
+        out = list(real_chunks(*a, **k))
+        counts.append(len(out))
+        return out
+
+    monkeypatch.setattr(pipeline.decoding, "length_chunks", counted)
+    for sizes in (dict(num_mini_batches=2), dict(num_mini_batches=1, per_device_train_batch_size=4)):
+        runs = {}
+        for chunk in (None, 16):
+            counts.clear()
+            art = tmp_path / f"mb{sizes['num_mini_batches']}-chunk-{chunk}"
+            fake_stage(art, "sft", make_causal_lm, tiny_tok)
+            fake_stage(art, "reward", make_seq_cls, tiny_tok)
+            monkeypatch.setattr(PPOTrainer, "update_chunk_tokens", lambda self, c=chunk: c)
+            assert run_ppo(art, prompts_file, **sizes, num_iterations=3, learning_rate=1e-2) == 0
+            if chunk:  # every update forward ran as chunks (the scoring forwards' own chunks are larger)
+                assert sum(c >= 2 for c in counts) >= 3 * (2 if sizes["num_mini_batches"] == 2 else 1)
+            runs[chunk] = (read_metrics(art / "ppo" / "metrics.jsonl"),
+                           load_file(str(art / "ppo" / "policy_adapter" / "adapter_model.safetensors")))  # fmt: skip
+        (rows_1, weights_1), (rows_c, weights_c) = runs[None], runs[16]
+        assert rows_1[-1]["objective/kl"] != 0.0  # the policy moved
+        for a, b in zip(rows_c, rows_1):
+            for k, v in b.items():
+                if isinstance(v, float) and not k.startswith("time/") and math.isfinite(v):
+                    assert a[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+        for k in weights_1:
+            torch.testing.assert_close(weights_c[k], weights_1[k], rtol=1e-3, atol=1e-5)

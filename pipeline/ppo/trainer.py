@@ -284,6 +284,7 @@ class PPOTrainer:
         self.sampler = self._sampler()
         self.clock = PhaseClock(accelerator.device)
         self.fused = self.can_fuse()
+        self.chunk_tokens = self.update_chunk_tokens()
         self._graph: tuple[Tensor, Tensor | None] | None = None  # the fused forward, kept for the update
         n_minibatches = args.num_ppo_epochs * args.num_mini_batches
         # [minibatch, micro-batch, statistic], filled during the update and reduced once per iteration.
@@ -300,6 +301,52 @@ class PPOTrainer:
         the same arithmetic (the ratio is exactly 1 at that step, as it is when they are recomputed)."""
         args = self.args
         return args.num_ppo_epochs == 1 and args.num_mini_batches == 1 and self.sizes.gradient_accumulation_steps == 1
+
+    def update_chunk_tokens(self) -> int | None:
+        """Tokens per length-sorted chunk of the update's forward (``_train_forward``; ``--update_chunk_tokens``),
+        or None for one forward. Chunks only on one CPU process: there a padded position costs as much as a real
+        one, while DDP, FSDP and DeepSpeed expect one forward of the wrapped model per backward, and on
+        accelerators the padding is cheap next to the launches more, smaller forwards add."""
+        from accelerate.utils import DistributedType
+
+        acc = self.accelerator
+        if acc.distributed_type != DistributedType.NO or acc.device.type != "cpu":
+            return None
+        return self.args.update_chunk_tokens or None
+
+    def _train_forward(self, query_response: Tensor, attention_mask: Tensor, P: int) -> tuple[Tensor, Tensor | None]:
+        """The update's forward, with gradients: ``(response logits [B, R, V] (temperature-scaled), values
+        [B, P+R] or None)``, as one ``self.model`` forward over the batch returns them.
+
+        With ``chunk_tokens`` (one CPU process) the rows run as length-sorted chunks of about that many tokens,
+        each cut to its own longest prompt and response (``decoding.length_chunks``), and the outputs go back in
+        row order, zeros where every row of a chunk is padding. A row's real tokens see the same tokens,
+        positions and mask as in one forward, so the loss and its gradients (one backward over all chunks) are
+        those of one forward up to rounding; the padding the batch's longest prompt and response impose on
+        every row is not computed."""
+        from pipeline.decoding import length_chunks
+
+        R = query_response.shape[1] - P
+        args = self.args
+        mask = attention_mask.long()
+        own, answered = mask[:, :P].sum(1), mask[:, P:].sum(1)
+        chunks = list(length_chunks(own, answered, self.chunk_tokens)) if self.chunk_tokens else []
+        if len(chunks) < 2:
+            logits, values = self.model(query_response, attention_mask, logits_to_keep=R + 1)
+            return response_logits(logits, R, args.temperature), values
+        pieces_rl, pieces_v, order = [], [], []
+        for rows, w, rc in chunks:
+            idx = torch.tensor(rows, device=query_response.device)
+            ids, am = query_response[idx, P - w : P + rc], attention_mask[idx, P - w : P + rc]
+            logits, values = self.model(ids, am, logits_to_keep=rc + 1)
+            rl = response_logits(logits, rc, args.temperature)
+            pieces_rl.append(nn.functional.pad(rl, (0, 0, 0, R - rc)))
+            if values is not None:
+                pieces_v.append(nn.functional.pad(values, (P - w, R - rc)))
+            order += rows
+        back = torch.argsort(torch.tensor(order, device=query_response.device))
+        rl = torch.cat(pieces_rl)[back]
+        return rl, (torch.cat(pieces_v)[back] if pieces_v else None)
 
     @property
     def unwrapped(self) -> PolicyAndValue:
@@ -517,8 +564,7 @@ class PPOTrainer:
         if self.fused:  # the update's forward, run now on the whole batch (see can_fuse)
             with self.clock("policy_value_forward"), torch.enable_grad():
                 self.model.train()
-                logits, v = self.model(query_response, attention_mask, logits_to_keep=R + 1)
-                rl = response_logits(logits, R, args.temperature)
+                rl, v = self._train_forward(query_response, attention_mask, P)
                 self.unwrapped.eval()
             self._graph = (rl, v)
             rl = rl.detach()
@@ -568,7 +614,7 @@ class PPOTrainer:
         each (gradient accumulation over micro-batches); returns the iteration's mean statistics."""
         args, acc = self.args, self.accelerator
         self.model.train()
-        B, P, R = ro.mask.shape[0], ro.context_length, ro.mask.shape[1]
+        B, P = ro.mask.shape[0], ro.context_length
         mb_size, micro_size = self.sizes.local_mini_batch_size, args.per_device_train_batch_size
         stats, mb = self.minibatch_stats.zero_(), 0
         for _epoch in range(args.num_ppo_epochs):
@@ -583,9 +629,7 @@ class PPOTrainer:
                             rl, values = (t[inds] if t is not None else None for t in self._graph)
                             self._graph = None
                         else:
-                            logits, values = self.model(ro.query_response[inds], ro.attention_mask[inds],
-                                                        logits_to_keep=R + 1)  # fmt: skip
-                            rl = response_logits(logits, R, args.temperature)
+                            rl, values = self._train_forward(ro.query_response[inds], ro.attention_mask[inds], P)
                         new_logprobs = logprobs_from_logits(rl, ro.query_response[inds, P:])
                         pg = policy_loss(new_logprobs, ro.logprobs[inds], ro.advantages[inds], mask, args.cliprange)
                         loss = pg["loss"]
