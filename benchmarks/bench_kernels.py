@@ -467,9 +467,10 @@ def reward_chunks(a) -> None:
 def update_chunks(a) -> None:
     """The PPO update's forward + backward on the demo recipe's own rollouts (``configs/ppo_demo.yaml`` on
     ``--source``'s ``sft/`` and ``reward/``, ``--iterations`` iterations): after each rollout, every micro-batch
-    of a fixed shuffle runs ``PPOTrainer._train_forward`` and a backward as one padded forward against
-    length-sorted chunks at each ``--chunks`` token budget (``--update_chunk_tokens``), alternating, with no
-    optimizer step; then the iteration's real update runs. Prints seconds and tokens computed per setting."""
+    of a fixed shuffle runs ``PPOTrainer._train_forward`` and a backward as one padded forward, as one forward
+    cut to the micro-batch's longest prompt and response, and at each ``--chunks`` token budget
+    (``--update_chunk_tokens``: chunks where they save ``CHUNK_MIN_SAVING``), alternating, with no optimizer
+    step; then the iteration's real update runs. Prints seconds and tokens computed per setting."""
     import os
     import shutil
 
@@ -480,8 +481,8 @@ def update_chunks(a) -> None:
     from pipeline.ppo import trainer as T
     from pipeline.ppo.core import logprobs_from_logits
 
-    one = 10**9  # a budget no micro-batch reaches: one forward
-    budgets = [one, *a.chunks]
+    one, cut = None, 10**9  # one padded forward; a budget no micro-batch reaches: one forward cut to its rows
+    budgets = [one, cut, *a.chunks]
     times, tokens, real = {b: [] for b in budgets}, dict.fromkeys(budgets, 0), [0]
     update, seen = T.PPOTrainer.update, {"n": 0}
 
@@ -516,8 +517,11 @@ def update_chunks(a) -> None:
             am = ro.attention_mask[inds].long()
             own, answered = am[:, :P].sum(1), am[:, P:].sum(1)
             real[0] += int(am.sum())
-            for b in budgets:
-                tokens[b] += sum(len(rows) * (w + rc) for rows, w, rc in length_chunks(own, answered, b))
+            whole = len(own) * (int(own.max()) + int(answered.max()))
+            tokens[one] += am.numel()
+            for b in budgets[1:]:
+                chunked = sum(len(rows) * (w + rc) for rows, w, rc in length_chunks(own, answered, b))
+                tokens[b] += whole if chunked > (1 - T.CHUNK_MIN_SAVING) * whole else chunked
         self.chunk_tokens = own_budget
         return update(self, ro)
 
@@ -529,7 +533,7 @@ def update_chunks(a) -> None:
                 "--stop_after_iterations", str(a.iterations), "--sample_every", "0"]  # fmt: skip
         assert stage_ppo.cli(argv) == 0
     for b in budgets:
-        label = "one forward" if b == one else f"chunks of {b} tokens"
+        label = {one: "one padded forward", cut: "one forward, cut"}.get(b, f"chunks of {b} tokens")
         print(f"update-chunks {a.iterations} iterations, {label:20}: median {statistics.median(times[b]):.2f} s "
               f"per iteration {[round(t, 2) for t in times[b]]}; tokens computed {tokens[b]} "
               f"(padding {1 - real[0] / tokens[b]:.3f})", flush=True)  # fmt: skip

@@ -733,11 +733,12 @@ def test_chunked_update_forward_matches_one_forward(tiny_artifacts, prompts_file
     prompt and response (PPOTrainer._train_forward): the response logits and values at every real position,
     and the gradients of a loss over them, are those of one forward over the padded batch."""
     from pipeline.ppo.core import logprobs_from_logits
+    from pipeline.ppo.trainer import CHUNK_MIN_SAVING
 
     trainer, _, _ = make_trainer(tiny_artifacts, prompts_file)
     assert trainer.chunk_tokens  # one CPU process: chunked by default
     g = torch.Generator().manual_seed(0)
-    B, P, R = 8, 12, 7
+    B, P, R = 8, 12, 9  # no response reaches R: one forward cut to the rows drops 2 columns
     prompt_lens = torch.tensor([12, 3, 7, 12, 5, 9, 2, 11])
     response_lens = torch.tensor([7, 1, 4, 0, 7, 2, 5, 3])
     vocab = trainer.tokenizer.vocab_size
@@ -766,13 +767,17 @@ def test_chunked_update_forward_matches_one_forward(tiny_artifacts, prompts_file
     assert calls == [B * (P + R)]
     calls.clear()
     lp2, v2, loss2, g2 = run(40)
-    assert len(calls) >= 3 and sum(calls) < B * (P + R)
-    torch.testing.assert_close(lp2[mask], lp1[mask], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(v2[mask], v1[mask], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(loss2, loss1, rtol=1e-5, atol=1e-6)
-    assert g1.keys() == g2.keys() and g1
-    for n in g1:
-        torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert len(calls) >= 3 and sum(calls) < B * (P + 7) * (1 - CHUNK_MIN_SAVING)
+    calls.clear()
+    lp3, v3, loss3, g3 = run(10**6)  # one chunk: one forward, cut to the longest prompt and response
+    assert calls == [B * (P + 7)]
+    assert g1.keys() == g2.keys() == g3.keys() and g1
+    for lp, v, loss, g in ((lp2, v2, loss2, g2), (lp3, v3, loss3, g3)):
+        torch.testing.assert_close(lp[mask], lp1[mask], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v[mask], v1[mask], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss, loss1, rtol=1e-5, atol=1e-6)
+        for n in g1:
+            torch.testing.assert_close(g[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_chunked_update_learns_what_one_forward_learns(tmp_path, tiny_tok, prompts_file, monkeypatch):
@@ -780,28 +785,36 @@ def test_chunked_update_learns_what_one_forward_learns(tmp_path, tiny_tok, promp
     forward per micro-batch, up to rounding."""
     from safetensors.torch import load_file
 
-    import pipeline.decoding
-    from pipeline.ppo.trainer import PPOTrainer
+    from pipeline.ppo.trainer import PolicyAndValue, PPOTrainer
 
-    real_chunks, counts = pipeline.decoding.length_chunks, []
+    counts = {"update": 0, "forward": 0}
 
-    def counted(*a, **k):
-        out = list(real_chunks(*a, **k))
-        counts.append(len(out))
-        return out
+    def counting(name, real):
+        def wrapped(*a, **k):
+            counts[name] += 1
+            return real(*a, **k)
 
-    monkeypatch.setattr(pipeline.decoding, "length_chunks", counted)
+        return wrapped
+
+    import pipeline.ppo.trainer
+
+    monkeypatch.setattr(pipeline.ppo.trainer, "CHUNK_MIN_SAVING", -1.0)  # chunk wherever there are two chunks
+    monkeypatch.setattr(PPOTrainer, "_train_forward", counting("update", PPOTrainer._train_forward))
+    monkeypatch.setattr(PolicyAndValue, "forward", counting("forward", PolicyAndValue.forward))
     for sizes in (dict(num_mini_batches=2), dict(num_mini_batches=1, per_device_train_batch_size=4)):
         runs = {}
         for chunk in (None, 16):
-            counts.clear()
+            counts.update(update=0, forward=0)
             art = tmp_path / f"mb{sizes['num_mini_batches']}-chunk-{chunk}"
             fake_stage(art, "sft", make_causal_lm, tiny_tok)
             fake_stage(art, "reward", make_seq_cls, tiny_tok)
             monkeypatch.setattr(PPOTrainer, "update_chunk_tokens", lambda self, c=chunk: c)
             assert run_ppo(art, prompts_file, **sizes, num_iterations=3, learning_rate=1e-2) == 0
-            if chunk:  # every update forward ran as chunks (the scoring forwards' own chunks are larger)
-                assert sum(c >= 2 for c in counts) >= 3 * (2 if sizes["num_mini_batches"] == 2 else 1)
+            assert counts["update"] == 3 * sizes["num_mini_batches"]
+            if chunk:  # the update's forwards ran as chunks
+                assert counts["forward"] >= 2 * counts["update"]
+            else:
+                assert counts["forward"] == counts["update"]
             runs[chunk] = (read_metrics(art / "ppo" / "metrics.jsonl"),
                            load_file(str(art / "ppo" / "policy_adapter" / "adapter_model.safetensors")))  # fmt: skip
         (rows_1, weights_1), (rows_c, weights_c) = runs[None], runs[16]

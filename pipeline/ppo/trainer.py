@@ -67,6 +67,12 @@ def token_values(seq_cls_model: nn.Module, input_ids: Tensor, attention_mask: Te
     return seq_cls_model.score(hidden).squeeze(-1).float()
 
 
+# ``_train_forward`` splits a micro-batch into chunks only where they compute at least this share fewer tokens
+# than one forward cut to its longest prompt and response: at the ppo_vs_trl sizes (2.6% fewer) two narrower
+# forwards ran slower than one (docs/benchmarks.md, 2026-12-04 afternoon).
+CHUNK_MIN_SAVING = 0.10
+
+
 class PolicyAndValue(nn.Module):
     """One module holding both trained networks, so one optimizer and one ``accelerator.prepare``
     (DDP, DeepSpeed, FSDP) cover them. ``forward`` returns policy logits and per-token values."""
@@ -318,22 +324,26 @@ class PPOTrainer:
         """The update's forward, with gradients: ``(response logits [B, R, V] (temperature-scaled), values
         [B, P+R] or None)``, as one ``self.model`` forward over the batch returns them.
 
-        With ``chunk_tokens`` (one CPU process) the rows run as length-sorted chunks of about that many tokens,
-        each cut to its own longest prompt and response (``decoding.length_chunks``), and the outputs go back in
-        row order, zeros where every row of a chunk is padding. A row's real tokens see the same tokens,
-        positions and mask as in one forward, so the loss and its gradients (one backward over all chunks) are
-        those of one forward up to rounding; the padding the batch's longest prompt and response impose on
-        every row is not computed."""
+        With ``chunk_tokens`` (one CPU process) the forward is cut to the micro-batch's own longest prompt and
+        response, and where that saves at least ``CHUNK_MIN_SAVING`` of the tokens, the rows run as length-sorted
+        chunks of about ``chunk_tokens`` tokens, each cut to its own longest prompt and response
+        (``decoding.length_chunks``). The outputs go back in row order, zeros where every row of a chunk is
+        padding. A row's real tokens see the same tokens, positions and mask as in one forward, so the loss and
+        its gradients (one backward over all chunks) are those of one forward up to rounding; the padding the
+        batch's longest prompt and response impose on every row is not computed."""
         from pipeline.decoding import length_chunks
 
         R = query_response.shape[1] - P
         args = self.args
-        mask = attention_mask.long()
-        own, answered = mask[:, :P].sum(1), mask[:, P:].sum(1)
-        chunks = list(length_chunks(own, answered, self.chunk_tokens)) if self.chunk_tokens else []
-        if len(chunks) < 2:
+        if not self.chunk_tokens:
             logits, values = self.model(query_response, attention_mask, logits_to_keep=R + 1)
             return response_logits(logits, R, args.temperature), values
+        mask = attention_mask.long()
+        own, answered = mask[:, :P].sum(1), mask[:, P:].sum(1)
+        chunks = list(length_chunks(own, answered, self.chunk_tokens))
+        whole = (list(range(len(own))), int(own.max()), int(answered.max()))  # one forward, cut to its rows
+        if sum(len(rows) * (w + rc) for rows, w, rc in chunks) > (1 - CHUNK_MIN_SAVING) * len(own) * sum(whole[1:]):
+            chunks = [whole]  # narrower forwards cost more per token: split only where it saves enough
         pieces_rl, pieces_v, order = [], [], []
         for rows, w, rc in chunks:
             idx = torch.tensor(rows, device=query_response.device)
@@ -344,6 +354,8 @@ class PPOTrainer:
             if values is not None:
                 pieces_v.append(nn.functional.pad(values, (P - w, R - rc)))
             order += rows
+        if len(chunks) == 1:
+            return pieces_rl[0], (pieces_v[0] if pieces_v else None)
         back = torch.argsort(torch.tensor(order, device=query_response.device))
         rl = torch.cat(pieces_rl)[back]
         return rl, (torch.cat(pieces_v)[back] if pieces_v else None)
