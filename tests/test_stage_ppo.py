@@ -421,8 +421,11 @@ def test_resuming_a_finished_run_is_one_line(tiny_artifacts, prompts_file, capsy
     assert (tiny_artifacts / "ppo" / "manifest.json").exists()
 
 
-def test_rerun_after_a_kill_between_last_checkpoint_and_publish_publishes(tiny_artifacts, prompts_file, monkeypatch):
-    """A kill after the final checkpoint but before ``ppo/`` is in place: a plain rerun publishes from it."""
+@pytest.mark.parametrize("resume", [{}, {"resume_from_checkpoint": "latest"}], ids=["plain", "explicit"])
+def test_rerun_after_a_kill_between_last_checkpoint_and_publish_publishes(tiny_artifacts, prompts_file, monkeypatch,
+                                                                          resume):  # fmt: skip
+    """A kill after the final checkpoint but before ``ppo/`` is in place: a plain rerun, or one resuming from
+    that checkpoint, publishes from it."""
     from safetensors.torch import load_file
 
     from pipeline.ppo.trainer import PPOTrainer
@@ -436,7 +439,7 @@ def test_rerun_after_a_kill_between_last_checkpoint_and_publish_publishes(tiny_a
     before = read_metrics(run / "metrics.jsonl")
     calls = []
     monkeypatch.setattr(PPOTrainer, "update", lambda self, ro: calls.append(1))
-    assert run_ppo(tiny_artifacts, prompts_file, save_every=1) == 0
+    assert run_ppo(tiny_artifacts, prompts_file, save_every=1, **resume) == 0
     assert not calls, "no iteration runs again"
     assert (tiny_artifacts / "ppo" / "manifest.json").exists() and not run.exists()
     assert read_metrics(tiny_artifacts / "ppo" / "metrics.jsonl") == before
@@ -649,16 +652,21 @@ def test_fused_rollout_forward_learns_what_the_separate_forwards_learn(tmp_path,
         rows = read_metrics(art / "ppo" / "metrics.jsonl")
         assert ("time/policy_value_forward_s" in rows[0]) == fused and ("time/policy_forward_s" in rows[0]) != fused
         runs[fused] = (rows, load_file(str(art / "ppo" / "policy_adapter" / "adapter_model.safetensors")))
-    (rows_f, weights_f), (rows_s, weights_s) = runs[True], runs[False]
-    assert rows_s[-1]["objective/kl"] != 0.0  # the policy moved
-    for a, b in zip(rows_f, rows_s):
+    assert_same_run(runs[True], runs[False])
+
+
+def assert_same_run(got: tuple[list[dict], dict], want: tuple[list[dict], dict]) -> None:
+    """Two runs' ``(metrics rows, published policy adapter)`` agree up to rounding (rows summed in another
+    order), and the policy moved."""
+    (rows, weights), (want_rows, want_weights) = got, want
+    assert want_rows[-1]["objective/kl"] != 0.0
+    for a, b in zip(rows, want_rows, strict=True):
         for k, v in b.items():
             if isinstance(v, float) and not k.startswith("time/") and math.isfinite(v):
                 assert a[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
-    for k in weights_s:
-        torch.testing.assert_close(
-            weights_f[k], weights_s[k], rtol=1e-3, atol=1e-5
-        )  # rounding: rows summed in another order
+    assert weights.keys() == want_weights.keys()
+    for k in want_weights:
+        torch.testing.assert_close(weights[k], want_weights[k], rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
@@ -817,11 +825,4 @@ def test_chunked_update_learns_what_one_forward_learns(tmp_path, tiny_tok, promp
                 assert counts["forward"] == counts["update"]
             runs[chunk] = (read_metrics(art / "ppo" / "metrics.jsonl"),
                            load_file(str(art / "ppo" / "policy_adapter" / "adapter_model.safetensors")))  # fmt: skip
-        (rows_1, weights_1), (rows_c, weights_c) = runs[None], runs[16]
-        assert rows_1[-1]["objective/kl"] != 0.0  # the policy moved
-        for a, b in zip(rows_c, rows_1):
-            for k, v in b.items():
-                if isinstance(v, float) and not k.startswith("time/") and math.isfinite(v):
-                    assert a[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
-        for k in weights_1:
-            torch.testing.assert_close(weights_c[k], weights_1[k], rtol=1e-3, atol=1e-5)
+        assert_same_run(runs[16], runs[None])

@@ -718,7 +718,8 @@ class PPOTrainer:
                 raise PipelineError(
                     f"{path} belongs to a run with other inputs or config; start anew without --resume_from_checkpoint"
                 )
-            if explicit and state["iteration"] >= self.args.num_iterations:
+            published = (self.layout.stage("ppo") / art.MANIFEST).exists()
+            if explicit and published and state["iteration"] >= self.args.num_iterations:
                 raise PipelineError(
                     f"{path} ends a finished run (iteration {state['iteration']} of {self.args.num_iterations}): "
                     "there is nothing to resume; its stage output is the result"
