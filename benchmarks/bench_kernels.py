@@ -477,7 +477,6 @@ def update_chunks(a) -> None:
     import torch
 
     from pipeline import stage_ppo
-    from pipeline.decoding import length_chunks
     from pipeline.ppo import trainer as T
     from pipeline.ppo.core import logprobs_from_logits
 
@@ -514,14 +513,12 @@ def update_chunks(a) -> None:
             for b in budgets:
                 times[b].append(run(b))
         for inds in batches:
-            am = ro.attention_mask[inds].long()
-            own, answered = am[:, :P].sum(1), am[:, P:].sum(1)
+            am = ro.attention_mask[inds]
             real[0] += int(am.sum())
-            whole = len(own) * (int(own.max()) + int(answered.max()))
-            tokens[one] += am.numel()
-            for b in budgets[1:]:
-                chunked = sum(len(rows) * (w + rc) for rows, w, rc in length_chunks(own, answered, b))
-                tokens[b] += whole if chunked > (1 - T.CHUNK_MIN_SAVING) * whole else chunked
+            for b in budgets:
+                self.chunk_tokens = b
+                plan = self.update_plan(am, P)
+                tokens[b] += am.numel() if plan is None else sum(len(rows) * (w + rc) for rows, w, rc in plan)
         self.chunk_tokens = own_budget
         return update(self, ro)
 

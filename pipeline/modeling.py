@@ -258,6 +258,15 @@ def resume_point(run_dir, fingerprint: str, force: bool, explicit: str | None, i
     return str(complete[-1]) if continue_run(run_dir, fingerprint, recorded, force, "run", is_main_process) else None
 
 
+def one_cpu_process(accelerator) -> bool:
+    """Whether training runs as one process on a CPU: where the reward loss and the PPO update split a batch
+    into length-sorted chunks. There a padded position costs as much as a real one; DDP, FSDP and DeepSpeed
+    expect one forward of the wrapped model per backward, and on accelerators the trade is unmeasured."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.NO and accelerator.device.type == "cpu"
+
+
 def train_or_finish(trainer, resume: str | None):
     """``trainer.train(resume_from_checkpoint=resume)``, except when ``resume`` is the final checkpoint of its
     run (a kill came between it and the publish): HF's loop would then run one step past ``max_steps`` (it
@@ -301,7 +310,8 @@ def train_summary(result, resume: str | None) -> dict:
 
 
 def loss_text(metrics: dict) -> str:
-    """``loss 0.1234`` (``, from step N`` after a resume), or ``no step ran`` for a published summary line."""
+    """A published summary line's ``loss 0.1234, 56s`` (``loss 0.1234 over the steps after N, 56s`` after a
+    resume), or ``no step ran: ...`` when the run resumed at its final checkpoint."""
     if metrics["train_loss"] is None:
         return "no step ran: resumed at the final checkpoint"
     start = metrics["train_loss_from_step"]

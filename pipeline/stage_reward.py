@@ -57,9 +57,10 @@ def reward_trainer_class():
 
     On one CPU process its loss runs each batch as length-sorted chunks (``LengthChunked``): the same loss, less
     padding computed."""
-    from accelerate.utils import DistributedType
     from datasets import Dataset
     from trl import RewardTrainer
+
+    from pipeline.modeling import one_cpu_process
 
     class GroupedRewardTrainer(RewardTrainer):
         def _grouped(self, args) -> bool:
@@ -78,7 +79,7 @@ def reward_trainer_class():
                 self._signature_columns = [*self._signature_columns, self.args.length_column_name]
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if self.accelerator.distributed_type == DistributedType.NO and self.accelerator.device.type == "cpu":
+            if one_cpu_process(self.accelerator):
                 model = LengthChunked(model, PAIR_CHUNK_TOKENS)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 

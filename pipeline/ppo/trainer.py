@@ -313,37 +313,45 @@ class PPOTrainer:
         or None for one forward. Chunks only on one CPU process: there a padded position costs as much as a real
         one, while DDP, FSDP and DeepSpeed expect one forward of the wrapped model per backward, and on
         accelerators the padding is cheap next to the launches more, smaller forwards add."""
-        from accelerate.utils import DistributedType
+        from pipeline.modeling import one_cpu_process
 
-        acc = self.accelerator
-        if acc.distributed_type != DistributedType.NO or acc.device.type != "cpu":
+        return (self.args.update_chunk_tokens or None) if one_cpu_process(self.accelerator) else None
+
+    def update_plan(self, attention_mask: Tensor, P: int) -> list[tuple[list[int], int, int]] | None:
+        """How ``_train_forward`` runs a micro-batch: ``(rows, prompt columns, response columns)`` per forward,
+        or None for one padded forward (no ``chunk_tokens``). Length-sorted chunks of about ``chunk_tokens``
+        (``decoding.length_chunks``) where they compute at least ``CHUNK_MIN_SAVING`` fewer tokens than one
+        forward cut to the micro-batch's longest prompt and response; else that one forward, rows in order."""
+        from pipeline.decoding import length_chunks
+
+        if not self.chunk_tokens:
             return None
-        return self.args.update_chunk_tokens or None
+        mask = attention_mask.long()
+        own, answered = mask[:, :P].sum(1), mask[:, P:].sum(1)
+        chunks = list(length_chunks(own, answered, self.chunk_tokens))
+        whole = (list(range(len(own))), int(own.max()), int(answered.max()))
+        chunked = sum(len(rows) * (w + rc) for rows, w, rc in chunks)
+        if len(chunks) < 2 or chunked > (1 - CHUNK_MIN_SAVING) * len(own) * (whole[1] + whole[2]):
+            return [whole]  # narrower forwards cost more per token: split only where it saves enough
+        return chunks
 
     def _train_forward(self, query_response: Tensor, attention_mask: Tensor, P: int) -> tuple[Tensor, Tensor | None]:
         """The update's forward, with gradients: ``(response logits [B, R, V] (temperature-scaled), values
         [B, P+R] or None)``, as one ``self.model`` forward over the batch returns them.
 
         With ``chunk_tokens`` (one CPU process) the forward is cut to the micro-batch's own longest prompt and
-        response, and where that saves at least ``CHUNK_MIN_SAVING`` of the tokens, the rows run as length-sorted
+        response, or, where that saves at least ``CHUNK_MIN_SAVING`` of the tokens, the rows run as length-sorted
         chunks of about ``chunk_tokens`` tokens, each cut to its own longest prompt and response
-        (``decoding.length_chunks``). The outputs go back in row order, zeros where every row of a chunk is
+        (``update_plan``). The outputs go back in row order, zeros where every row of a chunk is
         padding. A row's real tokens see the same tokens, positions and mask as in one forward, so the loss and
         its gradients (one backward over all chunks) are those of one forward up to rounding; the padding the
         batch's longest prompt and response impose on every row is not computed."""
-        from pipeline.decoding import length_chunks
-
         R = query_response.shape[1] - P
         args = self.args
-        if not self.chunk_tokens:
+        chunks = self.update_plan(attention_mask, P)
+        if chunks is None:
             logits, values = self.model(query_response, attention_mask, logits_to_keep=R + 1)
             return response_logits(logits, R, args.temperature), values
-        mask = attention_mask.long()
-        own, answered = mask[:, :P].sum(1), mask[:, P:].sum(1)
-        chunks = list(length_chunks(own, answered, self.chunk_tokens))
-        whole = (list(range(len(own))), int(own.max()), int(answered.max()))  # one forward, cut to its rows
-        if sum(len(rows) * (w + rc) for rows, w, rc in chunks) > (1 - CHUNK_MIN_SAVING) * len(own) * sum(whole[1:]):
-            chunks = [whole]  # narrower forwards cost more per token: split only where it saves enough
         pieces_rl, pieces_v, order = [], [], []
         for rows, w, rc in chunks:
             idx = torch.tensor(rows, device=query_response.device)
@@ -354,7 +362,7 @@ class PPOTrainer:
             if values is not None:
                 pieces_v.append(nn.functional.pad(values, (P - w, R - rc)))
             order += rows
-        if len(chunks) == 1:
+        if len(chunks) == 1:  # the rows in order (update_plan)
             return pieces_rl[0], (pieces_v[0] if pieces_v else None)
         back = torch.argsort(torch.tensor(order, device=query_response.device))
         rl = torch.cat(pieces_rl)[back]
