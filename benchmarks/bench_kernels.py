@@ -9,7 +9,7 @@
         [--modes generate static compact compact-1pass] [--profile] [--dtype auto] [--quality --repeats 5]
     .venv/bin/python benchmarks/bench_kernels.py scoring --model DIR [--rows 32] [--chunks 512 1024 2048 4096]
     .venv/bin/python benchmarks/bench_kernels.py reward --model DIR [--pairs 100] [--batches 32] [--repeats 3]
-    .venv/bin/python benchmarks/bench_kernels.py reward-chunks --model DIR [--steps 10] [--chunks 256 512 1024]
+    .venv/bin/python benchmarks/bench_kernels.py reward-chunks --model DIR [--steps 10] [--chunks 1024] [--pairs 1024]
     .venv/bin/python benchmarks/bench_kernels.py update-chunks --source DIR [--iterations 3] [--chunks 512 1024]
     .venv/bin/python benchmarks/bench_kernels.py ppo-profile --source DIR [--iteration 3]
 
@@ -31,7 +31,8 @@
 - ``reward``: ``reward_scores`` on held-out preference pairs, one right-padded forward per batch against
   ``scoring_forward`` (shared system turn once, length-sorted chunks), alternating; ``--model`` is a reward model.
 - ``reward-chunks``: the reward stage's training loss, forward + backward, on its recipe's first random
-  batches: one forward over the padded batch against length-sorted chunks of rows at several token budgets.
+  batches: one forward over the padded batch, length-sorted chunks of rows (``--chunks`` token budgets), and
+  ``stage_reward.PairForward``'s default (packed prefix trees: each pair's prompt once, ``--pairs`` budgets).
 - ``update-chunks``: the PPO update's forward + backward on the demo recipe's own rollouts, one padded forward
   per micro-batch against length-sorted chunks of rows at several token budgets.
 - ``ppo-profile``: our PPO stage at the ppo_vs_trl sizes with ``torch.profiler`` around one iteration's update;
@@ -397,9 +398,10 @@ def reward(a) -> None:
 def reward_chunks(a) -> None:
     """Forward + backward of the reward stage's training loss on its recipe's first ``--steps`` random batches
     (``configs/reward_demo.yaml``: 8 pairs, LoRA on the top 8 layers, fp32 where bf16 is emulated) from the SFT
-    model ``--model``: one forward over the padded batch against ``stage_reward.LengthChunked`` at each
-    ``--chunks`` token budget (``PAIR_CHUNK_TOKENS``), alternating after a warm-up; the tokens each computes,
-    padding included; the largest loss difference to one forward."""
+    model ``--model``: one forward over the padded batch against ``stage_reward.PairForward`` with no prefix
+    shared at each ``--chunks`` token budget (``PAIR_CHUNK_TOKENS``) and as the stage runs it (packed prefix
+    trees, each pair's prompt once) at each ``--pairs`` budget, alternating after a warm-up; the tokens each
+    computes, padding included, against the batches' real tokens; the largest loss difference to one forward."""
     import yaml
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig
@@ -431,12 +433,17 @@ def reward_chunks(a) -> None:
                 break
     net = trainer.model
     net.train()
+    backbone = net.get_base_model().model
     computed = {}
+    grouping = stage_reward.PairForward._grouping
 
-    def run(budget: int) -> tuple[float, list[float]]:
+    def run(mode: tuple[str, int]) -> tuple[float, list[float]]:
+        kind, budget = mode
         stage_reward.PAIR_CHUNK_TOKENS = budget
+        stage_reward.PairForward._grouping = grouping if kind == "pairs" else (lambda *_: None)
         shapes = []
-        hook = net.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(kw["input_ids"].shape), with_kwargs=True)
+        hook = backbone.register_forward_pre_hook(lambda _m, a, kw: shapes.append(kw.get("input_ids", *a[:1]).shape),
+                                                  with_kwargs=True)  # fmt: skip
         losses, t = [], time.perf_counter()
         for batch in batches:
             loss = trainer.compute_loss(net, dict(batch))
@@ -444,24 +451,25 @@ def reward_chunks(a) -> None:
             net.zero_grad()
             losses.append(loss.item())
         hook.remove()
-        computed[budget] = sum(r * w for r, w in shapes)
+        stage_reward.PairForward._grouping = grouping
+        computed[mode] = sum(r * w for r, w in shapes)
         return time.perf_counter() - t, losses
 
-    one = 10**9  # a budget no batch reaches: one forward
-    budgets = [one, *a.chunks]
-    run(one), run(budgets[-1])  # warm-up
-    times, losses = {b: [] for b in budgets}, {}
+    one = ("chunks", 10**9)  # a budget no batch reaches: one forward
+    modes = [one, *[("chunks", b) for b in a.chunks], *[("pairs", b) for b in a.pairs]]
+    run(one), run(modes[-1])  # warm-up
+    times, losses = {m: [] for m in modes}, {}
     for _ in range(a.repeats):
-        for b in budgets:
-            t, losses[b] = run(b)
-            times[b].append(t)
+        for m in modes:
+            t, losses[m] = run(m)
+            times[m].append(t)
     real = sum(int(b["attention_mask"].sum()) for b in batches)
-    for b in budgets:
-        label = "one forward" if b == one else f"chunks of {b} tokens"
-        diff = max(abs(x - y) for x, y in zip(losses[b], losses[one]))
-        print(f"reward-chunks {a.steps} batches, {label:20}: median {statistics.median(times[b]):.2f} s "
-              f"{[round(t, 2) for t in times[b]]}; tokens computed {computed[b]} (padding "
-              f"{1 - real / computed[b]:.3f}); largest loss difference {diff:.1e}", flush=True)  # fmt: skip
+    for m in modes:
+        label = "one forward" if m == one else f"{'packed' if m[0] == 'pairs' else 'chunks'} of {m[1]} tokens"
+        diff = max(abs(x - y) for x, y in zip(losses[m], losses[one]))
+        print(f"reward-chunks {a.steps} batches, {label:27}: median {statistics.median(times[m]):.2f} s "
+              f"{[round(t, 2) for t in times[m]]}; tokens computed {computed[m]} ({computed[m] / real:.3f} of the "
+              f"batches' real tokens); largest loss difference {diff:.1e}", flush=True)  # fmt: skip
 
 
 def update_chunks(a) -> None:
@@ -617,7 +625,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("reward-chunks")
     p.add_argument("--model", required=True, help="the SFT model the reward model starts from (sft/model)")
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--chunks", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument("--chunks", type=int, nargs="*", default=[1024], help="row chunks, no prefix shared")
+    p.add_argument("--pairs", type=int, nargs="*", default=[1024], help="packed prefix trees (the default)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
     p = sub.add_parser("update-chunks")

@@ -128,6 +128,18 @@ def can_share_prefill(model, attention_mask: Tensor) -> str | None:
     """None when ``prefill`` below may split the prompt batch, else why not. It builds a plain DynamicCache
     layer by layer and masks holes between a shared prefix and a row's own tokens, so it needs full-attention
     cache layers only and an attention that takes any 0/1 mask (eager or SDPA); and left-padded rows."""
+    reason = _cannot_split(model)
+    if reason:
+        return reason
+    mask = attention_mask.long()
+    if not torch.equal(mask, mask.cummax(1).values):
+        return "its prompts are not left-padded"
+    return None
+
+
+def _cannot_split(model) -> str | None:
+    """Why a forward of ``model`` cannot be split into a prefix's cache and the rest, or None: it needs a plain
+    DynamicCache of full-attention layers and an attention that takes any 0/1 mask (eager or SDPA)."""
     from transformers import DynamicCache
 
     kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
@@ -136,9 +148,6 @@ def can_share_prefill(model, attention_mask: Tensor) -> str | None:
     attention = getattr(model.config, "_attn_implementation", None)
     if attention not in ("sdpa", "eager"):
         return f"attention implementation {attention!r} (eager or sdpa needed)"
-    mask = attention_mask.long()
-    if not torch.equal(mask, mask.cummax(1).values):
-        return "its prompts are not left-padded"
     return None
 
 
@@ -329,6 +338,154 @@ def scoring_forward(run, model, input_ids: Tensor, attention_mask: Tensor, promp
         if start + k > 0:
             full[idx, max(start, 0) : start + k] = out[:, max(-start, 0) :]
     return full
+
+
+def has_active_dropout(model) -> bool:
+    """Whether a forward of ``model`` in its current mode draws dropout masks (a dropout module with ``p > 0``, or
+    a ``*dropout*`` rate in its config, while training). Sharing a prefix's forward between rows would give
+    those rows one mask where separate forwards give each its own."""
+    if not model.training:
+        return False
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    configs = [getattr(m, "config", None) for m in model.modules()]
+    for config in {id(c): c for c in configs if c is not None and hasattr(c, "to_dict")}.values():
+        for key, value in config.to_dict().items():
+            if "dropout" in key and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                return True
+    return False
+
+
+def first_rows(groups: Tensor) -> Tensor:
+    """The first row of each group ``0..G-1``, for a group id per row."""
+    G, N = int(groups.max()) + 1, len(groups)
+    first = torch.full((G,), N, dtype=torch.long, device=groups.device)
+    return first.scatter_reduce(0, groups, torch.arange(N, device=groups.device), "amin")
+
+
+def group_prefix_lengths(input_ids: Tensor, lengths: Tensor, groups: Tensor) -> tuple[int, Tensor]:
+    """For right-padded rows ``[N, L]`` of ``lengths`` tokens in ``groups`` (a group id per row, ``0..G-1``):
+    ``(c, shared [G])``, the leading tokens every row shares (a chat template's system turn) and those every row
+    of each group shares (a preference pair's prompt), each leaving every row at least one token of its own."""
+    L = input_ids.shape[1]
+    G = int(groups.max()) + 1
+    device = input_ids.device
+    inside = torch.arange(L, device=device) < (lengths - 1).unsqueeze(1)  # a row's last token is its own
+
+    def common(reference: Tensor) -> Tensor:  # per row: how many leading tokens equal the reference row's
+        return ((input_ids == reference) & inside).long().cumprod(1).sum(1)
+
+    first = first_rows(groups)
+    shared = torch.full((G,), L, dtype=torch.long, device=device)
+    shared = shared.scatter_reduce(0, groups, common(input_ids[first[groups]]), "amin")
+    c = int(common(input_ids[:1]).min())
+    return min(c, int(shared.min())), shared
+
+
+def can_pack_prefixes(model, input_ids: Tensor, attention_mask: Tensor) -> str | None:
+    """None when ``packed_last_outputs`` may run this batch, else why not: full-attention layers only (a custom mask
+    would reach past a sliding window), eager or SDPA attention (which take a custom 4D mask), right-padded rows,
+    and no dropout (one forward of a shared prefix would give all its rows one dropout mask) in a training
+    forward."""
+    reason = _cannot_split(model)
+    if reason:
+        return reason
+    mask = attention_mask.long()
+    if not torch.equal(mask, mask.cummin(1).values):
+        return "its rows are not right-padded"
+    if not bool(mask[:, 0].all()):
+        return "a row is empty"
+    if has_active_dropout(model):
+        return "dropout is active"
+    return None
+
+
+class Pack:
+    """Rows of a batch packed into one sequence as a prefix tree (``pack_groups``): ``ids``, ``positions`` (each
+    token's column in its own row), ``visible`` ``[T, T]`` (token i attends to token j: j is on i's row path and
+    not after it), the batch ``rows`` it holds and ``last`` (where each of them ends in the sequence)."""
+
+    def __init__(self, ids: Tensor, positions: Tensor, owners: Tensor, rows: list[int], last: Tensor):
+        self.ids, self.positions, self.rows, self.last = ids, positions, rows, last
+        # owners [T, n]: which of the pack's rows each token belongs to (the shared prefix: all of them; a group's
+        # prompt: its rows; a row's own tokens: that row). j is on i's path when j belongs to every row i does.
+        outside = (~owners).float()
+        self.visible = (owners.float() @ outside.T == 0) & (positions[None, :] <= positions[:, None])
+
+    def attention_mask(self, model) -> Tensor:
+        """``visible`` as the 4D mask ``[1, 1, T, T]`` the model's attention takes as given: boolean for SDPA,
+        additive for eager."""
+        if getattr(model.config, "_attn_implementation", None) == "sdpa":
+            return self.visible[None, None]
+        dtype = model.get_input_embeddings().weight.dtype
+        return torch.zeros(self.visible.shape, dtype=dtype, device=self.visible.device).masked_fill(
+            ~self.visible, torch.finfo(dtype).min
+        )[None, None]
+
+
+def pack_groups(input_ids: Tensor, lengths: Tensor, groups: Tensor, budget: int) -> list[Pack]:
+    """Right-padded rows as prefix-tree sequences of about ``budget`` tokens (whole groups each, at least one): the
+    tokens every row shares once (a system turn), then per group the tokens its rows share once (a preference
+    pair's prompt), then each row's own tokens; no padding."""
+    device = input_ids.device
+    c, shared = group_prefix_lengths(input_ids, lengths, groups)
+    first = first_rows(groups)
+    members = [[] for _ in range(len(shared))]
+    for r, g in enumerate(groups.tolist()):
+        members[g].append(r)
+    sizes = [int(shared[g]) - c + sum(int(lengths[r] - shared[g]) for r in rows) for g, rows in enumerate(members)]
+    bins, size = [[]], c
+    for g in range(len(members)):
+        if bins[-1] and size + sizes[g] > budget:
+            bins, size = [*bins, []], c
+        bins[-1].append(g)
+        size += sizes[g]
+    packs = []
+    for gs in bins:
+        rows = [r for g in gs for r in members[g]]
+        col = {r: i for i, r in enumerate(rows)}
+        ids, pos, owner, last = [input_ids[first[gs[0]], :c]], [torch.arange(c, device=device)], [], []
+        owner.append(torch.ones(c, len(rows), dtype=torch.bool, device=device))
+        end = c
+        for g in gs:
+            s = int(shared[g])
+            ids.append(input_ids[first[g], c:s])
+            pos.append(torch.arange(c, s, device=device))
+            o = torch.zeros(s - c, len(rows), dtype=torch.bool, device=device)
+            o[:, [col[r] for r in members[g]]] = True
+            owner.append(o)
+            end += s - c
+            for r in members[g]:
+                n = int(lengths[r])
+                ids.append(input_ids[r, s:n])
+                pos.append(torch.arange(s, n, device=device))
+                o = torch.zeros(n - s, len(rows), dtype=torch.bool, device=device)
+                o[:, col[r]] = True
+                owner.append(o)
+                end += n - s
+                last.append(end - 1)
+        packs.append(Pack(torch.cat(ids), torch.cat(pos), torch.cat(owner), rows, torch.tensor(last, device=device)))
+    return packs
+
+
+def packed_last_outputs(run, model, input_ids: Tensor, attention_mask: Tensor, groups: Tensor, *,
+                        budget: int) -> Tensor:  # fmt: skip
+    """The outputs at each right-padded row's last token ``[N, ...]``, as one forward over the batch gives them,
+    with every shared prefix computed once and no padding: the rows run packed as prefix trees (``pack_groups``:
+    the tokens every row shares, then each group's shared tokens, e.g. a preference pair's prompt, then each row's
+    own), one forward per pack of about ``budget`` tokens, each token attending to the tokens of its own row
+    before it, at its own row's positions. The outputs agree with one forward's to rounding, and so do their
+    gradients: a shared prefix's backward runs once and sums what every row sends it. ``run`` is
+    ``scoring_forward``'s (called with the 4D mask and ``{}`` for the cache); the caller checks
+    ``can_pack_prefixes`` first."""
+    out = None
+    for pack in pack_groups(input_ids, attention_mask.long().sum(1), groups, budget):
+        got = run(pack.ids[None], pack.attention_mask(model), pack.positions[None], {}, len(pack.ids))[0]
+        last = got[pack.last]
+        if out is None:
+            out = last.new_zeros((len(groups), *last.shape[1:]))
+        out = out.index_put((torch.tensor(pack.rows, device=input_ids.device),), last)
+    return out
 
 
 @torch.no_grad()

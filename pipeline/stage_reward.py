@@ -55,8 +55,8 @@ def reward_trainer_class():
     samples; this class adds a pair's length (its longer reply, what it pads to) as the sampler's
     ``--length_column_name`` and keeps that column.
 
-    On one CPU process its loss runs each batch as length-sorted chunks (``LengthChunked``): the same loss, less
-    padding computed."""
+    On one CPU process its loss runs each batch through ``PairForward``: each pair's shared prompt once and the rows
+    in length-sorted chunks, the same loss with less computed."""
     from datasets import Dataset
     from trl import RewardTrainer
 
@@ -80,40 +80,59 @@ def reward_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if one_cpu_process(self.accelerator):
-                model = LengthChunked(model, PAIR_CHUNK_TOKENS)
+                model = PairForward(model, PAIR_CHUNK_TOKENS, self.accelerator.autocast)
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     return GroupedRewardTrainer
 
 
-# Tokens per forward chunk of a training batch in ``LengthChunked`` (rows x the chunk's longest reply).
+# Tokens per forward of a training batch in ``PairForward``: a packed sequence, or rows x the chunk's longest.
 PAIR_CHUNK_TOKENS = 1024
 
 
-class LengthChunked:
-    """A sequence-classification model called on a right-padded batch as length-sorted chunks, each cut to its
-    own longest row: the same scores (and, through them, the same loss and gradients) as one forward, without
-    computing the padding that a batch's shorter rows carry.
+class PairForward:
+    """A sequence-classification model called on TRL's reward batch (the chosen replies' rows, then the rejected
+    ones, right-padded) with less computed than one forward over the padded batch, and the same scores (so the
+    same loss and gradients, up to rounding):
 
-    The reward collator pads both replies of every pair in a batch to the batch's longest; in the embedded task's
-    random batches of 8 pairs that is 23% of the tokens, 12.5% in chunks of 1024 tokens (docs/benchmarks.md,
-    2026-12-04 midday). Length-grouped batches pad less but change which pairs train together; chunking one batch
-    changes nothing about what is trained on. The trainer uses this on one CPU process only: DDP and sharded
-    wrappers expect one forward per backward, and on accelerators the trade is unmeasured."""
+    - Where the model allows it (``decoding.can_pack_prefixes``: a decoder with a score head, full-attention
+      layers, eager or SDPA attention, no dropout), the batch runs packed as prefix trees
+      (``decoding.packed_last_outputs``): the tokens a pair's two rows share (the rendered prompt, 58% of the
+      embedded pairs' tokens) once per pair, the system turn every row shares once, no padding, in sequences of
+      about ``chunk_tokens`` tokens.
+    - Otherwise the rows run in length-sorted chunks, each cut to its own longest row.
 
-    def __init__(self, model, chunk_tokens: int):
+    The collator pads both replies of every pair in a batch to the batch's longest: 23% of the embedded task's
+    random batches of 8 pairs, 12.5% in chunks of 1024 tokens (docs/benchmarks.md, 2026-12-04 midday).
+    Length-grouped batches pad less but change which pairs train together; this changes nothing about what is
+    trained on. The trainer uses it on one CPU process only: DDP and sharded wrappers expect one forward per
+    backward, and on accelerators the trade is unmeasured. ``autocast`` is the trainer's mixed-precision context,
+    which a prepared model's own forward would enter."""
+
+    def __init__(self, model, chunk_tokens: int, autocast=None):
+        import contextlib
+
         self.model, self.chunk_tokens = model, chunk_tokens
+        self.autocast = autocast or contextlib.nullcontext
 
     def __call__(self, input_ids, attention_mask, **kwargs):
         import torch
         from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
-        from pipeline.decoding import length_chunks
+        from pipeline import decoding
 
         lengths = attention_mask.sum(1)
         columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        chunks = list(length_chunks(lengths.cpu(), torch.zeros_like(lengths.cpu()), self.chunk_tokens))
         right_padded = torch.equal(attention_mask.bool(), columns[None, :] < lengths[:, None])
+        run = self._grouping(input_ids, attention_mask, lengths)
+        if run is not None:
+            groups = torch.arange(len(input_ids) // 2, device=input_ids.device).repeat(2)  # rows i and B + i: pair i
+            with self.autocast():
+                scores = decoding.packed_last_outputs(
+                    run, run.model, input_ids, attention_mask, groups, budget=self.chunk_tokens
+                )
+            return SequenceClassifierOutputWithPast(logits=scores.unsqueeze(-1))
+        chunks = list(decoding.length_chunks(lengths.cpu(), torch.zeros_like(lengths.cpu()), self.chunk_tokens))
         if len(chunks) == 1 or not right_padded:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         order, logits = [], []
@@ -123,6 +142,19 @@ class LengthChunked:
             logits.append(out.logits)
         inverse = torch.argsort(torch.tensor(order, device=input_ids.device))
         return SequenceClassifierOutputWithPast(logits=torch.cat(logits)[inverse])
+
+    def _grouping(self, input_ids, attention_mask, lengths):
+        """``score_head_run`` of the model where ``packed_last_outputs`` gives this batch's scores, else None. The
+        model's own pooling reads the last token that is not the pad id, which is each row's last token unless a
+        text ends in it."""
+        from pipeline import decoding
+
+        run = decoding.score_head_run(self.model)
+        if run is None or len(input_ids) % 2 or decoding.can_pack_prefixes(run.model, input_ids, attention_mask):
+            return None
+        pad = run.model.config.pad_token_id
+        last = input_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1))
+        return None if pad is None or bool((last == pad).any()) else run
 
 
 def start_model(artifact_dir: str, model_name_or_path: str | None) -> tuple[str, dict]:

@@ -327,3 +327,108 @@ def test_scoring_forward_is_one_forward_where_it_cannot_split(tiny_lm):
         holes[0, P] = 0  # a response mask that is not right-padded
         decoding.scoring_forward(run, model, ids, holes, P, 3)
     assert calls == [tuple(ids.shape)] * 3
+
+
+def _pairs(tmp_path, **lora):
+    """A tiny reward model inside PEFT (LoRA on every linear layer, the score head trained in full) and a batch
+    laid out as TRL's reward collator lays it out: the chosen replies' rows, then the rejected ones, right-padded,
+    after a system turn and one prompt per pair."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.conftest import make_seq_cls
+
+    tok = make_tokenizer(tmp_path / "tok")
+    model = make_seq_cls(tmp_path / "rm", tok, initializer_range=0.3)
+    model.config.pad_token_id = tok.pad_token_id
+    config = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=["score"],
+                        init_lora_weights=False, **lora)  # fmt: skip
+    net = get_peft_model(model, config).train()
+    chosen = ["lava rises", "sun and water turn to sugar today", "Rhine", "hello friend"]
+    rejected = ["rocks", "sugar", "the Rhine, the Danube and the Seine", "hello"]
+    texts = [tok.apply_chat_template([{"role": "system", "content": "You are kind."}, {"role": "user", "content": p},
+                                      {"role": "assistant", "content": r}], tokenize=False)
+             for p, r in zip(PROMPTS * 2, chosen + rejected)]  # fmt: skip
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side="right")
+    return net, enc["input_ids"], enc["attention_mask"], torch.arange(4).repeat(2)
+
+
+@pytest.mark.parametrize("budget", [1, 150, 10_000])
+def test_packed_last_outputs_equal_one_forward_in_value_and_gradient(tmp_path, budget):
+    """A reward batch's scores packed as prefix trees (the system turn once, each pair's prompt once, then the
+    rows' own tokens, no padding) equal one padded forward's, and so do the gradients of a loss on them (a
+    prefix's backward runs once for all its rows); with a small budget, as several packs."""
+    net, ids, mask, groups = _pairs(tmp_path)
+    lengths = mask.sum(1)
+    c, shared = decoding.group_prefix_lengths(ids, lengths, groups)
+    assert 0 < c < int(shared.min()) and (shared[groups] < lengths).all()
+    assert decoding.can_pack_prefixes(net.get_base_model(), ids, mask) is None
+    packs = decoding.pack_groups(ids, lengths, groups, budget)
+    assert sorted(r for p in packs for r in p.rows) == list(range(8))
+    assert len(packs) == {1: 4, 150: 2, 10_000: 1}[budget]  # whole pairs, at least one per pack
+    tokens = sum(len(p.ids) for p in packs)
+    assert tokens == len(packs) * c + int((shared - c).sum() + (lengths - shared[groups]).sum()) < 0.6 * lengths.sum()
+    run = decoding.score_head_run(net)
+
+    def grads(scores):
+        net.zero_grad()
+        (scores * torch.linspace(-1, 1, len(scores))).sum().backward()
+        return [p.grad.clone() for p in net.parameters() if p.requires_grad]
+
+    got = decoding.packed_last_outputs(run, run.model, ids, mask, groups, budget=budget)
+    got_grads = grads(got)
+    want = net(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+    want_grads = grads(want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_a_packed_token_sees_its_own_row_before_it():
+    """The prefix tree's mask: a row's own token sees the shared prefix, its group's prompt and its own earlier
+    tokens; nothing of another group or of its pair's other reply."""
+    ids = torch.tensor([[1, 2, 3, 4, 0], [1, 2, 3, 5, 6], [1, 7, 8, 0, 0], [1, 7, 9, 0, 0]])
+    lengths = torch.tensor([4, 5, 3, 3])
+    (pack,) = decoding.pack_groups(ids, lengths, torch.tensor([0, 0, 1, 1]), 100)
+    # [1] shared, [2 3] pair 0, [4] row 0, [5 6] row 1, [7] pair 1, [8] row 2, [9] row 3
+    assert pack.ids.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9] and pack.positions.tolist() == [0, 1, 2, 3, 3, 4, 1, 2, 2]
+    assert pack.last.tolist() == [3, 5, 7, 8] and pack.rows == [0, 1, 2, 3]
+    seen = {int(pack.ids[i]): pack.ids[pack.visible[i]].tolist() for i in range(len(pack.ids))}
+    assert seen == {1: [1], 2: [1, 2], 3: [1, 2, 3], 4: [1, 2, 3, 4], 5: [1, 2, 3, 5], 6: [1, 2, 3, 5, 6], 7: [1, 7],
+                    8: [1, 7, 8], 9: [1, 7, 9]}  # fmt: skip
+
+
+def test_group_prefixes_leave_every_row_a_token_of_its_own():
+    """Identical rows share all but their last token; rows that differ from the start share nothing."""
+    ids = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 7, 8, 0], [5, 6, 9, 0, 0], [5, 6, 9, 1, 2]])
+    lengths = torch.tensor([4, 4, 3, 5])
+    c, shared = decoding.group_prefix_lengths(ids, lengths, torch.tensor([0, 0, 1, 1]))
+    assert c == 2 and shared.tolist() == [3, 2]
+    c, shared = decoding.group_prefix_lengths(torch.tensor([[1, 2], [3, 4]]), torch.tensor([2, 2]),
+                                              torch.tensor([0, 0]))  # fmt: skip
+    assert c == 0 and shared.tolist() == [0]
+
+
+def test_packing_is_refused_with_dropout_or_left_padding(tmp_path):
+    net, ids, mask, _ = _pairs(tmp_path, lora_dropout=0.1)
+    inner = net.get_base_model()
+    assert decoding.can_pack_prefixes(inner, ids, mask) == "dropout is active"
+    net.eval()
+    assert decoding.can_pack_prefixes(inner, ids, mask) is None  # no masks are drawn outside training
+    assert decoding.can_pack_prefixes(inner, ids.flip(1), mask.flip(1)) == "its rows are not right-padded"
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packed_scores_under_each_attention_and_bf16_autocast(tmp_path, attention):
+    """The packed mask is additive for eager attention and boolean for SDPA; both give one forward's scores, in
+    fp32 and under bf16 autocast (where a CPU with AVX512-BF16 trains the reward model)."""
+    net, ids, mask, groups = _pairs(tmp_path)
+    inner = net.get_base_model()
+    inner.set_attn_implementation(attention)
+    assert inner.config._attn_implementation == attention
+    run = decoding.score_head_run(net)
+    with torch.no_grad():
+        for autocast, tol in ((False, 1e-5), (True, 0.05)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                got = decoding.packed_last_outputs(run, inner, ids, mask, groups, budget=1024)
+                want = net(input_ids=ids, attention_mask=mask).logits.squeeze(-1).float()
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pipeline import artifacts as art
 from tests.conftest import error_line, run_rm, run_sft
 
@@ -131,10 +133,12 @@ def test_group_by_length_batches_pairs_of_similar_length(tmp_path, tiny_tok):
     assert trainer.train().global_step == 2  # the collator ignores the length column
 
 
-def test_length_chunked_loss_matches_one_forward(tmp_path, tiny_tok, monkeypatch):
-    """On one CPU process the reward loss runs a batch as length-sorted chunks cut to their own longest row: fewer
-    tokens computed, the same loss and gradients as TRL's one forward over the padded batch. A batch that is not
-    right-padded runs as one forward."""
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_pair_forward_loss_matches_one_forward(tmp_path, tiny_tok, monkeypatch, share_prompts):
+    """On one CPU process the reward loss runs a batch with each pair's prompt once (``share_prompts``) or, where
+    that cannot apply, as length-sorted chunks of rows cut to their own longest: fewer tokens computed, the same
+    loss and gradients as TRL's one forward over the padded batch. A batch that is not right-padded runs as one
+    forward."""
     import torch
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
@@ -142,22 +146,26 @@ def test_length_chunked_loss_matches_one_forward(tmp_path, tiny_tok, monkeypatch
     from pipeline import stage_reward
     from tests.conftest import make_seq_cls
 
-    model = make_seq_cls(tmp_path / "rm", tiny_tok)
+    model = make_seq_cls(tmp_path / "rm", tiny_tok, initializer_range=0.2)
     words = [1, 30, 3, 9, 20, 2, 15, 5]
-    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": "Explain volcanoes."}],
+    topics = ["volcanoes", "the moon and the tides", "rivers", "coffee", "plants", "France", "oceans", "beans"]
+    rows = Dataset.from_list([{"prompt": [{"role": "user", "content": f"Explain {t}." + " Briefly." * (n % 3)}],
                                "chosen": [{"role": "assistant", "content": "lava " * n}],
                                "rejected": [{"role": "assistant", "content": "rock " * (n // 2 + 1)}]}
-                              for n in words])  # fmt: skip
-    args = RewardConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, use_cpu=True,
+                              for n, t in zip(words, topics)])  # fmt: skip
+    args = RewardConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, use_cpu=True, bf16=False,
                         report_to="none", center_rewards_coefficient=0.01)  # fmt: skip
     trainer = stage_reward.reward_trainer_class()(
         model=model, args=args, train_dataset=rows, processing_class=tiny_tok
     )
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["input_ids"].shape[0] == 16
-    monkeypatch.setattr(stage_reward, "PAIR_CHUNK_TOKENS", batch["input_ids"].shape[1] * 4)
-    shapes = []
-    model.register_forward_pre_hook(lambda _m, _a, kw: shapes.append(kw["input_ids"].shape), with_kwargs=True)
+    monkeypatch.setattr(stage_reward, "PAIR_CHUNK_TOKENS", batch["input_ids"].shape[1] * 4)  # two packs
+    if not share_prompts:
+        monkeypatch.setattr(stage_reward.PairForward, "_grouping", lambda *_: None)
+    shapes = []  # what the transformer runs: the model's own forward and the shared-prefix path both call it
+    model.model.register_forward_pre_hook(lambda _m, a, kw: shapes.append(kw.get("input_ids", *a[:1]).shape),
+                                          with_kwargs=True)  # fmt: skip
 
     def loss_and_grads(compute_loss, inputs):
         model.zero_grad()
@@ -165,14 +173,19 @@ def test_length_chunked_loss_matches_one_forward(tmp_path, tiny_tok, monkeypatch
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
-    chunked_loss, chunked_grads = loss_and_grads(type(trainer).compute_loss, batch)
-    chunked_shapes, shapes[:] = list(shapes), []
+    split_loss, split_grads = loss_and_grads(type(trainer).compute_loss, batch)
+    split_shapes, shapes[:] = list(shapes), []
     plain_loss, plain_grads = loss_and_grads(RewardTrainer.compute_loss, batch)
     assert shapes == [batch["input_ids"].shape]
-    assert len(chunked_shapes) >= 3 and sum(r for r, _ in chunked_shapes) == 16
-    assert sum(r * w for r, w in chunked_shapes) < 0.8 * batch["input_ids"].numel()
-    torch.testing.assert_close(chunked_loss, plain_loss)
-    for got, want in zip(chunked_grads, plain_grads, strict=True):
+    tokens = sum(r * w for r, w in split_shapes)
+    if share_prompts:  # one packed sequence: the common start once, each pair's prompt once, the rows' own tokens
+        assert all(r == 1 for r, _ in split_shapes)  # packed sequences, no padded rows
+        assert tokens < 0.75 * int(batch["attention_mask"].sum())  # fewer than the real tokens: no padding
+    else:
+        assert len(split_shapes) >= 3 and sum(r for r, _ in split_shapes) == 16
+        assert tokens < 0.8 * batch["input_ids"].numel()
+    torch.testing.assert_close(split_loss, plain_loss)
+    for got, want in zip(split_grads, plain_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
     left = {k: v.flip(1) if k in ("input_ids", "attention_mask") else v for k, v in batch.items()}  # left-padded
