@@ -58,6 +58,8 @@ _ROW_SELECTABLE = {"DynamicLayer", "DynamicSlidingWindowLayer", "DynamicIndexedL
 PREFILL_CHUNK_TOKENS = 4096
 # Tokens per chunk in ``scoring_forward`` (rows x the chunk's longest prompt and response).
 SCORING_CHUNK_TOKENS = 1024
+# Tokens per packed sequence in ``packed_last_outputs`` (its attention mask is this squared).
+PACK_TOKENS = 1024
 
 
 def can_compact(model, **overrides) -> str | None:

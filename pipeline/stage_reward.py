@@ -33,11 +33,11 @@ DEFAULTS = {
 
 def pairwise_accuracy(model, tokenizer, pairs, batch_size: int = 16) -> dict:
     """Held-out accuracy (ties count as wrong) and mean margin of a reward model on preference rows."""
-    from reward_models.learned import reward_scores
+    from reward_models.learned import reward_pair_scores
 
     prompts = [r["prompt"] for r in pairs]
-    chosen = reward_scores(model, tokenizer, prompts, [r["chosen"][0]["content"] for r in pairs], batch_size)
-    rejected = reward_scores(model, tokenizer, prompts, [r["rejected"][0]["content"] for r in pairs], batch_size)
+    chosen, rejected = reward_pair_scores(model, tokenizer, prompts, [r["chosen"][0]["content"] for r in pairs],
+                                          [r["rejected"][0]["content"] for r in pairs], batch_size)  # fmt: skip
     return {
         "accuracy": (chosen > rejected).float().mean().item(),
         "margin_mean": (chosen - rejected).mean().item(),

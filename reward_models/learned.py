@@ -71,6 +71,45 @@ def reward_scores(
     return scores
 
 
+def reward_pair_scores(model, tokenizer, prompts, chosen, rejected, batch_size: int = 16):
+    """Scores of both replies of preference pairs -> ``(chosen [N], rejected [N])``, as ``reward_scores`` gives
+    them, with less computed: for a decoder reward model, ``batch_size`` pairs at a time (sorted by length) run
+    packed as prefix trees (``pipeline.decoding.packed_last_outputs``), so a pair's rendered prompt and the system
+    turn every text shares run once and no padding runs. Where packing cannot apply (an encoder, no pad id, a text
+    ending in the pad id, other attention kernels), ``reward_scores`` scores the replies."""
+    import torch
+
+    from pipeline.decoding import PACK_TOKENS, can_pack_prefixes, packed_last_outputs, score_head_run
+
+    n = len(prompts)
+    texts = chat_texts(tokenizer, prompts, chosen) + chat_texts(tokenizer, prompts, rejected)
+    run = score_head_run(model)
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+    if not n or run is None or pad_id is None:
+        return reward_scores(model, tokenizer, prompts, chosen, batch_size), reward_scores(
+            model, tokenizer, prompts, rejected, batch_size
+        )
+    device = next(model.parameters()).device
+    order = sorted(range(n), key=lambda i: len(texts[i]) + len(texts[n + i]))
+    scores = torch.empty(2 * n)
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            pairs = order[i : i + batch_size]
+            rows = pairs + [n + j for j in pairs]  # the chosen replies, then the rejected ones
+            enc = tokenizer([texts[r] for r in rows], return_tensors="pt", padding=True, padding_side="right",
+                            add_special_tokens=False).to(device)  # fmt: skip
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            last = ids.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0))
+            if (last == pad_id).any() or can_pack_prefixes(run.model, ids, mask) is not None:
+                got = reward_scores(model, tokenizer, [prompts[j] for j in pairs] * 2,
+                                    [(chosen + rejected)[r] for r in rows], batch_size)  # fmt: skip
+            else:
+                groups = torch.arange(len(pairs), device=device).repeat(2)
+                got = packed_last_outputs(run, run.model, ids, mask, groups, budget=PACK_TOKENS).cpu()
+            scores[torch.tensor(rows)] = got
+    return scores[:n], scores[n:]
+
+
 def adapter_base(path: str) -> str | None:
     """The base model of a PEFT adapter directory (``adapter_config.json``), or None for a full model."""
     import json

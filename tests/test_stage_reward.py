@@ -58,8 +58,11 @@ def test_pairwise_accuracy_counts_ties_as_wrong(monkeypatch):
     table = {"c0": 3.0, "c1": 1.0, "c2": 2.0, "c3": 2.0, "r0": 1.0, "r1": 2.0, "r2": 1.0, "r3": 2.0}
     monkeypatch.setattr(
         reward_models.learned,
-        "reward_scores",
-        lambda model, tok, prompts, responses, bs: torch.tensor([table[r] for r in responses]),
+        "reward_pair_scores",
+        lambda model, tok, prompts, chosen, rejected, bs: (
+            torch.tensor([table[r] for r in chosen]),
+            torch.tensor([table[r] for r in rejected]),
+        ),
     )
     pairs = [
         {

@@ -93,3 +93,35 @@ def test_texts_ending_in_the_pad_id_and_encoder_models_keep_the_model_s_forward(
                         intermediate_size=32, num_labels=1)  # fmt: skip
     bert = BertForSequenceClassification(config)
     assert decoding.score_head_run(bert) is None
+
+
+def test_pair_scores_are_each_reply_s_own_score(tmp_path, tiny_tok, monkeypatch):
+    """Both replies of preference pairs scored packed (each pair's prompt once) get the scores the model's own
+    forward gives each text alone, in input order, across length-sorted batches and several packs; a batch the
+    packing cannot take goes through ``reward_scores``."""
+    import torch
+
+    from pipeline import decoding
+    from reward_models import learned
+    from tests.conftest import make_seq_cls
+
+    model = make_seq_cls(tmp_path / "rm", tiny_tok, initializer_range=0.2).eval()
+    model.config.pad_token_id = tiny_tok.pad_token_id
+    prompts = [SYSTEM + [{"role": "user", "content": f"Explain volcanoes, take {i}." + " Why?" * i}] for i in range(7)]
+    chosen = ["lava " * n + "flows." for n in (9, 1, 5, 12, 3, 0, 7)]
+    rejected = ["rock " * n for n in (2, 8, 1, 1, 6, 4, 3)]
+    want_c = _model_forward_scores(model, tiny_tok, prompts, chosen)
+    want_r = _model_forward_scores(model, tiny_tok, prompts, rejected)
+    monkeypatch.setattr(decoding, "PACK_TOKENS", 150)  # a few pairs per packed sequence
+    packed = []
+    original = decoding.packed_last_outputs
+    monkeypatch.setattr(decoding, "packed_last_outputs", lambda *a, **k: packed.append(1) or original(*a, **k))
+    got_c, got_r = learned.reward_pair_scores(model, tiny_tok, prompts, chosen, rejected, batch_size=3)
+    assert len(packed) == 3  # every batch of pairs was packed
+    torch.testing.assert_close(got_c, want_c, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_r, want_r, atol=1e-5, rtol=1e-4)
+    monkeypatch.setattr(decoding, "can_pack_prefixes", lambda *_: "eager or sdpa needed")
+    got_c, got_r = learned.reward_pair_scores(model, tiny_tok, prompts, chosen, rejected, batch_size=3)
+    assert len(packed) == 3
+    torch.testing.assert_close(got_c, want_c, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_r, want_r, atol=1e-5, rtol=1e-4)
