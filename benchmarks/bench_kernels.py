@@ -29,7 +29,8 @@
 - ``scoring``: the PPO rollout's log-prob forward over 32 PPO prompts and sampled responses, as one padded
   forward and through ``pipeline.decoding.scoring_forward`` (shared prefix once, length-sorted chunks).
 - ``reward``: ``reward_scores`` on held-out preference pairs, one right-padded forward per batch against
-  ``scoring_forward`` (shared system turn once, length-sorted chunks), alternating; ``--model`` is a reward model.
+  ``scoring_forward`` (shared system turn once, length-sorted chunks) and ``reward_pair_scores`` (pairs packed as
+  prefix trees), alternating; ``--model`` is a reward model.
 - ``reward-chunks``: the reward stage's training loss, forward + backward, on its recipe's first random
   batches: one forward over the padded batch, length-sorted chunks of rows (``--chunks`` token budgets), and
   ``stage_reward.PairForward``'s default (packed prefix trees: each pair's prompt once, ``--pairs`` budgets).
@@ -364,13 +365,15 @@ def scoring(a) -> None:
 
 def reward(a) -> None:
     """Reward-model scoring of the embedded task's held-out preference pairs (``--pairs`` of them, both replies:
-    what the reward stage's held-out accuracy scores; PPO and the evaluation score the same way) through
-    ``reward_scores``: one right-padded forward per batch against ``scoring_forward`` (the shared system turn
-    once, rows in length-sorted chunks), alternating after a small warm-up; and the largest difference between
-    the two paths' scores."""
+    what the reward stage's held-out accuracy scores; PPO and the evaluation score the same way): through
+    ``reward_scores``, one right-padded forward per batch against ``scoring_forward`` (the shared system turn
+    once, rows in length-sorted chunks), and ``reward_pair_scores`` (``batch`` pairs at a time packed as prefix
+    trees, each pair's prompt once), alternating after a small warm-up; and the largest difference between each
+    path's scores and one forward's."""
+    import torch
     from transformers import AutoModelForSequenceClassification
 
-    from reward_models.learned import load_reward_tokenizer, reward_scores
+    from reward_models.learned import load_reward_tokenizer, reward_pair_scores, reward_scores
 
     dtype = model_dtype(a.dtype)
     tok = load_reward_tokenizer(a.model)
@@ -379,19 +382,26 @@ def reward(a) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines()][: a.pairs]
     prompts = [r["prompt"] for r in rows] * 2
     replies = [r["chosen"][0]["content"] for r in rows] + [r["rejected"][0]["content"] for r in rows]
-    for split in (False, True):  # warm-up: the first forwards of a process pay one-off costs
-        reward_scores(model, tok, prompts[:8], replies[:8], 8, split=split)
+    n = len(rows)
+    paths = {
+        "one forward per batch": lambda b, k=None: reward_scores(model, tok, prompts[:k], replies[:k], b, split=False),
+        "scoring_forward": lambda b, k=None: reward_scores(model, tok, prompts[:k], replies[:k], b),
+        "pairs packed": lambda b, k=None: torch.cat(
+            reward_pair_scores(model, tok, prompts[: k or n], replies[: k or n], replies[n : n + (k or n)], b // 2)
+        ),
+    }
+    for run in paths.values():  # warm-up: the first forwards of a process pay one-off costs
+        run(8, 8)
     times, scores = {}, {}
     for _ in range(a.repeats):
         for b in a.batches:
-            for split in (False, True):
+            for label, run in paths.items():
                 t = time.perf_counter()
-                scores[(b, split)] = reward_scores(model, tok, prompts, replies, b, split=split)
-                times.setdefault((b, split), []).append(time.perf_counter() - t)
-    for (b, split), ts in times.items():
-        label = "scoring_forward" if split else "one forward per batch"
-        diff = (scores[(b, split)] - scores[(b, False)]).abs().max().item()
-        print(f"reward {len(replies)} replies, batch {b}, {label}: {[round(t, 1) for t in ts]} s "
+                scores[(b, label)] = run(b)
+                times.setdefault((b, label), []).append(time.perf_counter() - t)
+    for (b, label), ts in times.items():
+        diff = (scores[(b, label)] - scores[(b, "one forward per batch")]).abs().max().item()
+        print(f"reward {len(replies)} replies, batch {b} replies, {label}: {[round(t, 1) for t in ts]} s "
               f"(largest score difference to one forward: {diff:.2e})", flush=True)  # fmt: skip
 
 
