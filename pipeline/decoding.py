@@ -384,7 +384,7 @@ def group_prefix_lengths(input_ids: Tensor, lengths: Tensor, groups: Tensor) -> 
     return min(c, int(shared.min())), shared
 
 
-def can_pack_prefixes(model, input_ids: Tensor, attention_mask: Tensor) -> str | None:
+def can_pack_prefixes(model, attention_mask: Tensor) -> str | None:
     """None when ``packed_last_outputs`` may run this batch, else why not: full-attention layers only (a custom mask
     would reach past a sliding window), eager or SDPA attention (which take a custom 4D mask), right-padded rows,
     and no dropout (one forward of a shared prefix would give all its rows one dropout mask) in a training

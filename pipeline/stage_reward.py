@@ -150,7 +150,7 @@ class PairForward:
         from pipeline import decoding
 
         run = decoding.score_head_run(self.model)
-        if run is None or len(input_ids) % 2 or decoding.can_pack_prefixes(run.model, input_ids, attention_mask):
+        if run is None or len(input_ids) % 2 or decoding.can_pack_prefixes(run.model, attention_mask):
             return None
         pad = run.model.config.pad_token_id
         last = input_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1))

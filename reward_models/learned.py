@@ -100,7 +100,7 @@ def reward_pair_scores(model, tokenizer, prompts, chosen, rejected, batch_size: 
                             add_special_tokens=False).to(device)  # fmt: skip
             ids, mask = enc["input_ids"], enc["attention_mask"]
             last = ids.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0))
-            if (last == pad_id).any() or can_pack_prefixes(run.model, ids, mask) is not None:
+            if (last == pad_id).any() or can_pack_prefixes(run.model, mask) is not None:
                 got = reward_scores(model, tokenizer, [prompts[j] for j in pairs] * 2,
                                     [(chosen + rejected)[r] for r in rows], batch_size)  # fmt: skip
             else:

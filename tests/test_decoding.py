@@ -361,7 +361,7 @@ def test_packed_last_outputs_equal_one_forward_in_value_and_gradient(tmp_path, b
     lengths = mask.sum(1)
     c, shared = decoding.group_prefix_lengths(ids, lengths, groups)
     assert 0 < c < int(shared.min()) and (shared[groups] < lengths).all()
-    assert decoding.can_pack_prefixes(net.get_base_model(), ids, mask) is None
+    assert decoding.can_pack_prefixes(net.get_base_model(), mask) is None
     packs = decoding.pack_groups(ids, lengths, groups, budget)
     assert sorted(r for p in packs for r in p.rows) == list(range(8))
     assert len(packs) == {1: 4, 150: 2, 10_000: 1}[budget]  # whole pairs, at least one per pack
@@ -411,10 +411,10 @@ def test_group_prefixes_leave_every_row_a_token_of_its_own():
 def test_packing_is_refused_with_dropout_or_left_padding(tmp_path):
     net, ids, mask, _ = _pairs(tmp_path, lora_dropout=0.1)
     inner = net.get_base_model()
-    assert decoding.can_pack_prefixes(inner, ids, mask) == "dropout is active"
+    assert decoding.can_pack_prefixes(inner, mask) == "dropout is active"
     net.eval()
-    assert decoding.can_pack_prefixes(inner, ids, mask) is None  # no masks are drawn outside training
-    assert decoding.can_pack_prefixes(inner, ids.flip(1), mask.flip(1)) == "its rows are not right-padded"
+    assert decoding.can_pack_prefixes(inner, mask) is None  # no masks are drawn outside training
+    assert decoding.can_pack_prefixes(inner, mask.flip(1)) == "its rows are not right-padded"
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
