@@ -130,18 +130,13 @@ def can_share_prefill(model, attention_mask: Tensor) -> str | None:
     """None when ``prefill`` below may split the prompt batch, else why not. It builds a plain DynamicCache
     layer by layer and masks holes between a shared prefix and a row's own tokens, so it needs full-attention
     cache layers only and an attention that takes any 0/1 mask (eager or SDPA); and left-padded rows."""
-    reason = _cannot_split(model)
-    if reason:
-        return reason
-    mask = attention_mask.long()
-    if not torch.equal(mask, mask.cummax(1).values):
-        return "its prompts are not left-padded"
-    return None
+    return _cannot_split(model, attention_mask, "left")
 
 
-def _cannot_split(model) -> str | None:
-    """Why a forward of ``model`` cannot be split into a prefix's cache and the rest, or None: it needs a plain
-    DynamicCache of full-attention layers and an attention that takes any 0/1 mask (eager or SDPA)."""
+def _cannot_split(model, attention_mask: Tensor, padded: str) -> str | None:
+    """Why a forward of ``model`` over a batch ``padded`` on the left or right cannot be split into a shared
+    prefix and the rest, or None: it needs a plain DynamicCache of full-attention layers, an attention that takes
+    any 0/1 mask (eager or SDPA), and rows padded on that side."""
     from transformers import DynamicCache
 
     kinds = {type(layer).__name__ for layer in DynamicCache(config=model.config).layers}
@@ -150,6 +145,9 @@ def _cannot_split(model) -> str | None:
     attention = getattr(model.config, "_attn_implementation", None)
     if attention not in ("sdpa", "eager"):
         return f"attention implementation {attention!r} (eager or sdpa needed)"
+    mask = attention_mask.long()
+    if not torch.equal(mask, (mask.cummax(1) if padded == "left" else mask.cummin(1)).values):
+        return "its prompts are not left-padded" if padded == "left" else "its rows are not right-padded"
     return None
 
 
@@ -389,13 +387,10 @@ def can_pack_prefixes(model, attention_mask: Tensor) -> str | None:
     would reach past a sliding window), eager or SDPA attention (which take a custom 4D mask), right-padded rows,
     and no dropout (one forward of a shared prefix would give all its rows one dropout mask) in a training
     forward."""
-    reason = _cannot_split(model)
+    reason = _cannot_split(model, attention_mask, "right")
     if reason:
         return reason
-    mask = attention_mask.long()
-    if not torch.equal(mask, mask.cummin(1).values):
-        return "its rows are not right-padded"
-    if not bool(mask[:, 0].all()):
+    if not bool(attention_mask[:, 0].all()):
         return "a row is empty"
     if has_active_dropout(model):
         return "dropout is active"
