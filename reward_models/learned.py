@@ -76,7 +76,8 @@ def reward_pair_scores(model, tokenizer, prompts, chosen, rejected, batch_size: 
     them, with less computed: for a decoder reward model, ``batch_size`` pairs at a time (sorted by length) run
     packed as prefix trees (``pipeline.decoding.packed_last_outputs``), so a pair's rendered prompt and the system
     turn every text shares run once and no padding runs. Where packing cannot apply (an encoder, no pad id, a text
-    ending in the pad id, other attention kernels), ``reward_scores`` scores the replies."""
+    ending in the pad id, other attention kernels) and on accelerators (where its dense mask keeps SDPA off its
+    flash kernel, unmeasured), ``reward_scores`` scores the replies."""
     import torch
 
     from pipeline.decoding import PACK_TOKENS, can_pack_prefixes, packed_last_outputs, score_head_run
@@ -85,11 +86,11 @@ def reward_pair_scores(model, tokenizer, prompts, chosen, rejected, batch_size: 
     texts = chat_texts(tokenizer, prompts, chosen) + chat_texts(tokenizer, prompts, rejected)
     run = score_head_run(model)
     pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
-    if not n or run is None or pad_id is None:
+    device = next(model.parameters()).device
+    if not n or run is None or pad_id is None or device.type != "cpu":  # accelerators: the trade is unmeasured
         return reward_scores(model, tokenizer, prompts, chosen, batch_size), reward_scores(
             model, tokenizer, prompts, rejected, batch_size
         )
-    device = next(model.parameters()).device
     order = sorted(range(n), key=lambda i: len(texts[i]) + len(texts[n + i]))
     scores = torch.empty(2 * n)
     with torch.no_grad():
