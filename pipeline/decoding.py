@@ -356,13 +356,6 @@ def has_active_dropout(model) -> bool:
     return False
 
 
-def first_rows(groups: Tensor) -> Tensor:
-    """The first row of each group ``0..G-1``, for a group id per row."""
-    G, N = int(groups.max()) + 1, len(groups)
-    first = torch.full((G,), N, dtype=torch.long, device=groups.device)
-    return first.scatter_reduce(0, groups, torch.arange(N, device=groups.device), "amin")
-
-
 def group_prefix_lengths(input_ids: Tensor, lengths: Tensor, groups: Tensor) -> tuple[int, Tensor]:
     """For right-padded rows ``[N, L]`` of ``lengths`` tokens in ``groups`` (a group id per row, ``0..G-1``):
     ``(c, shared [G])``, the leading tokens every row shares (a chat template's system turn) and those every row
@@ -375,7 +368,8 @@ def group_prefix_lengths(input_ids: Tensor, lengths: Tensor, groups: Tensor) -> 
     def common(reference: Tensor) -> Tensor:  # per row: how many leading tokens equal the reference row's
         return ((input_ids == reference) & inside).long().cumprod(1).sum(1)
 
-    first = first_rows(groups)
+    rows = torch.arange(len(groups), device=device)
+    first = torch.full((G,), len(groups), dtype=torch.long, device=device).scatter_reduce(0, groups, rows, "amin")
     shared = torch.full((G,), L, dtype=torch.long, device=device)
     shared = shared.scatter_reduce(0, groups, common(input_ids[first[groups]]), "amin")
     c = int(common(input_ids[:1]).min())
@@ -395,6 +389,18 @@ def can_pack_prefixes(model, attention_mask: Tensor) -> str | None:
     if has_active_dropout(model):
         return "dropout is active"
     return None
+
+
+def packed_scorer(model, input_ids: Tensor, attention_mask: Tensor):
+    """``score_head_run(model)`` where ``packed_last_outputs`` through it gives the scores the model's own forward
+    gives this right-padded batch, else None: a decoder with a score head and a pad id, ``can_pack_prefixes``,
+    and no text ending in the pad id (the model's pooling reads the last token that is not the pad id)."""
+    run = score_head_run(model)
+    if run is None or can_pack_prefixes(run.model, attention_mask):
+        return None
+    pad = run.model.config.pad_token_id
+    last = input_ids.gather(1, (attention_mask.long().sum(1, keepdim=True) - 1).clamp(min=0))
+    return None if pad is None or bool((last == pad).any()) else run
 
 
 class Pack:
@@ -426,8 +432,7 @@ def pack_groups(input_ids: Tensor, lengths: Tensor, groups: Tensor, budget: int)
     pair's prompt), then each row's own tokens; no padding."""
     device = input_ids.device
     c, shared = group_prefix_lengths(input_ids, lengths, groups)
-    first = first_rows(groups)
-    members = [[] for _ in range(len(shared))]
+    members = [[] for _ in range(len(shared))]  # each group's rows, in order: its first row leads
     for r, g in enumerate(groups.tolist()):
         members[g].append(r)
     sizes = [int(shared[g]) - c + sum(int(lengths[r] - shared[g]) for r in rows) for g, rows in enumerate(members)]
@@ -441,12 +446,12 @@ def pack_groups(input_ids: Tensor, lengths: Tensor, groups: Tensor, budget: int)
     for gs in bins:
         rows = [r for g in gs for r in members[g]]
         col = {r: i for i, r in enumerate(rows)}
-        ids, pos, owner, last = [input_ids[first[gs[0]], :c]], [torch.arange(c, device=device)], [], []
+        ids, pos, owner, last = [input_ids[rows[0], :c]], [torch.arange(c, device=device)], [], []
         owner.append(torch.ones(c, len(rows), dtype=torch.bool, device=device))
         end = c
         for g in gs:
             s = int(shared[g])
-            ids.append(input_ids[first[g], c:s])
+            ids.append(input_ids[members[g][0], c:s])
             pos.append(torch.arange(c, s, device=device))
             o = torch.zeros(s - c, len(rows), dtype=torch.bool, device=device)
             o[:, [col[r] for r in members[g]]] = True

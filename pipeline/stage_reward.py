@@ -55,8 +55,8 @@ def reward_trainer_class():
     samples; this class adds a pair's length (its longer reply, what it pads to) as the sampler's
     ``--length_column_name`` and keeps that column.
 
-    On one CPU process its loss runs each batch through ``PairForward``: each pair's shared prompt once and the rows
-    in length-sorted chunks, the same loss with less computed."""
+    On one CPU process its loss runs each batch through ``PairForward``: packed as prefix trees (each pair's shared
+    prompt once, no padding) or else in length-sorted chunks, the same loss with less computed."""
     from datasets import Dataset
     from trl import RewardTrainer
 
@@ -121,10 +121,7 @@ class PairForward:
 
         from pipeline import decoding
 
-        lengths = attention_mask.sum(1)
-        columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        right_padded = torch.equal(attention_mask.bool(), columns[None, :] < lengths[:, None])
-        run = self._grouping(input_ids, attention_mask, lengths)
+        run = self._grouping(input_ids, attention_mask)
         if run is not None:
             groups = torch.arange(len(input_ids) // 2, device=input_ids.device).repeat(2)  # rows i and B + i: pair i
             with self.autocast():
@@ -132,6 +129,9 @@ class PairForward:
                     run, run.model, input_ids, attention_mask, groups, budget=self.chunk_tokens
                 )
             return SequenceClassifierOutputWithPast(logits=scores.unsqueeze(-1))
+        lengths = attention_mask.sum(1)
+        columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        right_padded = torch.equal(attention_mask.bool(), columns[None, :] < lengths[:, None])
         chunks = list(decoding.length_chunks(lengths.cpu(), torch.zeros_like(lengths.cpu()), self.chunk_tokens))
         if len(chunks) == 1 or not right_padded:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -143,18 +143,11 @@ class PairForward:
         inverse = torch.argsort(torch.tensor(order, device=input_ids.device))
         return SequenceClassifierOutputWithPast(logits=torch.cat(logits)[inverse])
 
-    def _grouping(self, input_ids, attention_mask, lengths):
-        """``score_head_run`` of the model where ``packed_last_outputs`` gives this batch's scores, else None. The
-        model's own pooling reads the last token that is not the pad id, which is each row's last token unless a
-        text ends in it."""
+    def _grouping(self, input_ids, attention_mask):
+        """The scorer ``packed_last_outputs`` runs for this batch of pairs (``decoding.packed_scorer``), or None."""
         from pipeline import decoding
 
-        run = decoding.score_head_run(self.model)
-        if run is None or len(input_ids) % 2 or decoding.can_pack_prefixes(run.model, attention_mask):
-            return None
-        pad = run.model.config.pad_token_id
-        last = input_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1))
-        return None if pad is None or bool((last == pad).any()) else run
+        return None if len(input_ids) % 2 else decoding.packed_scorer(self.model, input_ids, attention_mask)
 
 
 def start_model(artifact_dir: str, model_name_or_path: str | None) -> tuple[str, dict]:

@@ -80,17 +80,16 @@ def reward_pair_scores(model, tokenizer, prompts, chosen, rejected, batch_size: 
     flash kernel, unmeasured), ``reward_scores`` scores the replies."""
     import torch
 
-    from pipeline.decoding import PACK_TOKENS, can_pack_prefixes, packed_last_outputs, score_head_run
+    from pipeline.decoding import PACK_TOKENS, packed_last_outputs, packed_scorer, score_head_run
 
     n = len(prompts)
-    texts = chat_texts(tokenizer, prompts, chosen) + chat_texts(tokenizer, prompts, rejected)
-    run = score_head_run(model)
-    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None)
     device = next(model.parameters()).device
-    if not n or run is None or pad_id is None or device.type != "cpu":  # accelerators: the trade is unmeasured
+    if not n or device.type != "cpu" or score_head_run(model) is None:  # accelerators: the trade is unmeasured
         return reward_scores(model, tokenizer, prompts, chosen, batch_size), reward_scores(
             model, tokenizer, prompts, rejected, batch_size
         )
+    replies = chosen + rejected
+    texts = chat_texts(tokenizer, prompts * 2, replies)
     order = sorted(range(n), key=lambda i: len(texts[i]) + len(texts[n + i]))
     scores = torch.empty(2 * n)
     with torch.no_grad():
@@ -100,10 +99,10 @@ def reward_pair_scores(model, tokenizer, prompts, chosen, rejected, batch_size: 
             enc = tokenizer([texts[r] for r in rows], return_tensors="pt", padding=True, padding_side="right",
                             add_special_tokens=False).to(device)  # fmt: skip
             ids, mask = enc["input_ids"], enc["attention_mask"]
-            last = ids.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0))
-            if (last == pad_id).any() or can_pack_prefixes(run.model, mask) is not None:
-                got = reward_scores(model, tokenizer, [prompts[j] for j in pairs] * 2,
-                                    [(chosen + rejected)[r] for r in rows], batch_size)  # fmt: skip
+            run = packed_scorer(model, ids, mask)
+            if run is None:
+                got = reward_scores(model, tokenizer, [prompts[j] for j in pairs] * 2, [replies[r] for r in rows],
+                                    batch_size)  # fmt: skip
             else:
                 groups = torch.arange(len(pairs), device=device).repeat(2)
                 got = packed_last_outputs(run, run.model, ids, mask, groups, budget=PACK_TOKENS).cpu()
