@@ -20,8 +20,16 @@
 5. Achieved FLOP/s: one more run of each variant, with the same seed, counts the FLOPs of every phase with
    ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention, forward and backward, as torch
    dispatches them; padded positions count, since the hardware computes them). Divided by the timed runs'
-   seconds, against the matmul peak this process measures for the dtype in use. The counting run must
-   reproduce the timed runs' samples (the same scores and KL per iteration), which the output checks.
+   seconds, against the matmul peak this process measures for the dtype in use, on the device the runs use
+   (the first CUDA GPU if there is one, else the CPU). The counting run must reproduce the timed runs' samples
+   (the same scores and KL per iteration), which the output checks.
+6. Per variant, the stage's ``val/sampler_token_prob_error`` (the rollout path's token probabilities against the
+   training forward's; 1 is exact): the check that a faster rollout path still samples the trained policy.
+
+Two options serve a machine without the model files or a package index (a lent GPU, say):
+``--init random`` builds both models from ``<source>``'s configs and tokenizers with seeded random weights (the
+same architecture and sizes; responses then seldom end early, so every run generates the full 32 tokens), and
+``--anchor_python PY`` runs the anchor under an existing interpreter that has ``trl==1.12.0``.
 
 Writes ``<out>/ppo_vs_trl.json``; the figures go to ``docs/benchmarks.md`` with this command.
 """
@@ -73,21 +81,49 @@ def anchor_python(venv: Path = ANCHOR_VENV) -> Path:
     return python
 
 
-def matmul_peak(dtype_name: str, sizes=(1024, 2048), repeats: int = 5) -> float:
-    """Best GFLOP/s of a square matmul in ``dtype_name`` over ``sizes``, in this process (the CPU's attainable peak
-    for that dtype, with torch's own kernels and thread count)."""
+def matmul_peak(dtype_name: str, sizes=None, repeats: int = 5) -> float:
+    """Best GFLOP/s of a square matmul of random numbers in ``dtype_name`` over ``sizes``, in this process, on the
+    device the stages use: the first CUDA GPU if there is one (sizes 4096 and 8192, timed with a synchronize around
+    each product), else the CPU (1024 and 2048, torch's own kernels and thread count). That device's attainable
+    peak for the dtype."""
     import torch
 
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     dtype = getattr(torch, dtype_name)
     best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for n in sizes or ((4096, 8192) if cuda else (1024, 2048)):
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
         a @ b  # warm-up
+        sync()
         for _ in range(repeats):
             t = time.perf_counter()
             a @ b
+            sync()
             best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def random_source(source: Path, out: Path, seed: int) -> Path:
+    """An artifact dir under ``out`` whose ``sft/model`` and ``reward/model`` have ``source``'s configs and
+    tokenizers and seeded random weights (``--init random``)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(seed)
+    for part, cls, kw in (
+        ("sft", AutoModelForCausalLM, {}),
+        ("reward", AutoModelForSequenceClassification, {"num_labels": 1}),
+    ):
+        src, dst = source / part / "model", out / part / "model"
+        tok = AutoTokenizer.from_pretrained(src)
+        config = AutoConfig.from_pretrained(src, **kw)
+        if config.pad_token_id is None:
+            config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        cls.from_config(config, dtype=torch.float32).save_pretrained(dst)
+        tok.save_pretrained(dst)
+    return out
 
 
 def write_prompts(path: Path) -> Path:
@@ -115,14 +151,20 @@ def ours_argv(a, run_dir: Path, prompts: Path, flags: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def run(cmd: list[str], log: Path) -> float:
+def run(cmd: list[str], log: Path, check: bool = True) -> float | None:
+    """Wall seconds of ``cmd``, its output appended to ``log``. A failure exits, or with ``check=False`` says so
+    on stderr and returns None."""
     t = time.perf_counter()
     with log.open("a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
         rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
     if rc != 0:
-        sys.exit(f"ppo_vs_trl: failed (exit {rc}): {' '.join(cmd[:4])} ...; see {log}")
+        message = f"ppo_vs_trl: failed (exit {rc}): {' '.join(cmd[:4])} ...; see {log}"
+        if check:
+            sys.exit(message)
+        print(message, file=sys.stderr, flush=True)
+        return None
     return time.perf_counter() - t
 
 
@@ -137,9 +179,29 @@ def counted_run(run_dir: Path, out: Path, flags: list[str]) -> dict:
             "rows": read_rows(run_dir / "ppo" / "metrics.jsonl")}  # fmt: skip
 
 
+def grouped_query_heads(count):
+    """``count`` (torch's ``sdpa_flop_count`` or ``sdpa_backward_flop_count``: ``(*shapes)`` ending in query, key,
+    value) with key and value shapes widened to the query's heads. The attention kernel broadcasts grouped-query
+    (GQA) key and value heads to the query's, so the arithmetic is the widened one; torch before 2.12 rejects the
+    narrower shapes (transformers passes them with ``enable_gqa`` on CUDA), later torch counts them as widened."""
+
+    def counted(*shapes):
+        *rest, query, key, value = shapes
+        heads = query[1]
+        if key[1] != heads and heads % key[1] == 0:
+            key, value = (key[0], heads, *key[2:]), (value[0], heads, *value[2:])
+        return count(*rest, query, key, value)
+
+    return counted
+
+
 def count_flops(out: str, argv: list[str]) -> int:
     """Run our PPO stage with ``argv``, counting each phase's FLOPs per iteration; write them to ``out``."""
+    from torch.utils import flop_counter
     from torch.utils.flop_counter import FlopCounterMode
+
+    for name in ("sdpa_flop_count", "sdpa_backward_flop_count"):  # looked up by name at each count
+        setattr(flop_counter, name, grouped_query_heads(getattr(flop_counter, name)))
 
     sys.path.insert(0, str(REPO))
     from pipeline import stage_ppo
@@ -192,6 +254,9 @@ def summarize(runs: list[dict], flops: dict, peaks: dict) -> dict:
             "median_phase_s": phases,
             "median_rollout_s": statistics.median(row["time/rollout_s"] for row in rows),
         }
+        if "val/sampler_token_prob_error" in rows[0]:
+            errors = [row["val/sampler_token_prob_error"] for row in rows]
+            entry["sampler_token_prob_error"] = {"median": statistics.median(errors), "max": max(errors)}
         counted = flops.get(name)
         if counted:
             per_iter = counted["flops_per_iteration"]
@@ -242,6 +307,9 @@ def print_table(summary: dict, runs: list[dict]) -> None:
         print(f"ours [{name}]: {e['median_s_per_iteration']:.2f} s/iteration, "
               f"{e['ratio_to_anchor']:.2f}x the anchor's episodes/s")  # fmt: skip
         print("  phases (median s): " + ", ".join(f"{p} {s:.2f}" for p, s in e["median_phase_s"].items()))
+        if "sampler_token_prob_error" in e:
+            print("  sampler token-probability error: median {median:.6f}, max {max:.6f}".format(
+                **e["sampler_token_prob_error"]))  # fmt: skip
         if "achieved_gflop_per_s" in e:
             print(f"  {e['gflop_per_iteration']:.0f} GFLOP/iteration, {e['achieved_gflop_per_s']:.1f} GFLOP/s = "
                   f"{100 * e['fraction_of_peak']:.1f}% of the {e['peak_dtype']} matmul peak "
@@ -263,6 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--ours", action="append", help="NAME=FLAGS: a variant of our stage (repeatable)")
     ap.add_argument("--no_flops", action="store_true", help="skip the FLOP-counting runs")
+    ap.add_argument(
+        "--init",
+        choices=("trained", "random"),
+        default="trained",
+        help="random: --source's configs and tokenizers with seeded random weights (no weights needed)",
+    )
+    ap.add_argument("--anchor_python", type=Path, help="an interpreter with trl==1.12.0 (default: make .venv-anchor)")
     ap.add_argument("--summarize_only", action="store_true", help="rewrite the summary from --out's runs; run nothing")
     a = ap.parse_args(argv)
     if a.summarize_only:
@@ -277,12 +352,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     a.source = a.source.resolve()
     for part in ("sft/model", "reward/model"):
-        if not (a.source / part).is_dir():
+        if not (a.source / part / "config.json").is_file():
             print(
-                f"ppo_vs_trl: {a.source / part} is missing: run `make demo` first, or pass --source DIR",
+                f"ppo_vs_trl: {a.source / part} holds no model: run `make demo` first, or pass --source DIR",
                 file=sys.stderr,
             )
             return 2
+    if a.anchor_python is not None and not os.access(a.anchor_python, os.X_OK):
+        print(f"ppo_vs_trl: --anchor_python {a.anchor_python} is not an executable file", file=sys.stderr)
+        return 2
     variants = {}
     for spec in a.ours or DEFAULT_VARIANTS:
         name, _, flags = spec.partition("=")
@@ -290,7 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     log, prompts = a.out / "ppo_vs_trl.log", write_prompts(a.out / "prompts.jsonl")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    python = anchor_python()
+    os.environ.setdefault("USE_HUB_KERNELS", "NO")  # as the pipeline sets it (pipeline/__init__.py), for both sides
+    if a.init == "random":
+        a.source = random_source(a.source, (a.out / "random-source").resolve(), a.seed)
+    python = a.anchor_python or anchor_python()
     peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
     print("ppo_vs_trl: matmul peak " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peaks.items()), flush=True)
 
@@ -311,17 +392,24 @@ def main(argv: list[str] | None = None) -> int:
             runs.append({"who": name, "round": rnd, "wall_s": wall, "flags": flags, "rows": rows})
             print(f"ppo_vs_trl: ours [{name}], round {rnd + 1}: {[round(r['time/iteration_s'], 2) for r in rows]}",
                   flush=True)  # fmt: skip
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    result = {"command": "python benchmarks/ppo_vs_trl.py " + " ".join(argv), "device": device,
+              "versions": {"torch": torch.__version__}, "matmul_peak_gflop_per_s": peaks,
+              "summary": summarize(runs, {}, peaks), "runs": runs}  # fmt: skip
+    (a.out / "ppo_vs_trl.json").write_text(json.dumps(result, indent=1))  # the timings, before the counting runs
     flops = {}
     if not a.no_flops:
         for name, flags in variants.items():
             run_dir, out = a.out / f"flops-{name}", a.out / f"flops-{name}.json"
             shutil.rmtree(run_dir, ignore_errors=True)
-            run([sys.executable, __file__, "count-flops", str(out), *ours_argv(a, run_dir, prompts, flags)], log)
-            flops[name] = counted_run(run_dir, out, flags)
-    summary = summarize(runs, flops, peaks)
-    result = {"command": "python benchmarks/ppo_vs_trl.py " + " ".join(argv), "matmul_peak_gflop_per_s": peaks,
-              "summary": summary, "runs": runs}  # fmt: skip
+            cmd = [sys.executable, __file__, "count-flops", str(out), *ours_argv(a, run_dir, prompts, flags)]
+            if run(cmd, log, check=False) is not None:  # a failed count leaves the timings standing
+                flops[name] = counted_run(run_dir, out, flags)
+    summary = result["summary"] = summarize(runs, flops, peaks)
     (a.out / "ppo_vs_trl.json").write_text(json.dumps(result, indent=1))
+    print(f"ppo_vs_trl: on {device}")
     print_table(summary, runs)
     print(f"\nppo_vs_trl: wrote {a.out / 'ppo_vs_trl.json'}")
     return 0

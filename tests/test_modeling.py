@@ -118,3 +118,28 @@ def test_training_attention_takes_the_math_kernel_on_a_cpu_in_bf16_for_short_seq
     with training_attention(torch.device("cpu"), precision, tokens):
         chosen = F.scaled_dot_product_attention(q, q, q, is_causal=True).grad_fn.name()
     assert ("Flash" in chosen) == flash
+
+
+@pytest.mark.parametrize("user_setting", [None, "YES"])
+def test_importing_the_pipeline_turns_hub_kernels_off_unless_the_user_set_them(tmp_path, tiny_tok, user_setting):
+    """transformers kernelizes every loaded model by default (fetching Hub kernels on a GPU, which raises offline);
+    importing ``pipeline`` turns that off, and a user's own ``USE_HUB_KERNELS`` stands."""
+    import os
+    import subprocess
+    import sys
+
+    make_causal_lm(tmp_path / "m", tiny_tok)
+    env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+    if user_setting is not None:
+        env["USE_HUB_KERNELS"] = user_setting
+    code = (
+        "import os, sys\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "before = AutoModelForCausalLM.from_pretrained(sys.argv[1]).use_kernels\n"
+        "import pipeline\n"
+        "after = AutoModelForCausalLM.from_pretrained(sys.argv[1]).use_kernels\n"
+        "print(before, os.environ['USE_HUB_KERNELS'], after)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], env={**env, "HF_HUB_OFFLINE": "1"},
+                         capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    assert out == (["True", "NO", "False"] if user_setting is None else ["True", "YES", "True"])

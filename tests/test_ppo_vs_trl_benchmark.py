@@ -55,3 +55,23 @@ def test_summary_ratios_by_hand():
     assert ours["achieved_gflop_per_s"] == pytest.approx(3.0)  # 9 GFLOP over 2, 3 and 4 s: median 3
     assert ours["fraction_of_peak"] == pytest.approx(0.3) and ours["same_samples_as_timed_runs"]
     assert ours["achieved_gflop_per_s_by_phase"]["generate"] == pytest.approx(6 / 0.75)
+
+
+def test_grouped_query_attention_is_counted_with_the_query_s_heads():
+    """A counter that, like torch before 2.12, takes only equal heads sees the key and value widened to the query's
+    heads; equal heads and other arguments pass through unchanged."""
+    seen = []
+
+    def strict(*shapes):
+        *_, q, k, v = shapes
+        assert q[1] == k[1] == v[1], "query/key/value shapes are incompatible"
+        seen.append(shapes)
+        return 2 * q[0] * q[1] * q[2] * k[2] * q[3]
+
+    counted = bench.grouped_query_heads(strict)
+    grouped, widened = ((2, 9, 5, 64), (2, 3, 5, 64), (2, 3, 5, 64)), ((2, 9, 5, 64), (2, 9, 5, 64), (2, 9, 5, 64))
+    assert counted(*grouped) == strict(*widened)
+    assert seen[0] == widened
+    assert counted((2, 9, 5, 64), *grouped) == strict((2, 9, 5, 64), *widened)  # backward: the gradient first
+    with pytest.raises(AssertionError):  # heads that do not divide stay as they are, for torch to refuse
+        counted((2, 9, 5, 64), (2, 4, 5, 64), (2, 4, 5, 64))
