@@ -1,5 +1,5 @@
 """benchmarks/ppo_vs_trl.py: the FLOP count of a run and the ratios of the summary (the timed runs themselves
-are the benchmark, not a test; the anchor needs its own environment)."""
+are the benchmark, not a test; the anchor needs its own environment). And benchmarks/rule_reward_seeds.py."""
 
 import importlib.util
 import json
@@ -75,3 +75,17 @@ def test_grouped_query_attention_is_counted_with_the_query_s_heads():
     assert counted((2, 9, 5, 64), *grouped) == strict((2, 9, 5, 64), *widened)  # backward: the gradient first
     with pytest.raises(AssertionError):  # heads that do not divide stay as they are, for torch to refuse
         counted((2, 9, 5, 64), (2, 4, 5, 64), (2, 4, 5, 64))
+
+
+def test_rule_reward_seeds_repeats_the_learning_test_s_run(tmp_path, fresh_accelerate_state):
+    """benchmarks/rule_reward_seeds.py: one run per estimator, dtype and seed; at the test's own seed its result
+    is the learning test's (which asks a rise of more than 0.25)."""
+    spec = importlib.util.spec_from_file_location(
+        "rule_reward_seeds", REPO_ROOT / "benchmarks" / "rule_reward_seeds.py"
+    )
+    seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(seeds)
+    assert seeds.main(["--estimators", "rloo", "--seeds", "3", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "rule_reward_seeds.json").read_text())
+    assert [(r["estimator"], r["dtype"], r["seed"]) for r in result["runs"]] == [("rloo", "float32", 3)]
+    assert result["runs"][0]["rise"] > 0.25

@@ -106,6 +106,26 @@ def letter_share(prompts, responses):
     return torch.tensor([sum(c in LETTERS for c in r) / max(1, len(r)) for r in responses])
 
 
+# The learning test's run (benchmarks/rule_reward_seeds.py repeats it over seeds, estimators and precisions).
+RULE_REWARD_SETTINGS = dict(
+    num_iterations=30,
+    rollout_batch_size=8,
+    num_mini_batches=1,
+    per_device_train_batch_size=8,
+    local_rollout_forward_batch_size=8,
+    response_length=8,
+    learning_rate=3e-2,
+    lr_scheduler_type="constant",
+    temperature=1.0,
+    num_ppo_epochs=2,
+    lora_r=8,
+    lora_alpha=16,
+    kl_coef=0.01,
+    missing_eos_penalty=0.0,
+    seed=3,
+)
+
+
 @pytest.mark.parametrize(
     "estimator",
     [
@@ -122,24 +142,7 @@ def test_learns_rule_reward(tmp_path, tiny_tok, prompts_file, monkeypatch, estim
     fake_stage(art, "sft", make_causal_lm, tiny_tok, initializer_range=0.3)
     fake_stage(art, "reward", make_seq_cls, tiny_tok)
     replace_reward(monkeypatch, letter_share)
-    settings = dict(
-        num_iterations=30,
-        rollout_batch_size=8,
-        num_mini_batches=1,
-        per_device_train_batch_size=8,
-        local_rollout_forward_batch_size=8,
-        response_length=8,
-        learning_rate=3e-2,
-        lr_scheduler_type="constant",
-        temperature=1.0,
-        num_ppo_epochs=2,
-        lora_r=8,
-        lora_alpha=16,
-        kl_coef=0.01,
-        missing_eos_penalty=0.0,
-        seed=3,
-    )
-    assert run_ppo(art, prompts_file, **{**settings, **estimator}) == 0
+    assert run_ppo(art, prompts_file, **{**RULE_REWARD_SETTINGS, **estimator}) == 0
     scores = [row["objective/scores"] for row in read_metrics(art / "ppo" / "metrics.jsonl")]
     assert len(scores) == 30
     first5, last5 = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
