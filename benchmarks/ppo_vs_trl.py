@@ -102,6 +102,9 @@ def matmul_peak(dtype_name: str, sizes=None, repeats: int = 5) -> float:
             a @ b
             sync()
             best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    del a, b
+    if cuda:
+        torch.cuda.empty_cache()  # the stages run in child processes on the same GPU
     return best
 
 
@@ -372,10 +375,22 @@ def main(argv: list[str] | None = None) -> int:
     if a.init == "random":
         a.source = random_source(a.source, (a.out / "random-source").resolve(), a.seed)
     python = a.anchor_python or anchor_python()
-    peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
-    print("ppo_vs_trl: matmul peak " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peaks.items()), flush=True)
+    from pipeline.modeling import native_bf16_here
 
-    runs = []
+    # Emulated bf16 (a CPU without AVX512-BF16 or AMX) runs near 1 GFLOP/s at any size: one small size there.
+    emulated = {"bfloat16": (512,)} if not native_bf16_here() else {}
+    peaks = {d: matmul_peak(d, emulated.get(d)) for d in ("float32", "bfloat16")}
+    print("ppo_vs_trl: matmul peak " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peaks.items()), flush=True)
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    result = {"command": "python benchmarks/ppo_vs_trl.py " + " ".join(argv), "device": device,
+              "versions": {"torch": torch.__version__}, "matmul_peak_gflop_per_s": peaks, "runs": []}  # fmt: skip
+    runs = result["runs"]
+
+    def save() -> None:  # after every run, so that a failure later keeps what was measured
+        (a.out / "ppo_vs_trl.json").write_text(json.dumps(result, indent=1))
+
     for rnd in range(a.rounds):
         anchor_out = a.out / f"anchor-{rnd}.json"
         wall = run([str(python), str(REPO / "benchmarks" / "trl_ppo_anchor.py"),
@@ -383,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--prompts", str(prompts), "--iterations", str(a.iterations), "--seed", str(a.seed),
                     "--out", str(anchor_out)], log)  # fmt: skip
         runs.append({"who": "anchor", "round": rnd, "wall_s": wall, **json.loads(anchor_out.read_text())})
+        save()
         print(f"ppo_vs_trl: anchor, round {rnd + 1}: {runs[-1]['seconds_per_iteration']}", flush=True)
         for name, flags in variants.items():
             run_dir = a.out / f"ours-{name}-{rnd}"
@@ -390,15 +406,11 @@ def main(argv: list[str] | None = None) -> int:
             wall = run([sys.executable, "-m", "pipeline.stage_ppo", *ours_argv(a, run_dir, prompts, flags)], log)
             rows = read_rows(run_dir / "ppo" / "metrics.jsonl")
             runs.append({"who": name, "round": rnd, "wall_s": wall, "flags": flags, "rows": rows})
+            save()
             print(f"ppo_vs_trl: ours [{name}], round {rnd + 1}: {[round(r['time/iteration_s'], 2) for r in rows]}",
                   flush=True)  # fmt: skip
-    import torch
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    result = {"command": "python benchmarks/ppo_vs_trl.py " + " ".join(argv), "device": device,
-              "versions": {"torch": torch.__version__}, "matmul_peak_gflop_per_s": peaks,
-              "summary": summarize(runs, {}, peaks), "runs": runs}  # fmt: skip
-    (a.out / "ppo_vs_trl.json").write_text(json.dumps(result, indent=1))  # the timings, before the counting runs
+    result["summary"] = summarize(runs, {}, peaks)
+    save()  # the timings, before the counting runs
     flops = {}
     if not a.no_flops:
         for name, flags in variants.items():
@@ -408,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             if run(cmd, log, check=False) is not None:  # a failed count leaves the timings standing
                 flops[name] = counted_run(run_dir, out, flags)
     summary = result["summary"] = summarize(runs, flops, peaks)
-    (a.out / "ppo_vs_trl.json").write_text(json.dumps(result, indent=1))
+    save()
     print(f"ppo_vs_trl: on {device}")
     print_table(summary, runs)
     print(f"\nppo_vs_trl: wrote {a.out / 'ppo_vs_trl.json'}")

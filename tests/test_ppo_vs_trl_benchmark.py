@@ -5,6 +5,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 from pipeline.artifacts import REPO_ROOT
 
@@ -89,3 +90,31 @@ def test_rule_reward_seeds_repeats_the_learning_test_s_run(tmp_path, fresh_accel
     result = json.loads((tmp_path / "out" / "rule_reward_seeds.json").read_text())
     assert [(r["estimator"], r["dtype"], r["seed"]) for r in result["runs"]] == [("rloo", "float32", 3)]
     assert result["runs"][0]["rise"] > 0.25
+
+
+def test_random_source_keeps_the_architecture_and_draws_seeded_weights(tiny_artifacts, tmp_path):
+    """--init random: the source's configs and tokenizers, new weights, the same ones for the same seed."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    first = bench.random_source(tiny_artifacts, tmp_path / "a", seed=42)
+    again = bench.random_source(tiny_artifacts, tmp_path / "b", seed=42)
+    other = bench.random_source(tiny_artifacts, tmp_path / "c", seed=7)
+    for part, cls in (("sft", AutoModelForCausalLM), ("reward", AutoModelForSequenceClassification)):
+        src, dst = tiny_artifacts / part / "model", first / part / "model"
+        model, trained = cls.from_pretrained(dst), cls.from_pretrained(src)
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "tie_word_embeddings")  # fmt: skip
+        assert [getattr(model.config, k) for k in sizes] == [getattr(trained.config, k) for k in sizes]
+        assert {k: v.shape for k, v in model.state_dict().items()} == {
+            k: v.shape for k, v in trained.state_dict().items()
+        }
+        assert AutoTokenizer.from_pretrained(dst).get_vocab() == AutoTokenizer.from_pretrained(src).get_vocab()
+        weights = load_file(str(dst / "model.safetensors"))
+        same = load_file(str(again / part / "model" / "model.safetensors"))
+        different = load_file(str(other / part / "model" / "model.safetensors"))
+        source = load_file(str(src / "model.safetensors"))
+        big = max(weights, key=lambda k: weights[k].numel())
+        assert all(torch.equal(weights[k], same[k]) for k in weights)
+        assert not torch.equal(weights[big], different[big]) and not torch.equal(weights[big], source[big])
+    assert AutoModelForSequenceClassification.from_pretrained(first / "reward" / "model").config.num_labels == 1
