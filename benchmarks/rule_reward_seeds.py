@@ -20,17 +20,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-ESTIMATORS = {
-    "gae": {},
-    "rloo": {"advantage_estimator": "rloo", "num_samples_per_prompt": 4, "rollout_batch_size": 2},
-    "grpo": {"advantage_estimator": "grpo", "num_samples_per_prompt": 4, "rollout_batch_size": 2},
-    "reinforce_pp": {"advantage_estimator": "reinforce_pp"},
-}
-
 
 def main(argv: list[str] | None = None) -> int:
+    from tests import test_stage_ppo as t
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--estimators", nargs="+", choices=sorted(ESTIMATORS), default=["grpo"])
+    ap.add_argument("--estimators", nargs="+", choices=list(t.RULE_REWARD_ESTIMATORS), default=["grpo"])
     ap.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[3, 4, 5])
     ap.add_argument("--out", type=Path, default=Path("runs/rule-reward-seeds"))
@@ -40,17 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from accelerate.state import AcceleratorState
 
-    from tests import test_stage_ppo as t
-    from tests.conftest import (
-        fake_stage,
-        make_causal_lm,
-        make_seq_cls,
-        make_tokenizer,
-        prompt_rows,
-        read_metrics,
-        run_ppo,
-        write_jsonl,
-    )
+    from tests.conftest import make_tokenizer, prompt_rows, write_jsonl
 
     shutil.rmtree(a.out, ignore_errors=True)
     a.out.mkdir(parents=True)
@@ -63,16 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         for dtype in a.dtypes:
             for seed in a.seeds:
                 AcceleratorState._reset_state(True)
-                art = a.out / f"{estimator}-{dtype}-{seed}"
-                # As the test: a larger init than 0.02 gives the tiny model logits a LoRA can move.
-                fake_stage(art, "sft", make_causal_lm, tok, initializer_range=0.3)
-                fake_stage(art, "reward", make_seq_cls, tok)
-                settings = dict(t.RULE_REWARD_SETTINGS, seed=seed, dtype=dtype,
-                                mixed_precision="bf16" if dtype == "bfloat16" else "no")  # fmt: skip
-                if run_ppo(art, prompts, **{**settings, **ESTIMATORS[estimator]}) != 0:
-                    return 1
-                scores = [row["objective/scores"] for row in read_metrics(art / "ppo" / "metrics.jsonl")]
-                first, last = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+                varied = {"seed": seed, "dtype": dtype, "mixed_precision": "bf16" if dtype == "bfloat16" else "no"}
+                scores = t.rule_reward_scores(a.out / f"{estimator}-{dtype}-{seed}", tok, prompts,
+                                              **{**t.RULE_REWARD_ESTIMATORS[estimator], **varied})  # fmt: skip
+                first, last = t.first_and_last_five(scores)
                 results.append({"estimator": estimator, "dtype": dtype, "seed": seed, "first5": first,
                                 "last5": last, "rise": last - first})  # fmt: skip
                 print(f"rule_reward_seeds: {estimator} {dtype} seed {seed}: {first:.3f} -> {last:.3f} "

@@ -9,6 +9,7 @@ import math
 import os
 import string
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,26 +127,34 @@ RULE_REWARD_SETTINGS = dict(
 )
 
 
-@pytest.mark.parametrize(
-    "estimator",
-    [
-        {},
-        {"advantage_estimator": "rloo", "num_samples_per_prompt": 4, "rollout_batch_size": 2},
-        {"advantage_estimator": "grpo", "num_samples_per_prompt": 4, "rollout_batch_size": 2},
-        {"advantage_estimator": "reinforce_pp"},
-    ],
-    ids=["gae", "rloo", "grpo", "reinforce_pp"],
-)
-def test_learns_rule_reward(tmp_path, tiny_tok, prompts_file, monkeypatch, estimator):
-    art = tmp_path / "artifacts"
+RULE_REWARD_ESTIMATORS = {
+    "gae": {},
+    "rloo": {"advantage_estimator": "rloo", "num_samples_per_prompt": 4, "rollout_batch_size": 2},
+    "grpo": {"advantage_estimator": "grpo", "num_samples_per_prompt": 4, "rollout_batch_size": 2},
+    "reinforce_pp": {"advantage_estimator": "reinforce_pp"},
+}
+
+
+def rule_reward_scores(art: Path, tok, prompts: Path, **kw) -> list[float]:
+    """The learning run (``RULE_REWARD_SETTINGS`` with ``kw`` on top) on fresh tiny stages in ``art``: each
+    iteration's mean score. The caller has replaced the reward with ``letter_share``."""
     # A larger init than the default 0.02 gives the tiny model logits big enough that a LoRA can move them.
-    fake_stage(art, "sft", make_causal_lm, tiny_tok, initializer_range=0.3)
-    fake_stage(art, "reward", make_seq_cls, tiny_tok)
+    fake_stage(art, "sft", make_causal_lm, tok, initializer_range=0.3)
+    fake_stage(art, "reward", make_seq_cls, tok)
+    assert run_ppo(art, prompts, **{**RULE_REWARD_SETTINGS, **kw}) == 0
+    return [row["objective/scores"] for row in read_metrics(art / "ppo" / "metrics.jsonl")]
+
+
+def first_and_last_five(scores: list[float]) -> tuple[float, float]:
+    return sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+
+
+@pytest.mark.parametrize("estimator", list(RULE_REWARD_ESTIMATORS.values()), ids=list(RULE_REWARD_ESTIMATORS))
+def test_learns_rule_reward(tmp_path, tiny_tok, prompts_file, monkeypatch, estimator):
     replace_reward(monkeypatch, letter_share)
-    assert run_ppo(art, prompts_file, **{**RULE_REWARD_SETTINGS, **estimator}) == 0
-    scores = [row["objective/scores"] for row in read_metrics(art / "ppo" / "metrics.jsonl")]
+    scores = rule_reward_scores(tmp_path / "artifacts", tiny_tok, prompts_file, **estimator)
     assert len(scores) == 30
-    first5, last5 = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
+    first5, last5 = first_and_last_five(scores)
     assert last5 > first5 + 0.25, f"mean reward did not rise: {[round(s, 2) for s in scores]}"
 
 
