@@ -12,6 +12,7 @@
     .venv/bin/python benchmarks/bench_kernels.py reward-chunks --model DIR [--steps 10] [--chunks 1024] [--pairs 1024]
     .venv/bin/python benchmarks/bench_kernels.py update-chunks --source DIR [--iterations 3] [--chunks 512 1024]
     .venv/bin/python benchmarks/bench_kernels.py ppo-profile --source DIR [--iteration 3]
+    .venv/bin/python benchmarks/bench_kernels.py rollout-logprobs --source DIR [--iterations 3] [--rounds 2]
 
 - ``attention``: forward, and forward + backward, of one layer's attention (9 heads of 64, SmolLM2-135M's)
   with torch's flash and math CPU kernels, causal and with a padding mask, in bf16 and fp32 (ms, mean of 20).
@@ -38,6 +39,11 @@
   per micro-batch against length-sorted chunks of rows at several token budgets.
 - ``ppo-profile``: our PPO stage at the ppo_vs_trl sizes with ``torch.profiler`` around one iteration's update;
   prints the operators by self time. ``--source`` holds ``sft/model`` and ``reward/model``.
+- ``rollout-logprobs``: the PPO stage with the demo recipe (``configs/ppo_demo.yaml``, four minibatches, so the
+  update does not reuse the rollout's forward) on ``--source``'s ``sft/`` and ``reward/``, its first
+  ``--iterations`` iterations, with ``--rollout_logprobs forward`` and ``sampler`` alternating for ``--rounds``
+  rounds, each run a fresh process: median seconds per iteration, rollout and policy forward, and each
+  iteration's KL and mean score, which show whether the two runs learn the same.
 """
 
 from __future__ import annotations
@@ -580,6 +586,39 @@ def ppo_profile(a) -> None:
         stage_ppo.cli(bench.ours_argv(sizes, Path(tmp) / "run", prompts, []))
 
 
+def rollout_logprobs(a) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    runs = {"forward": [], "sampler": []}
+    for _ in range(a.rounds):
+        for mode, rows in runs.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                for stage in ("sft", "reward"):
+                    shutil.copytree(Path(a.source) / stage, Path(tmp) / stage, copy_function=os.link)
+                cmd = [sys.executable, "-m", "pipeline.stage_ppo", "--config", str(REPO / "configs" / "ppo_demo.yaml"),
+                       "--artifact_dir", tmp, "--stop_after_iterations", str(a.iterations), "--sample_every", "0",
+                       "--rollout_logprobs", mode]  # fmt: skip
+                subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+                metrics = Path(tmp) / "ppo-run" / "metrics.jsonl"
+                rows.append([json.loads(line) for line in metrics.read_text().splitlines()])
+            it = [r["time/iteration_s"] for r in rows[-1]]
+            print(f"rollout-logprobs {mode:8} run {len(rows)}: s/iteration {[round(t, 2) for t in it]}", flush=True)
+    for mode, rows in runs.items():
+        every = [r for run in rows for r in run]
+
+        def med(key: str, every=every) -> float:
+            return statistics.median(r.get(key, 0.0) for r in every)
+
+        print(f"rollout-logprobs {mode:8}: median s/iteration {med('time/iteration_s'):.2f}, rollout "
+              f"{med('time/rollout_s'):.2f}, policy forward {med('time/policy_forward_s'):.2f}, update "
+              f"{med('time/update_s'):.2f}; token-prob error max "
+              f"{max(r['val/sampler_token_prob_error'] for r in every):.6f}")  # fmt: skip
+        print(f"  KL per iteration {[round(r['objective/kl'], 4) for r in rows[0]]}; "
+              f"scores {[round(r['objective/scores'], 4) for r in rows[0]]}")  # fmt: skip
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -648,10 +687,15 @@ def main(argv=None) -> int:
     p.add_argument("--source", required=True)
     p.add_argument("--iteration", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
+    p = sub.add_parser("rollout-logprobs")
+    p.add_argument("--source", required=True, help="an artifact directory holding sft/ and reward/")
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args(argv)
     {"attention": attention, "linear": linear, "sft-step": sft_step, "generation": generation,
      "eval-batch": eval_batch, "scoring": scoring, "reward": reward, "reward-chunks": reward_chunks,
-     "update-chunks": update_chunks, "ppo-profile": ppo_profile}[a.what](a)  # fmt: skip
+     "update-chunks": update_chunks, "ppo-profile": ppo_profile,
+     "rollout-logprobs": rollout_logprobs}[a.what](a)  # fmt: skip
     return 0
 
 

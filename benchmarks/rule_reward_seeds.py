@@ -1,12 +1,14 @@
 """How far the tiny-model learning test moves across seeds, estimators and precisions.
 
     .venv/bin/python benchmarks/rule_reward_seeds.py --estimators grpo --dtypes float32 bfloat16 --seeds 5 6 7 8 9
+    .venv/bin/python benchmarks/rule_reward_seeds.py --estimators gae grpo --rollout_logprobs forward sampler
 
 Runs ``tests/test_stage_ppo.py::test_learns_rule_reward``'s PPO run (a tiny LLaMA built from config, the reward
-the share of lowercase letters in a response, 30 iterations) once per estimator, base dtype and seed, on the
-device the stage picks (the first GPU if there is one), and prints the mean score of the first and last five
-iterations. The test asks the last five to beat the first five by 0.25 at seed 3; this shows whether a run that
-misses it on other hardware lies outside the spread of seeds. Writes ``<out>/rule_reward_seeds.json``.
+the share of lowercase letters in a response, 30 iterations) once per estimator, base dtype, source of the
+rollout's log-probs (``--rollout_logprobs``) and seed, on the device the stage picks (the first GPU if there is
+one), and prints the mean score of the first and last five iterations. The test asks the last five to beat the
+first five by 0.25 at seed 3; this shows whether a run that misses it on other hardware or settings lies outside
+the spread of seeds. Writes ``<out>/rule_reward_seeds.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--estimators", nargs="+", choices=list(t.RULE_REWARD_ESTIMATORS), default=["grpo"])
     ap.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[3, 4, 5])
+    ap.add_argument("--rollout_logprobs", nargs="+", choices=("auto", "sampler", "forward"),
+                    default=[t.RULE_REWARD_SETTINGS["rollout_logprobs"]], help="default: the test's")  # fmt: skip
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (1, as the test runs: rounding differs)")
     ap.add_argument("--out", type=Path, default=Path("runs/rule-reward-seeds"))
     a = ap.parse_args(argv)
 
@@ -37,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tests.conftest import make_tokenizer, prompt_rows, write_jsonl
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(a.threads)  # the thread count changes CPU rounding, and so the run's path
     shutil.rmtree(a.out, ignore_errors=True)
     a.out.mkdir(parents=True)
     tok = make_tokenizer(a.out / "tokenizer")
@@ -45,19 +52,22 @@ def main(argv: list[str] | None = None) -> int:
     t.replace_reward(patch, t.letter_share)
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     for estimator in a.estimators:
-        for dtype in a.dtypes:
+        for dtype, source in ((d, s) for d in a.dtypes for s in a.rollout_logprobs):
             for seed in a.seeds:
                 AcceleratorState._reset_state(True)
-                varied = {"seed": seed, "dtype": dtype, "mixed_precision": "bf16" if dtype == "bfloat16" else "no"}
-                scores = t.rule_reward_scores(a.out / f"{estimator}-{dtype}-{seed}", tok, prompts,
+                varied = {"seed": seed, "dtype": dtype, "mixed_precision": "bf16" if dtype == "bfloat16" else "no",
+                          "rollout_logprobs": source}  # fmt: skip
+                scores = t.rule_reward_scores(a.out / f"{estimator}-{dtype}-{source}-{seed}", tok, prompts,
                                               **{**t.RULE_REWARD_ESTIMATORS[estimator], **varied})  # fmt: skip
                 first, last = t.first_and_last_five(scores)
-                results.append({"estimator": estimator, "dtype": dtype, "seed": seed, "first5": first,
-                                "last5": last, "rise": last - first})  # fmt: skip
-                print(f"rule_reward_seeds: {estimator} {dtype} seed {seed}: {first:.3f} -> {last:.3f} "
+                results.append({"estimator": estimator, "dtype": dtype, "rollout_logprobs": source, "seed": seed,
+                                "first5": first, "last5": last, "rise": last - first})  # fmt: skip
+                print(f"rule_reward_seeds: {estimator} {dtype} {source} seed {seed}: {first:.3f} -> {last:.3f} "
                       f"(rise {last - first:+.3f})", flush=True)  # fmt: skip
     patch.undo()
-    (a.out / "rule_reward_seeds.json").write_text(json.dumps({"device": device, "runs": results}, indent=1))
+    torch.set_num_threads(threads)
+    summary = {"device": device, "threads": a.threads, "runs": results}
+    (a.out / "rule_reward_seeds.json").write_text(json.dumps(summary, indent=1))
     print(f"rule_reward_seeds: on {device}; wrote {a.out / 'rule_reward_seeds.json'}")
     return 0
 

@@ -40,11 +40,15 @@ class InverseCDFSampler(LogitsProcessor):
     log-prob of its sample at no extra forward pass (the evaluation's Monte-Carlo KL uses it). Under
     ``model.generate`` rows that already finished keep drawing; under ``pipeline.decoding.generate`` they
     leave the batch and record 0 (``set_rows``). Either way, mask them with the response mask.
+
+    With ``record_entropy=True`` it keeps the entropy of each step's distribution the same way
+    (``take_entropy()``), the policy entropy PPO logs, without a forward over the responses.
     """
 
-    def __init__(self, record_logprobs: bool = False):
-        self.record_logprobs = record_logprobs
+    def __init__(self, record_logprobs: bool = False, record_entropy: bool = False):
+        self.record_logprobs, self.record_entropy = record_logprobs, record_entropy
         self._logprobs: list[torch.Tensor] = []
+        self._entropy: list[torch.Tensor] = []
         self._rows: tuple[torch.Tensor, int] | None = None
 
     def set_rows(self, rows: torch.Tensor, batch_size: int) -> None:
@@ -56,13 +60,20 @@ class InverseCDFSampler(LogitsProcessor):
         probs = torch.softmax(scores.float(), dim=-1)
         tokens = inverse_cdf_sample(probs)
         rows, self._rows = self._rows, None
-        if self.record_logprobs:
-            logp = torch.log_softmax(scores.float(), dim=-1).gather(1, tokens.unsqueeze(1)).squeeze(1)
-            if rows is not None:
-                logp = logp.new_zeros(rows[1]).index_copy_(0, rows[0], logp)
-            self._logprobs.append(logp)
+        if self.record_logprobs or self.record_entropy:
+            logp_all = torch.log_softmax(scores.float(), dim=-1)
+            if self.record_logprobs:
+                self._logprobs.append(self._all_rows(logp_all.gather(1, tokens.unsqueeze(1)).squeeze(1), rows))
+            if self.record_entropy:  # p == 0 where logp == -inf (filtered tokens): they add 0, not NaN
+                entropy = -(probs * torch.where(probs > 0, logp_all, 0.0)).sum(-1)
+                self._entropy.append(self._all_rows(entropy, rows))
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, tokens.unsqueeze(1), 0.0)
+
+    @staticmethod
+    def _all_rows(values: torch.Tensor, rows: tuple[torch.Tensor, int] | None) -> torch.Tensor:
+        """One value per row of the whole batch: 0 for rows that left it (``set_rows``)."""
+        return values if rows is None else values.new_zeros(rows[1]).index_copy_(0, rows[0], values)
 
     def take_logprobs(self) -> torch.Tensor:
         """The recorded log-probs since the last call, ``[B, steps]``; clears the record."""
@@ -71,6 +82,13 @@ class InverseCDFSampler(LogitsProcessor):
                 "no log-probs recorded: create the sampler with record_logprobs=True and generate first"
             )
         out, self._logprobs = torch.stack(self._logprobs, 1), []
+        return out
+
+    def take_entropy(self) -> torch.Tensor:
+        """The recorded entropies since the last call, ``[B, steps]`` (nats); clears the record."""
+        if not self._entropy:
+            raise RuntimeError("no entropy recorded: create the sampler with record_entropy=True and generate first")
+        out, self._entropy = torch.stack(self._entropy, 1), []
         return out
 
 

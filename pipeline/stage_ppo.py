@@ -29,6 +29,7 @@ from pipeline.errors import PipelineError
 from reward_models.composite import AGGREGATIONS  # a light import: torch loads lazily
 
 ESTIMATORS = ("gae", "rloo", "grpo", "reinforce_pp")
+ROLLOUT_LOGPROBS = ("auto", "sampler", "forward")
 
 # Base-weight dtype -> the autocast precision it needs (None: plain float32).
 PRECISION_PAIRS = {"float32": None, "bfloat16": "bf16", "float16": "fp16"}
@@ -84,6 +85,14 @@ class PPOArguments:
     top_k: int = arg(0, "Top-k (0 = off).")
     top_p: float = arg(1.0, "Top-p (1 = off).")
     merged_generation: bool = arg(True, "Sample from a merged copy of the policy (pipeline/ppo/generation.py).")
+    rollout_logprobs: str = arg(
+        "auto",
+        "Where the rollout's policy log-probs (the PPO ratio's old side, the KL penalty's policy side) and entropy "
+        "come from when the update does not reuse the rollout's forward: forward (a policy forward over the "
+        "responses after sampling), or sampler (recorded while sampling: no forward; needs no --top_k/--top_p). "
+        "auto: sampler in fp32 without top-k/top-p, where the two agree to rounding; forward otherwise.",
+        choices=list(ROLLOUT_LOGPROBS),
+    )
     # optimisation
     learning_rate: float = arg(3e-5, "AdamW learning rate (LoRA usually wants ~1e-5..1e-4).")
     lr_scheduler_type: str = arg("linear", "transformers scheduler name, stepped once per iteration.")
@@ -130,8 +139,24 @@ def resolve_precision(model_args, args: PPOArguments, has_cuda: bool) -> None:
         args.mixed_precision = PRECISION_PAIRS.get(model_args.dtype) or "no"
 
 
+def resolve_rollout_logprobs(model_args, args: PPOArguments) -> None:
+    """``--rollout_logprobs auto``: the sampler's own log-probs in fp32 without top-k/top-p, where they are the
+    training forward's up to rounding (the decoding path runs the same weights; ``val/sampler_token_prob_error``
+    checks it every iteration); a policy forward under bf16, whose decoding and training forwards round apart
+    (OpenRLHF and verl recompute them for that reason), or where top-k/top-p make the sampled distribution another
+    than the one the loss scores. Run after ``resolve_precision``; the run records the choice."""
+    if args.rollout_logprobs == "auto":
+        exact = model_args.dtype == "float32" and args.mixed_precision == "no"
+        args.rollout_logprobs = "sampler" if exact and not filtered_sampling(args) else "forward"
+
+
+def filtered_sampling(args: PPOArguments) -> bool:
+    """Whether top-k or top-p cut the sampled distribution."""
+    return args.top_k > 0 or args.top_p < 1
+
+
 def check_args(model_args, args: PPOArguments, has_cuda: bool) -> None:
-    """Settings that cannot run, as one-line errors before anything is loaded (``auto`` precisions resolved)."""
+    """Settings that cannot run, as one-line errors before anything is loaded (``auto`` settings resolved)."""
     from pipeline.modeling import check_model_args
 
     resolve_precision(model_args, args, has_cuda)
@@ -204,6 +229,14 @@ def check_args(model_args, args: PPOArguments, has_cuda: bool) -> None:
         raise PipelineError(f"--top_p {args.top_p} / --top_k {args.top_k}: use 0 < top_p <= 1 and top_k >= 0")
     if args.sample_every < 0 or args.max_nonfinite_steps < 0 or args.update_chunk_tokens < 0:
         raise PipelineError("--sample_every, --max_nonfinite_steps and --update_chunk_tokens: use a value >= 0")
+    if args.rollout_logprobs not in ROLLOUT_LOGPROBS:  # a YAML value never meets argparse's choices
+        raise PipelineError(f"--rollout_logprobs {args.rollout_logprobs!r}: use {', '.join(ROLLOUT_LOGPROBS)}")
+    if args.rollout_logprobs == "sampler" and filtered_sampling(args):
+        raise PipelineError(
+            "--rollout_logprobs sampler records log-probs under the top-k/top-p-filtered distribution, not the "
+            "policy's: use --rollout_logprobs forward, or drop --top_k/--top_p"
+        )
+    resolve_rollout_logprobs(model_args, args)
 
 
 @dataclass

@@ -192,13 +192,15 @@ def ppo_arguments(art: Path, prompts: Path, **kw):
 
 
 def make_trainer(art: Path, prompts: Path, reward_fn=None, **kw):
-    """The PPO trainer the stage builds, before its loop: ``(trainer, the stage's own reward_fn, a batch)``."""
+    """The PPO trainer the stage builds, before its loop: ``(trainer, the stage's own reward_fn, a batch)``. On
+    the CPU on every machine (its callers check CPU-path choices such as the update's chunking); Accelerate's
+    process-wide state must be fresh or CPU already (``fresh_accelerate_state``)."""
     from accelerate import Accelerator
 
-    from pipeline.stage_ppo import resolve_precision, setup
+    from pipeline.stage_ppo import check_args, setup
 
     stage, model_args, args = ppo_arguments(art, prompts, **kw)
-    resolve_precision(model_args, args, has_cuda=False)
+    check_args(model_args, args, has_cuda=False)  # as the stage's main: checked, auto settings resolved
     trainer = setup(stage, model_args, args, Accelerator(cpu=True, mixed_precision=args.mixed_precision))
     own = trainer.reward_fn
     if reward_fn is not None:

@@ -143,3 +143,27 @@ def test_recording_does_not_change_the_draw(tiny_lm):
                 )
             )
     assert torch.equal(*runs)
+
+
+def test_recorded_entropy_is_that_of_the_distribution_drawn_from():
+    """``record_entropy``: each step's entropy of softmax(scores), filtered (-inf) tokens adding 0, one value per
+    row of the whole batch, 0 for rows that left it (``set_rows``); the draw itself is unchanged."""
+    from pipeline.ppo.core import entropy_from_logits
+    from pipeline.sampling import InverseCDFSampler
+
+    scores = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
+    scores[0, :10] = float("-inf")  # as top-k / top-p leave them
+    want = entropy_from_logits(scores.unsqueeze(1)).squeeze(1)
+    proc, plain = InverseCDFSampler(record_logprobs=True, record_entropy=True), InverseCDFSampler()
+    torch.manual_seed(4)
+    first = proc(None, scores.clone())
+    torch.manual_seed(4)
+    assert torch.equal(first, plain(None, scores.clone()))
+    proc.set_rows(torch.tensor([0, 2]), 3)
+    proc(None, scores[[0, 2]].clone())
+    got = proc.take_entropy()
+    assert got.shape == (3, 2) and proc.take_logprobs().shape == (3, 2)
+    torch.testing.assert_close(got[:, 0], want)
+    torch.testing.assert_close(got[:, 1], torch.stack([want[0], torch.tensor(0.0), want[2]]))
+    with pytest.raises(RuntimeError, match="no entropy recorded"):
+        proc.take_entropy()

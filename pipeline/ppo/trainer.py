@@ -290,6 +290,9 @@ class PPOTrainer:
         self.sampler = self._sampler()
         self.clock = PhaseClock(accelerator.device)
         self.fused = self.can_fuse()
+        # The rollout's policy log-probs and entropy from the sampler (no policy forward; --rollout_logprobs).
+        # Fused, they come from the update's own forward at no cost.
+        self.sampler_logprobs = args.rollout_logprobs == "sampler" and not self.fused
         self.chunk_tokens = self.update_chunk_tokens()
         self._graph: tuple[Tensor, Tensor | None] | None = None  # the fused forward, kept for the update
         n_minibatches = args.num_ppo_epochs * args.num_mini_batches
@@ -446,11 +449,12 @@ class PPOTrainer:
         self.unwrapped.eval()
         # 1. Generate a response per prompt (sampled at the temperature; stops at EOS; capped at R tokens).
         with self.clock("generate"):
-            query_response, attention_mask, P, mask, has_eos, sampler_logprobs = self._generate(prompts)
+            query_response, attention_mask, P, mask, has_eos, drawn = self._generate(prompts)
         responses = query_response[:, P:]
-        # 2. One forward each: policy log-probs (and entropy), values, reference log-probs (adapter off).
+        # 2. One forward each: policy log-probs (and entropy), values, reference log-probs (adapter off). With
+        # --rollout_logprobs sampler the policy's come from the sampler instead (``drawn``).
         with self._attention(query_response.shape[1]):
-            logprobs, ref_logprobs, values, entropy = self._forward(query_response, attention_mask, responses)
+            logprobs, ref_logprobs, values, entropy = self._forward(query_response, attention_mask, responses, drawn)
 
         # 3. Score the decoded responses with the reward model (re-encoded by its own tokenizer).
         response_texts = tok.batch_decode(
@@ -479,8 +483,6 @@ class PPOTrainer:
         advantages, returns = self._advantages(rewards, values, mask)
 
         kl_seq = torch.where(mask, kl, 0.0).sum(1)  # [B] sequence KL (nats)
-        # The sampler's own log-probs against the training forward's, on the sampled tokens (1 = they agree).
-        prob_error = token_prob_error(sampler_logprobs, logprobs, mask)
         non_score = rewards.sum(1) - torch.where(mask.sum(1) > 0, scores, 0.0)
         g = self.accelerator.gather_for_metrics
         stats = {
@@ -493,8 +495,12 @@ class PPOTrainer:
             "objective/kl_coef": self.kl_ctl.value,
             "val/eos_rate": g(has_eos.float()).mean().item(),
             "val/response_length": g(mask.sum(1).float()).mean().item(),
-            "val/sampler_token_prob_error": g(prob_error.unsqueeze(0)).mean().item(),
         }
+        if not self.sampler_logprobs:
+            # The sampler's own log-probs against the training forward's, on the sampled tokens (1 = they agree).
+            # With the sampler's log-probs the update measures it on its first minibatch (see update).
+            prob_error = token_prob_error(drawn[0], logprobs, mask)
+            stats["val/sampler_token_prob_error"] = g(prob_error.unsqueeze(0)).mean().item()
         parts = getattr(self.reward_fn, "last_components", {})
         if parts.get("members") is not None and len(parts["members"]) > 1:  # ensemble disagreement
             stats["objective/ensemble_std"] = g(parts["members"].std(0).to(device)).mean().item()
@@ -526,17 +532,18 @@ class PPOTrainer:
             advantages = torch.where(mask, per_sequence.unsqueeze(1), 0.0)
         return advantages, torch.zeros_like(advantages)
 
-    def _generate(self, prompts: list[list[dict]]) -> tuple[Tensor, Tensor, int, Tensor, Tensor, Tensor]:
-        """``(query_response [B, P+R], attention_mask [B, P+R], P, mask [B, R], has_eos [B], sampler_logprobs
-        [B, R])``: left-padded prompts, then sampled responses cut at their first EOS and right-padded with the
-        pad token, and the log-prob of each sampled token under the distribution it was drawn from."""
+    def _generate(self, prompts: list[list[dict]]) -> tuple[Tensor, Tensor, int, Tensor, Tensor, tuple]:
+        """``(query_response [B, P+R], attention_mask [B, P+R], P, mask [B, R], has_eos [B], (sampler_logprobs
+        [B, R], sampler_entropy [B, R] or None))``: left-padded prompts, then sampled responses cut at their first
+        EOS and right-padded with the pad token, the log-prob of each sampled token under the distribution it was
+        drawn from, and (with the sampler's log-probs in use) that distribution's entropy; 0 past a row's end."""
         args, tok = self.args, self.tokenizer
         chunk, R = args.local_rollout_forward_batch_size, args.response_length
         texts = [tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False, padding_side="left")
         enc = enc.to(self.accelerator.device)
         P = enc["input_ids"].shape[1]
-        draw = InverseCDFSampler(record_logprobs=True)
+        draw = InverseCDFSampler(record_logprobs=True, record_entropy=self.sampler_logprobs)
         gen_kwargs = dict(
             **sampling_kwargs(args.temperature, args.top_k, args.top_p, draw),
             max_new_tokens=R,
@@ -545,7 +552,7 @@ class PPOTrainer:
         )
         sampler = self.sampler
         sampler.sync()  # the engine takes the adapter as the last update left it
-        outs, drawn = [], []
+        outs, drawn, entropies = [], [], []
         for i in range(0, len(prompts), chunk):
             outs.append(
                 sampler.generate(
@@ -555,14 +562,24 @@ class PPOTrainer:
                 )[:, P:]
             )
             drawn.append(draw.take_logprobs())
+            if self.sampler_logprobs:
+                entropies.append(draw.take_entropy())
         responses = torch.cat([nn.functional.pad(o, (0, R - o.shape[1]), value=tok.pad_token_id) for o in outs])
         sampler_logprobs = torch.cat([nn.functional.pad(d, (0, R - d.shape[1])) for d in drawn])
+        sampler_entropy = (
+            torch.cat([nn.functional.pad(e, (0, R - e.shape[1])) for e in entropies]) if entropies else None
+        )
         # The response ends at its first EOS; everything after it is padding.
         mask, has_eos = response_mask(responses, tok.eos_token_id)
         responses = responses.masked_fill(~mask, tok.pad_token_id)
         query_response = torch.cat([enc["input_ids"], responses], 1)
         attention_mask = torch.cat([enc["attention_mask"], mask.long()], 1)
-        return query_response, attention_mask, P, mask, has_eos, sampler_logprobs
+        if sampler_entropy is not None:  # past a row's end: 0, as a forward's values there are never read
+            sampler_logprobs, sampler_entropy = (
+                sampler_logprobs.masked_fill(~mask, 0.0),
+                sampler_entropy.masked_fill(~mask, 0.0),
+            )
+        return query_response, attention_mask, P, mask, has_eos, (sampler_logprobs, sampler_entropy)
 
     def _attention(self, tokens: int):
         """The attention kernel of the rollout's scoring forwards. Fused, they include the update's own forward:
@@ -574,8 +591,9 @@ class PPOTrainer:
             return nullcontext()
         return training_attention(self.accelerator.device, self.accelerator.mixed_precision, tokens)
 
-    def _forward(self, query_response: Tensor, attention_mask: Tensor, responses: Tensor) -> tuple[Tensor, ...]:
-        """``(logprobs, ref_logprobs, values, entropy)``, each ``[B, R]``, in chunks of the rollout forward batch."""
+    def _forward(self, query_response: Tensor, attention_mask: Tensor, responses: Tensor, drawn: tuple) -> tuple:
+        """``(logprobs, ref_logprobs, values, entropy)``, each ``[B, R]``, in chunks of the rollout forward batch;
+        the policy's log-probs and entropy are the sampler's (``drawn``) with ``self.sampler_logprobs``."""
         args, net = self.args, self.unwrapped
         R = responses.shape[1]
         P = query_response.shape[1] - R
@@ -594,10 +612,14 @@ class PPOTrainer:
             logprobs, values, entropies = [], [], []
             for c in chunks:
                 qr, am = query_response[c], attention_mask[c]
-                with self.clock("policy_forward"):
-                    rl = response_logits(self._scored(qr, am, P, "policy"), R, args.temperature)
-                    logprobs.append(logprobs_from_logits(rl, responses[c]))
-                    entropies.append(entropy_from_logits(rl))
+                if self.sampler_logprobs:
+                    logprobs.append(drawn[0][c])
+                    entropies.append(drawn[1][c])
+                else:
+                    with self.clock("policy_forward"):
+                        rl = response_logits(self._scored(qr, am, P, "policy"), R, args.temperature)
+                        logprobs.append(logprobs_from_logits(rl, responses[c]))
+                        entropies.append(entropy_from_logits(rl))
                 if net.value is None:  # critic-free
                     values.append(torch.zeros_like(logprobs[-1]))
                 else:
@@ -631,12 +653,14 @@ class PPOTrainer:
     # ------------------------------------------------------------------ update
     def update(self, ro: Rollout) -> dict:
         """6. ``num_ppo_epochs`` passes over ``num_mini_batches`` shuffled minibatches, one optimizer step
-        each (gradient accumulation over micro-batches); returns the iteration's mean statistics."""
+        each (gradient accumulation over micro-batches); returns the iteration's mean statistics (and, with the
+        sampler's log-probs, the sampler's token-probability error on the first minibatch)."""
         args, acc = self.args, self.accelerator
         self.model.train()
         B, P = ro.mask.shape[0], ro.context_length
         mb_size, micro_size = self.sizes.local_mini_batch_size, args.per_device_train_batch_size
         stats, mb = self.minibatch_stats.zero_(), 0
+        prob_error = torch.zeros(self.sizes.gradient_accumulation_steps, device=acc.device)
         for _epoch in range(args.num_ppo_epochs):
             order = torch.randperm(B, device=ro.mask.device)
             for mb_start in range(0, B, mb_size):
@@ -667,6 +691,8 @@ class PPOTrainer:
                             self.grad_norms[mb] = grad_norm
                     with torch.no_grad():
                         entropy = masked_mean(entropy_from_logits(rl.detach()), mask)
+                        if self.sampler_logprobs and mb == 0:  # before the first step: the weights that sampled
+                            prob_error[micro] = token_prob_error(ro.logprobs[inds], new_logprobs.detach(), mask)
                         stats[mb, micro] = torch.stack([pg["approxkl"], pg["clipfrac"], pg["loss"].detach(),
                                                         vf["loss"].detach(), vf["clipfrac"], pg["ratio_mean"],
                                                         entropy])  # fmt: skip
@@ -683,6 +709,10 @@ class PPOTrainer:
         out["val/ratio_var"] = ratios.var().item() if len(ratios) > 1 else 0.0
         out["lr"] = self.scheduler.get_last_lr()[0]
         out["train/nonfinite_skipped"] = self.guard.total
+        if self.sampler_logprobs:
+            # The sampler's log-probs (the rollout's) against the training forward's on the first minibatch, whose
+            # forwards all run before the first optimizer step; with a policy forward the rollout measures it.
+            out["val/sampler_token_prob_error"] = acc.reduce(prob_error.mean(), "mean").item()
         return out
 
     def minibatch(self, i: int) -> dict:
