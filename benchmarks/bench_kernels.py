@@ -42,8 +42,9 @@
 - ``rollout-logprobs``: the PPO stage with the demo recipe (``configs/ppo_demo.yaml``, four minibatches, so the
   update does not reuse the rollout's forward) on ``--source``'s ``sft/`` and ``reward/``, its first
   ``--iterations`` iterations, with ``--rollout_logprobs forward`` and ``sampler`` alternating for ``--rounds``
-  rounds, each run a fresh process: median seconds per iteration, rollout and policy forward, and each
-  iteration's KL and mean score, which show whether the two runs learn the same.
+  rounds, each run a fresh process, in ``--dtype`` (auto: the stage's default): median seconds per iteration,
+  rollout and policy forward, and each iteration's KL and mean score, which show whether the two runs learn the
+  same.
 """
 
 from __future__ import annotations
@@ -586,6 +587,11 @@ def ppo_profile(a) -> None:
         stage_ppo.cli(bench.ours_argv(sizes, Path(tmp) / "run", prompts, []))
 
 
+# The PPO stage's --dtype and --mixed_precision for a benchmark's --dtype.
+PRECISION_FLAGS = {"auto": [], "float32": ["--dtype", "float32", "--mixed_precision", "no"],
+                   "bfloat16": ["--dtype", "bfloat16", "--mixed_precision", "bf16"]}  # fmt: skip
+
+
 def rollout_logprobs(a) -> None:
     import os
     import shutil
@@ -599,7 +605,7 @@ def rollout_logprobs(a) -> None:
                     shutil.copytree(Path(a.source) / stage, Path(tmp) / stage, copy_function=os.link)
                 cmd = [sys.executable, "-m", "pipeline.stage_ppo", "--config", str(REPO / "configs" / "ppo_demo.yaml"),
                        "--artifact_dir", tmp, "--stop_after_iterations", str(a.iterations), "--sample_every", "0",
-                       "--rollout_logprobs", mode]  # fmt: skip
+                       "--rollout_logprobs", mode, *PRECISION_FLAGS[a.dtype]]  # fmt: skip
                 subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
                 metrics = Path(tmp) / "ppo-run" / "metrics.jsonl"
                 rows.append([json.loads(line) for line in metrics.read_text().splitlines()])
@@ -691,6 +697,7 @@ def main(argv=None) -> int:
     p.add_argument("--source", required=True, help="an artifact directory holding sft/ and reward/")
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--dtype", choices=list(PRECISION_FLAGS), default="auto", help="the stage's bases and autocast")
     a = ap.parse_args(argv)
     {"attention": attention, "linear": linear, "sft-step": sft_step, "generation": generation,
      "eval-batch": eval_batch, "scoring": scoring, "reward": reward, "reward-chunks": reward_chunks,

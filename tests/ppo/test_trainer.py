@@ -45,7 +45,11 @@ def test_bf16_bases_train_fp32_adapters(tiny_artifacts, prompts_file, fresh_acce
     assert any("lora_B" in n and "policy" in n for n in moved) and any(".score." in n for n in moved)
 
 
-def test_first_minibatch_ratio_one_and_zero_kl(tiny_artifacts, prompts_file):
+@pytest.mark.parametrize("source", ["forward", "sampler"])
+def test_first_minibatch_ratio_one_and_zero_kl(tiny_artifacts, prompts_file, source):
+    """Before any step the policy is the reference and the behaviour policy. With the rollout's log-probs from a
+    policy forward (the same path as the reference's) the KL is exactly 0; from the sampler (fp32) it is 0 up to
+    rounding, and the sampler's token-probability error, measured on the first minibatch, is 1 up to rounding."""
     trainer, _, batch = make_trainer(
         tiny_artifacts,
         prompts_file,
@@ -55,12 +59,18 @@ def test_first_minibatch_ratio_one_and_zero_kl(tiny_artifacts, prompts_file):
         local_rollout_forward_batch_size=4,
         response_length=8,
         learning_rate=1e-2,
+        rollout_logprobs=source,
     )
+    assert trainer.sampler_logprobs == (source == "sampler")
     ro = trainer.rollout(batch)
     # LoRA B starts at zero: policy == reference, so the sequence KL is exactly 0, not merely small.
-    assert ro.stats["objective/kl"] == 0.0
-    assert ro.stats["objective/non_score_reward"] == 0.0
-    trainer.update(ro)
+    exact = source == "forward"
+    assert ro.stats["objective/kl"] == pytest.approx(0.0, abs=0.0 if exact else 1e-5)
+    assert ro.stats["objective/non_score_reward"] == pytest.approx(0.0, abs=0.0 if exact else 1e-6)
+    assert ("val/sampler_token_prob_error" in ro.stats) == exact
+    stats = trainer.update(ro)
+    assert 1.0 <= stats.get("val/sampler_token_prob_error", 1.0) < 1.0 + 1e-5
+    assert ("val/sampler_token_prob_error" in stats) != exact
     # num_ppo_epochs * num_mini_batches, in order: every one ran a forward and an optimizer step
     assert (
         trainer.minibatch_stats.shape[0] == 2
@@ -253,6 +263,7 @@ def test_critic_free_estimators_train_the_policy_only(tiny_artifacts, prompts_fi
         tiny_artifacts, prompts_file, advantage_estimator=estimator, num_samples_per_prompt=k,
         rollout_batch_size=2, num_mini_batches=2, per_device_train_batch_size=4,
         local_rollout_forward_batch_size=8, temperature=1.0, learning_rate=1e-2, missing_eos_penalty=0.0,
+        rollout_logprobs="forward",  # the KL is then exactly 0 at the start, so the advantages are the scores'
     )  # fmt: skip
     net = trainer.unwrapped
     assert net.value is None and trainer.sizes.local_mini_batch_size == 4 and trainer.sizes.episodes == 8
