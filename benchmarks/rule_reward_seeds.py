@@ -2,13 +2,16 @@
 
     .venv/bin/python benchmarks/rule_reward_seeds.py --estimators grpo --dtypes float32 bfloat16 --seeds 5 6 7 8 9
     .venv/bin/python benchmarks/rule_reward_seeds.py --estimators gae grpo --rollout_logprobs forward sampler
+    .venv/bin/python benchmarks/rule_reward_seeds.py --summarize runs/a/rule_reward_seeds.json runs/b/...json
 
 Runs ``tests/test_stage_ppo.py::test_learns_rule_reward``'s PPO run (a tiny LLaMA built from config, the reward
 the share of lowercase letters in a response, 30 iterations) once per estimator, base dtype, source of the
 rollout's log-probs (``--rollout_logprobs``) and seed, on the device the stage picks (the first GPU if there is
 one), and prints the mean score of the first and last five iterations. The test asks the last five to beat the
 first five by 0.25 at seed 3; this shows whether a run that misses it on other hardware or settings lies outside
-the spread of seeds. Writes ``<out>/rule_reward_seeds.json``.
+the spread of seeds. Writes ``<out>/rule_reward_seeds.json``. ``--summarize`` reads such files instead and prints,
+per estimator, dtype and source, the mean rise with a 95% t interval over seeds and the runs below the test's
+0.25, and each source's difference from ``forward`` paired by seed.
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
                     default=[t.RULE_REWARD_SETTINGS["rollout_logprobs"]], help="default: the test's")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1, as the test runs: rounding differs)")
     ap.add_argument("--out", type=Path, default=Path("runs/rule-reward-seeds"))
+    ap.add_argument("--summarize", nargs="+", type=Path, help="rule_reward_seeds.json files to summarise; run none")
     a = ap.parse_args(argv)
+    if a.summarize:
+        summarize([r for f in a.summarize for r in json.loads(f.read_text())["runs"]])
+        return 0
 
     import pytest
     import torch
@@ -70,6 +77,29 @@ def main(argv: list[str] | None = None) -> int:
     (a.out / "rule_reward_seeds.json").write_text(json.dumps(summary, indent=1))
     print(f"rule_reward_seeds: on {device}; wrote {a.out / 'rule_reward_seeds.json'}")
     return 0
+
+
+def summarize(runs: list[dict]) -> None:
+    """Mean rise [95% t interval] per (estimator, dtype, source) and each source minus ``forward``, paired by seed."""
+    from benchmarks.quality import t_interval
+
+    groups: dict[tuple, dict[int, float]] = {}
+    for r in runs:
+        key = (r["estimator"], r["dtype"], r.get("rollout_logprobs", "forward"))
+        groups.setdefault(key, {})[r["seed"]] = r["rise"]
+
+    def show(xs: list[float]) -> str:
+        m, lo, hi = t_interval(xs)
+        return f"{m:+.3f}" + (f" [{lo:+.3f}, {hi:+.3f}]" if lo is not None else "")
+
+    for (estimator, dtype, source), rises in sorted(groups.items()):
+        xs = list(rises.values())
+        print(f"rule_reward_seeds: {estimator} {dtype} {source}: {len(xs)} seeds, mean rise {show(xs)}, "
+              f"{sum(x <= 0.25 for x in xs)} at or below 0.25, lowest {min(xs):+.3f}")  # fmt: skip
+        base = groups.get((estimator, dtype, "forward"))
+        if source != "forward" and base:
+            seeds = sorted(set(rises) & set(base))
+            print(f"  minus forward, paired over {len(seeds)} seeds: {show([rises[s] - base[s] for s in seeds])}")
 
 
 if __name__ == "__main__":

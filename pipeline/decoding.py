@@ -77,12 +77,22 @@ def can_compact(model, **overrides) -> str | None:
     odd = sorted({type(layer).__name__ for layer in DynamicCache(config=model.config).layers} - _ROW_SELECTABLE)
     if odd:  # e.g. a linear-attention or hybrid layer, whose recurrent state batch_select_indices leaves as it was
         return f"its cache has layers whose rows it cannot drop ({', '.join(odd)})"
+    odd = generation_config_settings(model, **overrides)
+    return f"the generation config sets {odd[0]}" if odd else None
+
+
+def generation_config_settings(model, repetition_penalty: bool = False, **overrides) -> list[str]:
+    """``key=value`` for each setting of ``model``'s generation config (or ``overrides``) that ``generate`` would
+    act on beyond plain sampling: the processors ``generate`` below does not apply, and with
+    ``repetition_penalty`` that penalty too (applied on both paths, it changes the distribution sampled from)."""
     config = getattr(model, "generation_config", None)
-    for key, default in _UNSUPPORTED.items():
+    checks = {**_UNSUPPORTED, **({"repetition_penalty": 1.0} if repetition_penalty else {})}
+    out = []
+    for key, default in checks.items():
         value = overrides.get(key, getattr(config, key, default) if config is not None else default)
         if value not in (default, None) and not (key == "min_length" and value == 0):
-            return f"the generation config sets {key}={value!r}"
-    return None
+            out.append(f"{key}={value!r}")
+    return out
 
 
 class RowsRepetitionPenalty(RepetitionPenaltyLogitsProcessor):

@@ -90,7 +90,8 @@ class PPOArguments:
         "Where the rollout's policy log-probs (the PPO ratio's old side, the KL penalty's policy side) and entropy "
         "come from when the update does not reuse the rollout's forward: forward (a policy forward over the "
         "responses after sampling), or sampler (recorded while sampling: no forward; needs no --top_k/--top_p). "
-        "auto: sampler in fp32 without top-k/top-p, where the two agree to rounding; forward otherwise.",
+        "auto: sampler in fp32 without top-k/top-p or a repetition penalty, where the two agree to rounding; "
+        "forward otherwise.",
         choices=list(ROLLOUT_LOGPROBS),
     )
     # optimisation
@@ -139,15 +140,28 @@ def resolve_precision(model_args, args: PPOArguments, has_cuda: bool) -> None:
         args.mixed_precision = PRECISION_PAIRS.get(model_args.dtype) or "no"
 
 
-def resolve_rollout_logprobs(model_args, args: PPOArguments) -> None:
-    """``--rollout_logprobs auto``: the sampler's own log-probs in fp32 without top-k/top-p, where they are the
-    training forward's up to rounding (the decoding path runs the same weights; ``val/sampler_token_prob_error``
-    checks it every iteration); a policy forward under bf16, whose decoding and training forwards round apart
-    (OpenRLHF and verl recompute them for that reason), or where top-k/top-p make the sampled distribution another
-    than the one the loss scores. Run after ``resolve_precision``; the run records the choice."""
+def resolve_rollout_logprobs(model_args, args: PPOArguments, sizes, policy) -> None:
+    """``--rollout_logprobs auto``: the sampler's own log-probs where they are the training forward's up to
+    rounding (``val/sampler_token_prob_error`` checks it every iteration): fp32, the plain temperature-scaled
+    distribution (no top-k/top-p, no repetition penalty or other processor from the policy's generation config),
+    and an update that does not reuse the rollout's forward (that forward gives them at no cost). A policy forward
+    otherwise: under bf16 decoding and training forwards round apart (OpenRLHF and verl recompute them for that
+    reason). An explicit ``sampler`` where a processor changes the distribution is refused in one line. Run in
+    ``setup``, once the policy and the batch sizes are known; the run records the choice."""
+    from pipeline.decoding import generation_config_settings
+    from pipeline.ppo.trainer import fuses_update
+
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    altered = generation_config_settings(base, repetition_penalty=True)
+    if args.rollout_logprobs == "sampler" and altered:
+        raise PipelineError(
+            f"--rollout_logprobs sampler: the policy's generation config sets {altered[0]}, so the sampler draws "
+            "from another distribution than the policy's; use --rollout_logprobs forward"
+        )
     if args.rollout_logprobs == "auto":
         exact = model_args.dtype == "float32" and args.mixed_precision == "no"
-        args.rollout_logprobs = "sampler" if exact and not filtered_sampling(args) else "forward"
+        plain = not filtered_sampling(args) and not altered
+        args.rollout_logprobs = "sampler" if exact and plain and not fuses_update(args, sizes) else "forward"
 
 
 def filtered_sampling(args: PPOArguments) -> bool:
@@ -236,7 +250,6 @@ def check_args(model_args, args: PPOArguments, has_cuda: bool) -> None:
             "--rollout_logprobs sampler records log-probs under the top-k/top-p-filtered distribution, not the "
             "policy's: use --rollout_logprobs forward, or drop --top_k/--top_p"
         )
-    resolve_rollout_logprobs(model_args, args)
 
 
 @dataclass
@@ -420,6 +433,7 @@ def setup(stage: StageArguments, model_args, args: PPOArguments, accelerator):
     if len(prompts) < sizes.batch_size:
         raise PipelineError(f"{len(prompts)} usable prompts is fewer than one iteration's batch ({sizes.batch_size})")
 
+    resolve_rollout_logprobs(model_args, args, sizes, built.model.policy)
     config = art.resolved_config(stage=stage, model=model_args, ppo=args, sizes=sizes)
     fingerprint = art.fingerprint(config, inputs)
     if args.resume_from_checkpoint is None and art.skip_if_complete(

@@ -78,7 +78,7 @@ def test_grouped_query_attention_is_counted_with_the_query_s_heads():
         counted((2, 9, 5, 64), (2, 4, 5, 64), (2, 4, 5, 64))
 
 
-def test_rule_reward_seeds_repeats_the_learning_test_s_run(tmp_path, fresh_accelerate_state):
+def test_rule_reward_seeds_repeats_the_learning_test_s_run(tmp_path, fresh_accelerate_state, capsys):
     """benchmarks/rule_reward_seeds.py: one run per estimator, dtype and seed; at the test's own seed its result
     is the learning test's (which asks a rise of more than 0.25)."""
     spec = importlib.util.spec_from_file_location(
@@ -90,6 +90,9 @@ def test_rule_reward_seeds_repeats_the_learning_test_s_run(tmp_path, fresh_accel
     result = json.loads((tmp_path / "out" / "rule_reward_seeds.json").read_text())
     assert [(r["estimator"], r["dtype"], r["seed"]) for r in result["runs"]] == [("rloo", "float32", 3)]
     assert result["runs"][0]["rise"] > 0.25
+    capsys.readouterr()
+    assert seeds.main(["--summarize", str(tmp_path / "out" / "rule_reward_seeds.json")]) == 0
+    assert "rloo float32 forward: 1 seeds, mean rise +" in capsys.readouterr().out
 
 
 def test_random_source_keeps_the_architecture_and_draws_seeded_weights(tiny_artifacts, tmp_path):

@@ -26,9 +26,11 @@ and re-merges the adapted weights before each rollout; the weights that LoRA doe
 frozen and copied once. Merging in place in the training module is not an option: the base weights
 are also the reference policy, and ``merge`` followed by ``unmerge`` does not round-trip in bf16.
 
-The copy only samples tokens: the log-probs PPO uses are recomputed by the training forward, as
-before, so a rounding difference between merged and unmerged weights makes the rollout off-policy
-by that rounding only (the PPO ratio absorbs it).
+Under bf16 (and wherever ``--rollout_logprobs`` resolves to ``forward``) the copy only samples tokens: the
+log-probs PPO uses are recomputed by a policy forward, so a rounding difference between merged and unmerged
+weights makes the rollout off-policy by that rounding only (the PPO ratio absorbs it). In fp32 the copy's own
+log-probs of its draws serve as the old policy's (``--rollout_logprobs sampler``): they agree with the training
+forward's to rounding, which ``val/sampler_token_prob_error`` checks every iteration.
 
 Sharded training (DeepSpeed ZeRO-3, FSDP) holds only a shard of each weight per process; there,
 and for adapter types other than plain LoRA, sampling goes through the PEFT model as before.

@@ -215,6 +215,15 @@ UPDATE_STATS = (
 AVERAGED = ("policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac")
 
 
+def fuses_update(args, sizes) -> bool:
+    """Whether the rollout's policy and value forwards can be the update's own forward: one epoch of one minibatch
+    of one micro-batch means one optimizer step, taken on exactly the tensors the rollout scores with the weights
+    it scores them with. The rollout then runs that forward once, with gradients, takes its log-probs and values
+    detached, and the update backpropagates through it: two forwards fewer per iteration, the same arithmetic
+    (the ratio is exactly 1 at that step, as it is when they are recomputed)."""
+    return args.num_ppo_epochs == 1 and args.num_mini_batches == 1 and sizes.gradient_accumulation_steps == 1
+
+
 def print_samples(texts: list[tuple[str, str, float]], iteration: int, judge=None, n: int = 4) -> None:
     """A rich table of the first ``n`` (prompt, response, score) rows, with the gold judge's score if given."""
     from rich.console import Console
@@ -303,13 +312,8 @@ class PPOTrainer:
         self.iteration, self.cursor, self.history = 0, 0, []
 
     def can_fuse(self) -> bool:
-        """Whether the rollout's policy and value forwards can be the update's own forward: one epoch of one
-        minibatch of one micro-batch means one optimizer step, taken on exactly the tensors the rollout scores with
-        the weights it scores them with. The rollout then runs that forward once, with gradients, takes its
-        log-probs and values detached, and the update backpropagates through it: two forwards fewer per iteration,
-        the same arithmetic (the ratio is exactly 1 at that step, as it is when they are recomputed)."""
-        args = self.args
-        return args.num_ppo_epochs == 1 and args.num_mini_batches == 1 and self.sizes.gradient_accumulation_steps == 1
+        """Whether the rollout's policy and value forwards can be the update's own forward (``fuses_update``)."""
+        return fuses_update(self.args, self.sizes)
 
     def update_chunk_tokens(self) -> int | None:
         """Tokens per length-sorted chunk of the update's forward (``_train_forward``; ``--update_chunk_tokens``),
@@ -660,7 +664,7 @@ class PPOTrainer:
         B, P = ro.mask.shape[0], ro.context_length
         mb_size, micro_size = self.sizes.local_mini_batch_size, args.per_device_train_batch_size
         stats, mb = self.minibatch_stats.zero_(), 0
-        prob_error = torch.zeros(self.sizes.gradient_accumulation_steps, device=acc.device)
+        prob_error = torch.zeros(2, dtype=torch.float64, device=acc.device)  # first minibatch: sum, tokens
         for _epoch in range(args.num_ppo_epochs):
             order = torch.randperm(B, device=ro.mask.device)
             for mb_start in range(0, B, mb_size):
@@ -692,7 +696,8 @@ class PPOTrainer:
                     with torch.no_grad():
                         entropy = masked_mean(entropy_from_logits(rl.detach()), mask)
                         if self.sampler_logprobs and mb == 0:  # before the first step: the weights that sampled
-                            prob_error[micro] = token_prob_error(ro.logprobs[inds], new_logprobs.detach(), mask)
+                            gap = torch.exp((ro.logprobs[inds] - new_logprobs.detach()).abs())
+                            prob_error += torch.stack([torch.where(mask, gap, 0.0).sum(), mask.sum()]).double()
                         stats[mb, micro] = torch.stack([pg["approxkl"], pg["clipfrac"], pg["loss"].detach(),
                                                         vf["loss"].detach(), vf["clipfrac"], pg["ratio_mean"],
                                                         entropy])  # fmt: skip
@@ -710,9 +715,11 @@ class PPOTrainer:
         out["lr"] = self.scheduler.get_last_lr()[0]
         out["train/nonfinite_skipped"] = self.guard.total
         if self.sampler_logprobs:
-            # The sampler's log-probs (the rollout's) against the training forward's on the first minibatch, whose
-            # forwards all run before the first optimizer step; with a policy forward the rollout measures it.
-            out["val/sampler_token_prob_error"] = acc.reduce(prob_error.mean(), "mean").item()
+            # The sampler's log-probs (the rollout's) against the training forward's on the first minibatch's tokens,
+            # every process's, whose forwards all run before the first optimizer step; with a policy forward the
+            # rollout measures it over all tokens.
+            total, tokens = acc.reduce(prob_error, "sum").tolist()
+            out["val/sampler_token_prob_error"] = total / max(tokens, 1.0)
         return out
 
     def minibatch(self, i: int) -> dict:
