@@ -289,3 +289,35 @@ def test_critic_free_estimators_train_the_policy_only(tiny_artifacts, prompts_fi
     assert trainer.minibatch(0)["val/ratio"] == pytest.approx(1.0, abs=1e-5)
     assert "loss/value_avg" not in stats and math.isfinite(stats["loss/policy_avg"])
     assert any(not torch.equal(before[n], p) for n, p in net.named_parameters() if p.requires_grad)
+
+
+def test_sampler_records_align_with_the_responses_when_rows_end_early(tiny_artifacts, prompts_file):
+    """--rollout_logprobs sampler: the log-probs and entropies the sampler recorded sit on the response tokens
+    they belong to, also for rows that end early and leave the batch (pipeline/decoding.py), and equal a policy
+    forward's there to rounding; past a row's end they are 0. EOS is made a token the rows draw often."""
+    from collections import Counter
+
+    from pipeline.ppo.core import entropy_from_logits, logprobs_from_logits
+    from pipeline.sequences import response_logits
+
+    trainer, _, batch = make_trainer(
+        tiny_artifacts, prompts_file, rollout_batch_size=8, num_mini_batches=2, per_device_train_batch_size=4,
+        response_length=8, rollout_logprobs="sampler",
+    )  # fmt: skip
+    assert trainer.sampler_logprobs
+    tok = trainer.tokenizer
+    torch.manual_seed(0)
+    with torch.no_grad():
+        qr, _, P, _, _, _ = trainer._generate(batch)
+    common = Counter(qr[:, P + 1 :].flatten().tolist()).most_common(1)[0][0]  # drawn after the first token
+    tok.eos_token = tok.convert_ids_to_tokens(common)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        qr, am, P, mask, has_eos, (logprobs, entropy) = trainer._generate(batch)
+        R = qr.shape[1] - P
+        rl = response_logits(trainer._scored(qr, am, P, "policy"), R, trainer.args.temperature)
+        want_lp, want_ent = logprobs_from_logits(rl, qr[:, P:]), entropy_from_logits(rl)
+    assert has_eos.any() and not mask.all()  # some rows ended early
+    torch.testing.assert_close(logprobs[mask], want_lp[mask], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(entropy[mask], want_ent[mask], rtol=1e-4, atol=1e-4)
+    assert (logprobs[~mask] == 0).all() and (entropy[~mask] == 0).all()
