@@ -496,12 +496,10 @@ def update_chunks(a) -> None:
     cut to the micro-batch's longest prompt and response, and at each ``--chunks`` token budget
     (``--update_chunk_tokens``: chunks where they save ``CHUNK_MIN_SAVING``), alternating, with no optimizer
     step; then the iteration's real update runs. Prints seconds and tokens computed per setting."""
-    import os
-    import shutil
-
     import torch
 
     from pipeline import stage_ppo
+    from pipeline.artifacts import link_tree
     from pipeline.ppo import trainer as T
     from pipeline.ppo.core import logprobs_from_logits
 
@@ -550,7 +548,7 @@ def update_chunks(a) -> None:
     T.PPOTrainer.update = timed
     with tempfile.TemporaryDirectory() as tmp:
         for stage in ("sft", "reward"):
-            shutil.copytree(Path(a.source) / stage, Path(tmp) / stage, copy_function=os.link)
+            link_tree(Path(a.source) / stage, Path(tmp) / stage)
         argv = ["--config", str(REPO / "configs" / "ppo_demo.yaml"), "--artifact_dir", tmp,
                 "--stop_after_iterations", str(a.iterations), "--sample_every", "0"]  # fmt: skip
         assert stage_ppo.cli(argv) == 0
@@ -587,25 +585,27 @@ def ppo_profile(a) -> None:
         stage_ppo.cli(bench.ours_argv(sizes, Path(tmp) / "run", prompts, []))
 
 
-# The PPO stage's --dtype and --mixed_precision for a benchmark's --dtype.
-PRECISION_FLAGS = {"auto": [], "float32": ["--dtype", "float32", "--mixed_precision", "no"],
-                   "bfloat16": ["--dtype", "bfloat16", "--mixed_precision", "bf16"]}  # fmt: skip
+def precision_flags(dtype: str) -> list[str]:
+    """The PPO stage's --dtype and --mixed_precision (the autocast that dtype needs) for a benchmark's --dtype."""
+    from pipeline.stage_ppo import PRECISION_PAIRS
+
+    return [] if dtype == "auto" else ["--dtype", dtype, "--mixed_precision", PRECISION_PAIRS[dtype] or "no"]
 
 
 def rollout_logprobs(a) -> None:
-    import os
-    import shutil
     import subprocess
+
+    from pipeline.artifacts import link_tree
 
     runs = {"forward": [], "sampler": []}
     for _ in range(a.rounds):
         for mode, rows in runs.items():
             with tempfile.TemporaryDirectory() as tmp:
                 for stage in ("sft", "reward"):
-                    shutil.copytree(Path(a.source) / stage, Path(tmp) / stage, copy_function=os.link)
+                    link_tree(Path(a.source) / stage, Path(tmp) / stage)
                 cmd = [sys.executable, "-m", "pipeline.stage_ppo", "--config", str(REPO / "configs" / "ppo_demo.yaml"),
                        "--artifact_dir", tmp, "--stop_after_iterations", str(a.iterations), "--sample_every", "0",
-                       "--rollout_logprobs", mode, *PRECISION_FLAGS[a.dtype]]  # fmt: skip
+                       "--rollout_logprobs", mode, *precision_flags(a.dtype)]  # fmt: skip
                 subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
                 metrics = Path(tmp) / "ppo-run" / "metrics.jsonl"
                 rows.append([json.loads(line) for line in metrics.read_text().splitlines()])
@@ -697,7 +697,8 @@ def main(argv=None) -> int:
     p.add_argument("--source", required=True, help="an artifact directory holding sft/ and reward/")
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--dtype", choices=list(PRECISION_FLAGS), default="auto", help="the stage's bases and autocast")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="the stage's bases and autocast")  # fmt: skip
     a = ap.parse_args(argv)
     {"attention": attention, "linear": linear, "sft-step": sft_step, "generation": generation,
      "eval-batch": eval_batch, "scoring": scoring, "reward": reward, "reward-chunks": reward_chunks,

@@ -27,13 +27,14 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.stage_ppo import ROLLOUT_LOGPROBS
     from tests import test_stage_ppo as t
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--estimators", nargs="+", choices=list(t.RULE_REWARD_ESTIMATORS), default=["grpo"])
     ap.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16"), default=["float32"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[3, 4, 5])
-    ap.add_argument("--rollout_logprobs", nargs="+", choices=("auto", "sampler", "forward"),
+    ap.add_argument("--rollout_logprobs", nargs="+", choices=ROLLOUT_LOGPROBS,
                     default=[t.RULE_REWARD_SETTINGS["rollout_logprobs"]], help="default: the test's")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1, as the test runs: rounding differs)")
     ap.add_argument("--out", type=Path, default=Path("runs/rule-reward-seeds"))

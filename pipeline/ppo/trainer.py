@@ -578,7 +578,7 @@ class PPOTrainer:
         responses = responses.masked_fill(~mask, tok.pad_token_id)
         query_response = torch.cat([enc["input_ids"], responses], 1)
         attention_mask = torch.cat([enc["attention_mask"], mask.long()], 1)
-        if sampler_entropy is not None:  # past a row's end: 0, as a forward's values there are never read
+        if self.sampler_logprobs:  # past a row's end: 0, as a forward's values there are never read
             sampler_logprobs, sampler_entropy = (
                 sampler_logprobs.masked_fill(~mask, 0.0),
                 sampler_entropy.masked_fill(~mask, 0.0),
@@ -696,8 +696,9 @@ class PPOTrainer:
                     with torch.no_grad():
                         entropy = masked_mean(entropy_from_logits(rl.detach()), mask)
                         if self.sampler_logprobs and mb == 0:  # before the first step: the weights that sampled
-                            gap = torch.exp((ro.logprobs[inds] - new_logprobs.detach()).abs())
-                            prob_error += torch.stack([torch.where(mask, gap, 0.0).sum(), mask.sum()]).double()
+                            n = mask.sum()
+                            err = token_prob_error(ro.logprobs[inds], new_logprobs.detach(), mask)
+                            prob_error += torch.stack([err * n, n]).double()  # summed over tokens, and the count
                         stats[mb, micro] = torch.stack([pg["approxkl"], pg["clipfrac"], pg["loss"].detach(),
                                                         vf["loss"].detach(), vf["clipfrac"], pg["ratio_mean"],
                                                         entropy])  # fmt: skip
