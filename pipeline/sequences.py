@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.ppo.core import logprobs_from_logits
+from pipeline.ppo.core import token_logprobs
 
 
 def position_ids_from(attention_mask: Tensor) -> Tensor:
@@ -55,4 +55,4 @@ def response_logprobs(
         use_cache=False,
         logits_to_keep=R + 1,
     ).logits
-    return logprobs_from_logits(response_logits(logits, R, temperature), responses)
+    return token_logprobs(logits, responses, temperature, entropy=False)[0]

@@ -145,8 +145,7 @@ def sequence_logprobs(model, batches, temperature: float):
     import torch
 
     from pipeline.decoding import causal_lm_run, scoring_forward
-    from pipeline.ppo.core import logprobs_from_logits
-    from pipeline.sequences import response_logits
+    from pipeline.ppo.core import token_logprobs
 
     run, out = causal_lm_run(model), []
     with torch.no_grad():
@@ -154,7 +153,7 @@ def sequence_logprobs(model, batches, temperature: float):
             R = resp.shape[1]
             qr, qm = torch.cat([ids, resp], 1), torch.cat([am, mask.long()], 1)
             logits = scoring_forward(run, model, qr, qm, ids.shape[1], R + 1)
-            lp = logprobs_from_logits(response_logits(logits, R, temperature), resp)
+            lp = token_logprobs(logits, resp, temperature, entropy=False)[0]
             out += torch.where(mask, lp, 0.0).sum(1).tolist()
     return out
 

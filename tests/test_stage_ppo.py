@@ -843,9 +843,8 @@ def test_fast_bf16_reads_the_cpu_flags(monkeypatch):
 
 def test_chunked_update_forward_matches_one_forward(tiny_artifacts, prompts_file):
     """On one CPU process the update's forward runs its rows as length-sorted chunks cut to their own longest
-    prompt and response (PPOTrainer._train_forward): the response logits and values at every real position,
-    and the gradients of a loss over them, are those of one forward over the padded batch."""
-    from pipeline.ppo.core import logprobs_from_logits
+    prompt and response (PPOTrainer._train_forward): the response log-probs, entropies and values at every real
+    position, and the gradients of a loss over them, are those of one forward over the padded batch."""
     from pipeline.ppo.trainer import CHUNK_MIN_SAVING
 
     trainer, _, _ = make_trainer(tiny_artifacts, prompts_file)
@@ -865,14 +864,15 @@ def test_chunked_update_forward_matches_one_forward(tiny_artifacts, prompts_file
     def run(chunk_tokens):
         trainer.chunk_tokens = chunk_tokens
         trainer.model.zero_grad()
-        rl, values = trainer._train_forward(ids, am, P)
-        lp = logprobs_from_logits(rl, ids[:, P:])
+        lp, ent, values = trainer._train_forward(ids, am, P)
         v = values[:, P - 1 : -1]
         loss = (torch.where(mask, lp, 0.0).sum() + torch.where(mask, v, 0.0).pow(2).sum()) / mask.sum()
         loss.backward()
         grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+        entropies.append(ent[mask])
         return lp.detach(), v.detach(), loss.detach(), grads
 
+    entropies = []
     calls = []
     forward = trainer.model.forward
     trainer.model.forward = lambda *a, **k: calls.append(a[0].numel()) or forward(*a, **k)
@@ -891,6 +891,8 @@ def test_chunked_update_forward_matches_one_forward(tiny_artifacts, prompts_file
         torch.testing.assert_close(loss, loss1, rtol=1e-5, atol=1e-6)
         for n in g1:
             torch.testing.assert_close(g[n], g1[n], rtol=1e-4, atol=1e-6, msg=n)
+    for ent in entropies[1:]:
+        torch.testing.assert_close(ent, entropies[0], rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_update_learns_what_one_forward_learns(tmp_path, tiny_tok, prompts_file, monkeypatch):

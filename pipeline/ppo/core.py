@@ -134,6 +134,64 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return torch.stack(rows, dim=0)
 
 
+class _TokenLogprobs(torch.autograd.Function):
+    """``token_logprobs``' autograd: forward and backward one row at a time through one ``[T, V]`` float32
+    temporary, the backward's softmax recomputed in place from the saved logits and log-normalisers."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, temperature: float, with_entropy: bool):
+        T = labels.shape[1]
+        start = logits.shape[1] - T - 1  # the last T + 1 positions; the last one predicted past the labels
+        out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        entropy = torch.empty_like(out) if with_entropy else None
+        for i in range(labels.shape[0]):
+            z = logits[i, start : start + T].float() / temperature  # [T, V]; as ``response_logits`` divides
+            lse[i] = torch.logsumexp(z, dim=-1)
+            out[i] = z.gather(-1, labels[i].long().unsqueeze(-1)).squeeze(-1) - lse[i]
+            if with_entropy:
+                z = z.sub_(lse[i].unsqueeze(-1)).clamp_(min=torch.finfo(z.dtype).min)  # log p; -inf adds 0 below
+                entropy[i] = -(z.exp() * z).sum(-1)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature, ctx.start = temperature, start
+        if with_entropy:
+            ctx.mark_non_differentiable(entropy)
+        return out, entropy
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor, _grad_entropy):
+        logits, labels, lse = ctx.saved_tensors
+        T, t, start = labels.shape[1], ctx.temperature, ctx.start
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        grad[:, :start] = 0  # positions that predicted no label
+        grad[:, start + T :] = 0
+        for i in range(labels.shape[0]):
+            g = grad_out[i].float().unsqueeze(-1)  # [T, 1]
+            # d/dz (z[label] - logsumexp z) = onehot - softmax z, and z = logits / temperature
+            p = logits[i, start : start + T].to(torch.float32, copy=True).div_(t).sub_(lse[i].unsqueeze(-1)).exp_()
+            p.mul_(-g).scatter_add_(-1, labels[i].long().unsqueeze(-1), g).div_(t)
+            grad[i, start : start + T] = p
+        return grad, None, None, None
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0, entropy: bool = True):
+    """``(log-probs [B, T], entropies [B, T] or None)``, float32, of ``labels`` under ``softmax(logits[:, t] /
+    temperature)``: what :func:`logprobs_from_logits` and :func:`entropy_from_logits` return for the
+    temperature-scaled logits (``sequences.response_logits``), without building them.
+
+    ``logits`` is ``[B, L, V]`` of any float dtype with ``L > T``, as ``response_logits`` takes them: the last
+    ``T + 1`` positions hold the distributions that generated ``labels`` and, last, one past them (a causal
+    LM's last position), which is ignored, as are positions before them (all logits, or ``logits_to_keep=T+1``).
+    The log-probs are differentiable with respect to ``logits``; the entropies (a statistic) are not.
+
+    Why not autograd through the plain expressions: they build the ``[B, T, V]`` float32 scaled logits, and
+    their backward a zero-filled gradient per operation, several passes over the largest tensors of a small
+    model's step (the vocabulary is 49,152 for SmolLM2). Here each row runs through one ``[T, V]``
+    temporary, forward and backward; the log-probs equal :func:`logprobs_from_logits`' bit for bit (the same
+    operations per row) and the gradient equals autograd's up to rounding (tests compare both)."""
+    return _TokenLogprobs.apply(logits, labels, temperature, entropy)
+
+
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, kind: Literal["k1", "k3"] = "k1") -> Tensor:
     """Per-token single-sample estimate of KL(pi || pi_ref) on tokens sampled from pi, ``[B, T]``.
 

@@ -31,21 +31,20 @@ from pipeline.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
-    entropy_from_logits,
     explained_variance,
     kl_estimate,
-    logprobs_from_logits,
     masked_mean,
     masked_var,
     masked_whiten,
     policy_loss,
+    token_logprobs,
     token_prob_error,
     token_rewards,
     value_loss,
 )
 from pipeline.ppo.gae import compute_gae, grpo_advantages, reward_to_go, rloo_advantages
 from pipeline.sampling import InverseCDFSampler, sampling_kwargs
-from pipeline.sequences import position_ids_from, response_logits, response_mask
+from pipeline.sequences import position_ids_from, response_mask
 
 RewardFn = Callable[[list[list[dict]], list[str]], Tensor]  # (prompts, responses) -> scores [B] on the CPU
 
@@ -342,9 +341,11 @@ class PPOTrainer:
             return [whole]  # narrower forwards cost more per token: split only where it saves enough
         return chunks
 
-    def _train_forward(self, query_response: Tensor, attention_mask: Tensor, P: int) -> tuple[Tensor, Tensor | None]:
-        """The update's forward, with gradients: ``(response logits [B, R, V] (temperature-scaled), values
-        [B, P+R] or None)``, as one ``self.model`` forward over the batch returns them.
+    def _train_forward(self, query_response: Tensor, attention_mask: Tensor, P: int) -> tuple:
+        """The update's forward, with gradients: ``(log-probs [B, R] of the response tokens (temperature-scaled),
+        their entropies [B, R] (no gradient), values [B, P+R] or None)``, as one ``self.model`` forward over the
+        batch gives them (``core.token_logprobs``: the vocabulary-sized logits are never scaled, padded or
+        gathered whole).
 
         With ``chunk_tokens`` (one CPU process) the forward is cut to the micro-batch's own longest prompt and
         response, or, where that saves at least ``CHUNK_MIN_SAVING`` of the tokens, the rows run as length-sorted
@@ -354,26 +355,27 @@ class PPOTrainer:
         its gradients (one backward over all chunks) are those of one forward up to rounding; the padding the
         batch's longest prompt and response impose on every row is not computed."""
         R = query_response.shape[1] - P
-        args = self.args
+        temperature = self.args.temperature
         chunks = self.update_plan(attention_mask, P)
         if chunks is None:
             logits, values = self.model(query_response, attention_mask, logits_to_keep=R + 1)
-            return response_logits(logits, R, args.temperature), values
-        pieces_rl, pieces_v, order = [], [], []
+            return (*token_logprobs(logits, query_response[:, P:], temperature), values)
+        pieces_lp, pieces_ent, pieces_v, order = [], [], [], []
         for rows, w, rc in chunks:
             idx = torch.tensor(rows, device=query_response.device)
             ids, am = query_response[idx, P - w : P + rc], attention_mask[idx, P - w : P + rc]
             logits, values = self.model(ids, am, logits_to_keep=rc + 1)
-            rl = response_logits(logits, rc, args.temperature)
-            pieces_rl.append(nn.functional.pad(rl, (0, 0, 0, R - rc)))
+            lp, ent = token_logprobs(logits, ids[:, w:], temperature)
+            pieces_lp.append(nn.functional.pad(lp, (0, R - rc)))
+            pieces_ent.append(nn.functional.pad(ent, (0, R - rc)))
             if values is not None:
                 pieces_v.append(nn.functional.pad(values, (P - w, R - rc)))
             order += rows
         if len(chunks) == 1:  # the rows in order (update_plan)
-            return pieces_rl[0], (pieces_v[0] if pieces_v else None)
+            return pieces_lp[0], pieces_ent[0], (pieces_v[0] if pieces_v else None)
         back = torch.argsort(torch.tensor(order, device=query_response.device))
-        rl = torch.cat(pieces_rl)[back]
-        return rl, (torch.cat(pieces_v)[back] if pieces_v else None)
+        lp, ent = torch.cat(pieces_lp)[back], torch.cat(pieces_ent)[back]
+        return lp, ent, (torch.cat(pieces_v)[back] if pieces_v else None)
 
     @property
     def unwrapped(self) -> PolicyAndValue:
@@ -606,11 +608,10 @@ class PPOTrainer:
         if self.fused:  # the update's forward, run now on the whole batch (see can_fuse)
             with self.clock("policy_value_forward"), torch.enable_grad():
                 self.model.train()
-                rl, v = self._train_forward(query_response, attention_mask, P)
+                lp, entropy, v = self._train_forward(query_response, attention_mask, P)
                 self.unwrapped.eval()
-            self._graph = (rl, v)
-            rl = rl.detach()
-            logprobs, entropy = logprobs_from_logits(rl, responses), entropy_from_logits(rl)
+            self._graph = (lp, entropy, v)
+            logprobs = lp.detach()
             values = v.detach()[:, P - 1 : -1] if v is not None else torch.zeros_like(logprobs)
         else:  # without gradients: the shared prompt prefix once, rows in length-sorted chunks (scoring_forward)
             logprobs, values, entropies = [], [], []
@@ -621,9 +622,9 @@ class PPOTrainer:
                     entropies.append(drawn[1][c])
                 else:
                     with self.clock("policy_forward"):
-                        rl = response_logits(self._scored(qr, am, P, "policy"), R, args.temperature)
-                        logprobs.append(logprobs_from_logits(rl, responses[c]))
-                        entropies.append(entropy_from_logits(rl))
+                        lp, ent = token_logprobs(self._scored(qr, am, P, "policy"), responses[c], args.temperature)
+                        logprobs.append(lp)
+                        entropies.append(ent)
                 if net.value is None:  # critic-free
                     values.append(torch.zeros_like(logprobs[-1]))
                 else:
@@ -633,9 +634,8 @@ class PPOTrainer:
         ref_logprobs = []
         for c in chunks:
             with self.clock("reference_forward"), net.policy.disable_adapter():  # the reference is the SFT model
-                rl = response_logits(self._scored(query_response[c], attention_mask[c], P, "policy"), R,
-                                     args.temperature)  # fmt: skip
-                ref_logprobs.append(logprobs_from_logits(rl, responses[c]))
+                logits = self._scored(query_response[c], attention_mask[c], P, "policy")
+                ref_logprobs.append(token_logprobs(logits, responses[c], args.temperature, entropy=False)[0])
         return logprobs, torch.cat(ref_logprobs), values, entropy
 
     def _scored(self, query_response: Tensor, attention_mask: Tensor, P: int, which: str) -> Tensor:
@@ -674,11 +674,14 @@ class PPOTrainer:
                     mask = ro.mask[inds]
                     with acc.accumulate(self.model):
                         if self._graph is not None:  # the rollout ran this forward (see can_fuse)
-                            rl, values = (t[inds] if t is not None else None for t in self._graph)
+                            new_logprobs, token_entropy, values = (
+                                t[inds] if t is not None else None for t in self._graph
+                            )
                             self._graph = None
                         else:
-                            rl, values = self._train_forward(ro.query_response[inds], ro.attention_mask[inds], P)
-                        new_logprobs = logprobs_from_logits(rl, ro.query_response[inds, P:])
+                            new_logprobs, token_entropy, values = self._train_forward(
+                                ro.query_response[inds], ro.attention_mask[inds], P
+                            )
                         pg = policy_loss(new_logprobs, ro.logprobs[inds], ro.advantages[inds], mask, args.cliprange)
                         loss = pg["loss"]
                         vf = {"loss": torch.zeros_like(loss), "clipfrac": torch.zeros_like(loss)}  # critic-free
@@ -694,7 +697,7 @@ class PPOTrainer:
                             self.optimizer.zero_grad()
                             self.grad_norms[mb] = grad_norm
                     with torch.no_grad():
-                        entropy = masked_mean(entropy_from_logits(rl.detach()), mask)
+                        entropy = masked_mean(token_entropy, mask)
                         if self.sampler_logprobs and mb == 0:  # before the first step: the weights that sampled
                             n = mask.sum()
                             err = token_prob_error(ro.logprobs[inds], new_logprobs.detach(), mask)

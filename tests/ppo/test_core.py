@@ -20,6 +20,7 @@ from pipeline.ppo.core import (
     masked_var,
     masked_whiten,
     policy_loss,
+    token_logprobs,
     token_rewards,
     value_loss,
 )
@@ -94,6 +95,40 @@ def test_entropy_from_logits() -> None:
     torch.testing.assert_close(entropy_from_logits(logits), torch.distributions.Categorical(logits=logits).entropy())
     logits[..., 0] = float("-inf")  # banned token
     assert torch.isfinite(entropy_from_logits(logits)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extra", [0, 3])  # logits_to_keep=T+1, or every position (a prompt before)
+def test_token_logprobs_equal_the_plain_expressions_and_their_gradient(dtype, extra) -> None:
+    """``token_logprobs`` against the expressions it replaces: log-probs of the temperature-scaled logits bit for
+    bit, entropies and the gradient (autograd's through those expressions) to rounding, a banned (-inf) token
+    included; positions that predicted no label get a zero gradient."""
+    from pipeline.sequences import response_logits
+
+    torch.manual_seed(0)
+    B, T, V, temperature = 3, 6, 50, 0.7
+    logits = (torch.randn(B, T + 1 + extra, V) * 3).to(dtype)
+    logits[0, extra + 2, 7] = float("-inf")
+    labels = torch.randint(0, V, (B, T))
+    labels[0, 2] = 8
+    weights = torch.randn(B, T)
+
+    mine = logits.clone().requires_grad_()
+    lp, ent = token_logprobs(mine, labels, temperature)
+    (lp * weights).sum().backward()
+    plain = logits.clone().requires_grad_()
+    scaled = response_logits(plain, T, temperature)
+    want = logprobs_from_logits(scaled, labels)
+    (want * weights).sum().backward()
+
+    assert lp.dtype == ent.dtype == torch.float32 and lp.shape == ent.shape == (B, T)
+    assert torch.equal(lp.detach(), want.detach())
+    torch.testing.assert_close(ent, entropy_from_logits(scaled.detach()))
+    assert torch.isfinite(ent).all() and not ent.requires_grad
+    assert mine.grad.dtype == dtype
+    torch.testing.assert_close(mine.grad, plain.grad, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
+    assert not mine.grad[:, :extra].any() and not mine.grad[:, -1].any()
+    assert token_logprobs(logits, labels, temperature, entropy=False)[1] is None
 
 
 # ----------------------------------------------------------------- KL
