@@ -45,6 +45,11 @@
   rounds, each run a fresh process, in ``--dtype`` (auto: the stage's default): median seconds per iteration,
   rollout and policy forward, and each iteration's KL and mean score, which show whether the two runs learn the
   same.
+- ``ppo-checkouts``: the same demo-recipe PPO runs (``--source``'s ``sft/`` and ``reward/``, the first
+  ``--iterations`` iterations) from each of ``--checkouts`` (git worktrees of the commits to compare, the repo
+  itself included), alternating for ``--rounds`` rounds, each run a fresh ``python -m pipeline.stage_ppo`` in that
+  checkout: median seconds per iteration and per phase, and each iteration's KL, mean score and entropy, which
+  show whether two versions of the code learn the same.
 """
 
 from __future__ import annotations
@@ -625,6 +630,35 @@ def rollout_logprobs(a) -> None:
               f"scores {[round(r['objective/scores'], 4) for r in rows[0]]}")  # fmt: skip
 
 
+def ppo_checkouts(a) -> None:
+    import subprocess
+
+    from pipeline.artifacts import link_tree
+
+    runs = {str(c): [] for c in a.checkouts}
+    for _ in range(a.rounds):
+        for checkout, rows in runs.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                for stage in ("sft", "reward"):
+                    link_tree(Path(a.source).resolve() / stage, Path(tmp) / stage)
+                cmd = [sys.executable, "-m", "pipeline.stage_ppo", "--config", "configs/ppo_demo.yaml",
+                       "--artifact_dir", tmp, "--stop_after_iterations", str(a.iterations), "--sample_every", "0",
+                       *precision_flags(a.dtype)]  # fmt: skip
+                subprocess.run(cmd, cwd=checkout, check=True, stdout=subprocess.DEVNULL)
+                metrics = Path(tmp) / "ppo-run" / "metrics.jsonl"
+                rows.append([json.loads(line) for line in metrics.read_text().splitlines()])
+            it = [r["time/iteration_s"] for r in rows[-1]]
+            print(f"ppo-checkouts {checkout} run {len(rows)}: s/iteration {[round(t, 2) for t in it]}", flush=True)
+    phases = ["iteration", "generate", "policy_forward", "value_forward", "reference_forward", "reward", "update"]
+    for checkout, rows in runs.items():
+        every = [r for run in rows for r in run]
+        medians = {p: statistics.median(r.get(f"time/{p}_s", 0.0) for r in every) for p in phases}
+        print(f"ppo-checkouts {checkout}: median s " + ", ".join(f"{p} {t:.2f}" for p, t in medians.items()))
+        print(f"  KL per iteration {[round(r['objective/kl'], 5) for r in rows[0]]}; scores "
+              f"{[round(r['objective/scores'], 5) for r in rows[0]]}; entropy "
+              f"{[round(r['objective/entropy'], 4) for r in rows[0]]}")  # fmt: skip
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -693,6 +727,12 @@ def main(argv=None) -> int:
     p.add_argument("--source", required=True)
     p.add_argument("--iteration", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
+    p = sub.add_parser("ppo-checkouts")
+    p.add_argument("--source", required=True, help="an artifact directory holding sft/ and reward/")
+    p.add_argument("--checkouts", nargs="+", required=True, help="checkouts of the code to compare (git worktrees)")
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p = sub.add_parser("rollout-logprobs")
     p.add_argument("--source", required=True, help="an artifact directory holding sft/ and reward/")
     p.add_argument("--iterations", type=int, default=3)
@@ -703,7 +743,7 @@ def main(argv=None) -> int:
     {"attention": attention, "linear": linear, "sft-step": sft_step, "generation": generation,
      "eval-batch": eval_batch, "scoring": scoring, "reward": reward, "reward-chunks": reward_chunks,
      "update-chunks": update_chunks, "ppo-profile": ppo_profile,
-     "rollout-logprobs": rollout_logprobs}[a.what](a)  # fmt: skip
+     "rollout-logprobs": rollout_logprobs, "ppo-checkouts": ppo_checkouts}[a.what](a)  # fmt: skip
     return 0
 
 

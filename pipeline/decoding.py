@@ -297,7 +297,7 @@ def prefill(model, input_ids: Tensor, attention_mask: Tensor, *, chunk_tokens: i
 
 
 def scoring_forward(run, model, input_ids: Tensor, attention_mask: Tensor, prompt_length: int, keep: int, *,
-                    chunk_tokens: int | None = None, split: bool = True) -> Tensor:  # fmt: skip
+                    chunk_tokens: int | None = None, split: bool = True, capture=None):  # fmt: skip
     """The outputs of the last ``keep`` positions ``[B, keep, ...]`` of a forward over prompts (the first
     ``prompt_length`` columns, left-padded) and their responses (right-padded, the last ``keep - 1`` columns
     at most): what the rollout and the evaluation score, log-probs or values. As ``prefill`` does for the
@@ -309,8 +309,26 @@ def scoring_forward(run, model, input_ids: Tensor, attention_mask: Tensor, promp
     transformers model whose config and cache it uses; PEFT wrappers go in ``run``), returning the outputs of
     its last ``keep`` positions; ``cache_kwargs`` is ``{}`` or the forward's cache keyword with a
     ``DynamicCache`` of the shared prefix. Where ``can_share_prefill`` says no, or with ``split=False``, it is
-    one forward over the whole batch."""
+    one forward over the whole batch.
 
+    ``capture`` (a module of the forward, such as a decoder layer): also return that module's input hidden
+    states ``[B, L, ...]`` laid out as one forward over the padded batch would give them, zeros at masked
+    positions: ``(outputs, hidden)``."""
+    if capture is None:
+        return _scoring_forward(run, model, input_ids, attention_mask, prompt_length, keep, chunk_tokens, split)
+    seen = []
+    handle = capture.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+    )
+    try:
+        out = _scoring_forward(run, model, input_ids, attention_mask, prompt_length, keep, chunk_tokens, split,
+                               seen)  # fmt: skip
+    finally:
+        handle.remove()
+    return out
+
+
+def _scoring_forward(run, model, input_ids, attention_mask, prompt_length, keep, chunk_tokens, split, seen=None):
     B, L = input_ids.shape
     P = prompt_length
     mask = attention_mask.long()
@@ -322,7 +340,10 @@ def scoring_forward(run, model, input_ids: Tensor, attention_mask: Tensor, promp
         or not torch.equal(response, response.cummin(1).values if response.shape[1] else response)
     )
     if whole:
-        return run(input_ids, mask, position_ids_from(mask), {}, keep)
+        out = run(input_ids, mask, position_ids_from(mask), {}, keep)
+        if seen is None:
+            return out
+        return out, seen[-1].masked_fill(mask[..., None] == 0, 0)
     chunk_tokens = chunk_tokens or SCORING_CHUNK_TOKENS
     cache_keyword = _forward_keywords(model)[0]
     device = input_ids.device
@@ -330,7 +351,9 @@ def scoring_forward(run, model, input_ids: Tensor, attention_mask: Tensor, promp
     c = _shared_prefix_length(input_ids[:, :P], prompts)
     shared = _shared_prefix(run, model, input_ids[:, :P], prompts, c)
     own, answered = prompts - c, response.sum(1)
-    full = None
+    full, hidden = None, None
+    if seen is not None and c:
+        prefix_hidden = seen.pop()[0]  # [c, ...]: the shared prefix, run once as one row
     for rows, w, rc in length_chunks(own, answered, chunk_tokens):
         idx = torch.tensor(rows, device=device)
         ids = input_ids[idx, P - w : P + rc]
@@ -347,7 +370,18 @@ def scoring_forward(run, model, input_ids: Tensor, attention_mask: Tensor, promp
         start = P + rc - k - (L - keep)
         if start + k > 0:
             full[idx, max(start, 0) : start + k] = out[:, max(-start, 0) :]
-    return full
+        if seen is not None:  # the chunk's columns are the batch's P - w .. P + rc
+            h = seen.pop()
+            if hidden is None:
+                hidden = h.new_zeros((B, L, *h.shape[2:]))
+            hidden[idx, P - w : P + rc] = h
+    if seen is None:
+        return full
+    if c:  # each row's shared prefix ends where its own prompt tokens start
+        for r in range(B):
+            end = P - int(own[r])
+            hidden[r, end - c : end] = prefix_hidden
+    return full, hidden.masked_fill(mask[..., None] == 0, 0)
 
 
 def has_active_dropout(model) -> bool:

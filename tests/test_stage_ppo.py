@@ -933,3 +933,87 @@ def test_chunked_update_learns_what_one_forward_learns(tmp_path, tiny_tok, promp
             runs[chunk] = (read_metrics(art / "ppo" / "metrics.jsonl"),
                            load_file(str(art / "ppo" / "policy_adapter" / "adapter_model.safetensors")))  # fmt: skip
         assert_same_run(runs[16], runs[None])
+
+
+def test_update_value_forward_starts_from_the_rollouts_frozen_layers(tiny_artifacts, prompts_file):
+    """The value adapter sits on the top layer of the tiny model's two (the default depth), so the rollout keeps
+    the value model's hidden states entering that layer (``Rollout.value_hidden``, from its prefix-sharing
+    scoring forward): they equal one plain forward's, zeros where masked; the update's value forward starts from
+    them without running the bottom layer, and its values and value gradients equal those of running every
+    layer."""
+    from pipeline.sequences import position_ids_from
+
+    trainer, _, prompts = make_trainer(tiny_artifacts, prompts_file)
+    assert trainer.value_from_layer == 1
+    ro = trainer.rollout(prompts)
+    qr, am, P = ro.query_response, ro.attention_mask, ro.context_length
+    net = trainer.unwrapped
+    inner = net.value_backbone()
+    backbone = getattr(inner, inner.base_model_prefix)
+    with torch.no_grad():
+        want = backbone(input_ids=qr, attention_mask=am, position_ids=position_ids_from(am), use_cache=False,
+                        output_hidden_states=True).hidden_states[1]  # fmt: skip
+    real = am.bool()
+    assert ro.value_hidden.shape == want.shape and not ro.value_hidden[~real].any()
+    torch.testing.assert_close(ro.value_hidden[real], want[real], rtol=1e-5, atol=1e-5)
+
+    bottom = []
+    backbone.layers[0].register_forward_hook(lambda *_: bottom.append(1))
+    mask = am[:, P:].bool()
+
+    def run(hidden):
+        trainer.model.zero_grad()
+        bottom.clear()
+        _, _, values = trainer._train_forward(qr, am, P, hidden)
+        v = values[:, P - 1 : -1]
+        torch.where(mask, v, 0.0).pow(2).sum().backward()
+        grads = {n: p.grad.clone() for n, p in net.value.named_parameters() if p.grad is not None}
+        return v[mask].detach(), grads, len(bottom)
+
+    v1, g1, ran1 = run(ro.value_hidden)
+    v0, g0, ran0 = run(None)
+    assert ran1 == 0 and ran0 > 0
+    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-5)
+    assert g0.keys() == g1.keys() and g0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert {p.requires_grad for layer in backbone.layers[:1] for p in layer.parameters()} == {False}
+
+
+@pytest.mark.parametrize(
+    "settings, start",
+    [
+        ({}, 1),  # the value adapter on the top layer (the default): the bottom one is computed once
+        (dict(value_lora_layers=-1), 0),  # every layer trained
+        (dict(value_full_finetune=True), 0),
+        (dict(num_mini_batches=1, per_device_train_batch_size=4), 0),  # fused: the rollout's forward is the update's
+        (dict(advantage_estimator="rloo", num_samples_per_prompt=2), 0),  # no value model
+    ],
+    ids=["top-layer", "every-layer", "full-finetune", "fused", "critic-free"],
+)
+def test_where_the_update_reuses_the_rollouts_frozen_value_layers(tiny_artifacts, prompts_file, settings, start):
+    trainer, _, _ = make_trainer(tiny_artifacts, prompts_file, **settings)
+    assert trainer.value_from_layer == trainer.unwrapped.value_from_layer == start
+
+
+def test_value_forward_from_the_frozen_layers_learns_what_every_layer_learns(tmp_path, tiny_tok, prompts_file,
+                                                                             monkeypatch):  # fmt: skip
+    """Whole runs: the update's value forward started from the rollout's frozen-layer output gives the metrics
+    and weights of running every layer, up to rounding."""
+    from safetensors.torch import load_file
+
+    from pipeline.ppo.trainer import PPOTrainer
+
+    runs = {}
+    for reuse in (True, False):
+        art = tmp_path / f"reuse-{reuse}"
+        fake_stage(art, "sft", make_causal_lm, tiny_tok)
+        fake_stage(art, "reward", make_seq_cls, tiny_tok)
+        if not reuse:
+            monkeypatch.setattr(PPOTrainer, "frozen_value_layers", lambda self: 0)
+        assert run_ppo(art, prompts_file, num_iterations=3, learning_rate=1e-2) == 0
+        value = load_file(str(art / "ppo" / "value" / "adapter_model.safetensors"))
+        runs[reuse] = (read_metrics(art / "ppo" / "metrics.jsonl"),
+                       {**load_file(str(art / "ppo" / "policy_adapter" / "adapter_model.safetensors")),
+                        **{f"value.{k}": v for k, v in value.items()}})  # fmt: skip
+    assert_same_run(runs[True], runs[False])

@@ -49,21 +49,39 @@ from pipeline.sequences import position_ids_from, response_mask
 RewardFn = Callable[[list[list[dict]], list[str]], Tensor]  # (prompts, responses) -> scores [B] on the CPU
 
 
-def token_values(seq_cls_model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def token_values(
+    seq_cls_model: nn.Module, input_ids: Tensor, attention_mask: Tensor, hidden: tuple[int, Tensor] | None = None
+) -> Tensor:
     """Per-token values ``[B, L]`` float32 from a sequence-classification model: its score head on every position.
 
     ``seq_cls_model`` is the transformers model (inside PEFT, ``peft_model.get_base_model()``): LoRA
     layers are injected into it in place, and its ``score`` is PEFT's modules-to-save wrapper, so the
     active adapter (or none, under ``disable_adapter()``) applies.
+
+    ``hidden=(k, states)``: the input hidden states ``[B, L, d]`` of decoder layer ``k``, computed before
+    (``decoding.scoring_forward(capture=...)``); only layers ``k`` onwards run (``layers_from``).
     """
     backbone = getattr(seq_cls_model, seq_cls_model.base_model_prefix)
-    hidden = backbone(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
-    return seq_cls_model.score(hidden).squeeze(-1).float()
+    kw = dict(attention_mask=attention_mask, position_ids=position_ids_from(attention_mask), use_cache=False)
+    if hidden is None:
+        out = backbone(input_ids=input_ids, **kw)
+    else:
+        with layers_from(backbone, hidden[0]):
+            out = backbone(inputs_embeds=hidden[1], **kw)
+    return seq_cls_model.score(out.last_hidden_state).squeeze(-1).float()
+
+
+@contextmanager
+def layers_from(backbone: nn.Module, k: int):
+    """``backbone`` (a transformers decoder: ``layers`` run in order on its ``inputs_embeds``) with decoder layers
+    ``k`` onwards only, for the duration: its forward then maps layer ``k``'s input hidden states to the final
+    ones (the final norm included)."""
+    layers = backbone.layers
+    backbone.layers = nn.ModuleList(list(layers)[k:])
+    try:
+        yield backbone
+    finally:
+        backbone.layers = layers
 
 
 # ``_train_forward`` splits a micro-batch into chunks only where they compute at least this share fewer tokens
@@ -81,16 +99,20 @@ class PolicyAndValue(nn.Module):
         self.policy = policy  # PeftModel (causal LM); reference = policy.disable_adapter()
         # PeftModel (seq-cls, reward = value.disable_adapter()), a plain seq-cls model, or None (critic-free)
         self.value = value
+        self.value_from_layer = 0  # the first value layer with trained weights; set by the trainer that uses it
 
     def value_backbone(self) -> nn.Module:
         return self.value.get_base_model() if hasattr(self.value, "get_base_model") else self.value
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0
+        self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0, value_hidden: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """``logits_to_keep=n``: policy logits of the last ``n`` positions only (0 = all), which skips
-        the vocabulary projection of the prompt. Values are None without a value model."""
-        return self.policy_logits(input_ids, attention_mask, logits_to_keep), self.values(input_ids, attention_mask)
+        the vocabulary projection of the prompt. Values are None without a value model. ``value_hidden``: the
+        value model's hidden states entering layer ``value_from_layer`` (frozen layers below it), computed
+        before; the value forward runs from that layer on."""
+        values = self.values(input_ids, attention_mask, value_hidden)
+        return self.policy_logits(input_ids, attention_mask, logits_to_keep), values
 
     def policy_logits(self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int = 0) -> Tensor:
         return self.policy(
@@ -101,9 +123,12 @@ class PolicyAndValue(nn.Module):
             logits_to_keep=logits_to_keep,
         ).logits
 
-    def values(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
-        """Per-token values ``[B, L]``, or None without a value model."""
-        return None if self.value is None else token_values(self.value_backbone(), input_ids, attention_mask)
+    def values(self, input_ids: Tensor, attention_mask: Tensor, hidden: Tensor | None = None) -> Tensor | None:
+        """Per-token values ``[B, L]``, or None without a value model (``hidden``: see ``forward``)."""
+        if self.value is None:
+            return None
+        start = None if hidden is None else (self.value_from_layer, hidden)
+        return token_values(self.value_backbone(), input_ids, attention_mask, start)
 
 
 @dataclass
@@ -120,6 +145,8 @@ class Rollout:
     returns: Tensor  # [B, R]
     stats: dict
     texts: list[tuple[str, str, float]]  # (prompt, response, score) for sample tables
+    # [B, P+R, d]: the value model's hidden states entering its first trained layer (value_from_layer), or None
+    value_hidden: Tensor | None = None
 
 
 def any_process(accelerator, flag: bool) -> bool:
@@ -302,7 +329,9 @@ class PPOTrainer:
         # Fused, they come from the update's own forward at no cost.
         self.sampler_logprobs = args.rollout_logprobs == "sampler" and not self.fused
         self.chunk_tokens = self.update_chunk_tokens()
+        self.unwrapped.value_from_layer = self.value_from_layer = self.frozen_value_layers()
         self._graph: tuple[Tensor, Tensor | None] | None = None  # the fused forward, kept for the update
+        self._value_hidden: Tensor | None = None  # the rollout's, for its Rollout
         n_minibatches = args.num_ppo_epochs * args.num_mini_batches
         # [minibatch, micro-batch, statistic], filled during the update and reduced once per iteration.
         self.minibatch_stats = torch.zeros(n_minibatches, sizes.gradient_accumulation_steps, len(UPDATE_STATS),
@@ -313,6 +342,27 @@ class PPOTrainer:
     def can_fuse(self) -> bool:
         """Whether the rollout's policy and value forwards can be the update's own forward (``fuses_update``)."""
         return fuses_update(self.args, self.sizes)
+
+    def frozen_value_layers(self) -> int:
+        """How many bottom decoder layers of the value model hold no trained weight (the value adapter sits on the
+        top ``--value_lora_layers``), where the update may start its value forward from their output as the
+        rollout's value forward computed it (``Rollout.value_hidden``) instead of running them again: on one CPU
+        process (``update_chunk_tokens``), with the update's forward separate from the rollout's, for a decoder
+        value model with a score head. 0 where that does not apply."""
+        from pipeline.decoding import score_head_run
+
+        net = self.unwrapped
+        if self.fused or self.chunk_tokens is None or net.value is None or not hasattr(net.value, "get_base_model"):
+            return 0
+        run = score_head_run(net.value_backbone())
+        backbone = getattr(run.model, run.model.base_model_prefix, None) if run is not None else None
+        layers = getattr(backbone, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or any(
+            p.requires_grad for p in backbone.get_input_embeddings().parameters()
+        ):
+            return 0
+        trained = [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
+        return trained[0] if trained else 0
 
     def update_chunk_tokens(self) -> int | None:
         """Tokens per length-sorted chunk of the update's forward (``_train_forward``; ``--update_chunk_tokens``),
@@ -341,7 +391,7 @@ class PPOTrainer:
             return [whole]  # narrower forwards cost more per token: split only where it saves enough
         return chunks
 
-    def _train_forward(self, query_response: Tensor, attention_mask: Tensor, P: int) -> tuple:
+    def _train_forward(self, query_response: Tensor, attention_mask: Tensor, P: int, value_hidden=None) -> tuple:
         """The update's forward, with gradients: ``(log-probs [B, R] of the response tokens (temperature-scaled),
         their entropies [B, R] (no gradient), values [B, P+R] or None)``, as one ``self.model`` forward over the
         batch gives them (``core.token_logprobs``: the vocabulary-sized logits are never scaled, padded or
@@ -358,13 +408,14 @@ class PPOTrainer:
         temperature = self.args.temperature
         chunks = self.update_plan(attention_mask, P)
         if chunks is None:
-            logits, values = self.model(query_response, attention_mask, logits_to_keep=R + 1)
+            logits, values = self.model(query_response, attention_mask, R + 1, value_hidden)
             return (*token_logprobs(logits, query_response[:, P:], temperature), values)
         pieces_lp, pieces_ent, pieces_v, order = [], [], [], []
         for rows, w, rc in chunks:
             idx = torch.tensor(rows, device=query_response.device)
             ids, am = query_response[idx, P - w : P + rc], attention_mask[idx, P - w : P + rc]
-            logits, values = self.model(ids, am, logits_to_keep=rc + 1)
+            vh = None if value_hidden is None else value_hidden[idx, P - w : P + rc]
+            logits, values = self.model(ids, am, logits_to_keep=rc + 1, value_hidden=vh)
             lp, ent = token_logprobs(logits, ids[:, w:], temperature)
             pieces_lp.append(nn.functional.pad(lp, (0, R - rc)))
             pieces_ent.append(nn.functional.pad(ent, (0, R - rc)))
@@ -515,7 +566,9 @@ class PPOTrainer:
         if self.unwrapped.value is not None:
             stats["val/explained_variance"] = explained_variance(g(values), g(returns), g(mask)).item()
         texts = [(p[-1]["content"], r, float(s)) for p, r, s in zip(prompts, response_texts, raw_scores.cpu())]
-        return Rollout(query_response, attention_mask, P, mask, logprobs, values, advantages, returns, stats, texts)
+        hidden, self._value_hidden = self._value_hidden, None
+        return Rollout(query_response, attention_mask, P, mask, logprobs, values, advantages, returns, stats, texts,
+                       hidden)  # fmt: skip
 
     def _advantages(self, rewards: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """``(advantages, returns)`` ``[B, R]`` by ``--advantage_estimator``. The KL penalty is in ``rewards``
@@ -614,7 +667,7 @@ class PPOTrainer:
             logprobs = lp.detach()
             values = v.detach()[:, P - 1 : -1] if v is not None else torch.zeros_like(logprobs)
         else:  # without gradients: the shared prompt prefix once, rows in length-sorted chunks (scoring_forward)
-            logprobs, values, entropies = [], [], []
+            logprobs, values, entropies, hidden = [], [], [], []
             for c in chunks:
                 qr, am = query_response[c], attention_mask[c]
                 if self.sampler_logprobs:
@@ -629,8 +682,13 @@ class PPOTrainer:
                     values.append(torch.zeros_like(logprobs[-1]))
                 else:
                     with self.clock("value_forward"):
-                        values.append(self._scored(qr, am, P, "value")[:, :-1])
+                        v = self._scored(qr, am, P, "value")
+                        if self.value_from_layer:  # and the frozen layers' output, for the update
+                            v, h = v
+                            hidden.append(h)
+                        values.append(v[:, :-1])
             logprobs, values, entropy = torch.cat(logprobs), torch.cat(values), torch.cat(entropies)
+            self._value_hidden = torch.cat(hidden) if hidden else None
         ref_logprobs = []
         for c in chunks:
             with self.clock("reference_forward"), net.policy.disable_adapter():  # the reference is the SFT model
@@ -652,6 +710,9 @@ class PPOTrainer:
             if run is None:  # not a decoder with a score head: the per-token values of one forward
                 return net.values(query_response, attention_mask)[:, P - 1 :]
             model = run.model
+            if self.value_from_layer:  # also the input of the first trained layer: (values, hidden states)
+                layer = getattr(model, model.base_model_prefix).layers[self.value_from_layer]
+                return scoring_forward(run, model, query_response, attention_mask, P, keep, capture=layer)
         return scoring_forward(run, model, query_response, attention_mask, P, keep)
 
     # ------------------------------------------------------------------ update
@@ -679,8 +740,9 @@ class PPOTrainer:
                             )
                             self._graph = None
                         else:
+                            vh = None if ro.value_hidden is None else ro.value_hidden[inds]
                             new_logprobs, token_entropy, values = self._train_forward(
-                                ro.query_response[inds], ro.attention_mask[inds], P
+                                ro.query_response[inds], ro.attention_mask[inds], P, vh
                             )
                         pg = policy_loss(new_logprobs, ro.logprobs[inds], ro.advantages[inds], mask, args.cliprange)
                         loss = pg["loss"]
