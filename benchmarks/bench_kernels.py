@@ -50,6 +50,10 @@
   itself included), alternating for ``--rounds`` rounds, each run a fresh ``python -m pipeline.stage_ppo`` in that
   checkout: median seconds per iteration and per phase, and each iteration's KL, mean score and entropy, which
   show whether two versions of the code learn the same.
+- ``value-layers``: one rollout of ``--rows`` prompts with the demo recipe (``--source``'s ``sft/`` and ``reward/``,
+  ``--dtype``), then the update's values over it computed from the rollout's output of the value model's frozen
+  layers (``Rollout.value_hidden``) and by running every layer: how far apart they are, and each from the
+  rollout's own values.
 """
 
 from __future__ import annotations
@@ -659,6 +663,36 @@ def ppo_checkouts(a) -> None:
               f"{[round(r['objective/entropy'], 4) for r in rows[0]]}")  # fmt: skip
 
 
+def value_layers(a) -> None:
+    import torch
+    from accelerate import Accelerator
+
+    from pipeline.artifacts import link_tree
+    from pipeline.stage_ppo import check_args, make_parser, setup
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in ("sft", "reward"):
+            link_tree(Path(a.source) / stage, Path(tmp) / stage)
+        n, half = str(a.rows), str(a.rows // 2)
+        argv = ["--config", str(REPO / "configs" / "ppo_demo.yaml"), "--artifact_dir", tmp, "--rollout_batch_size", n,
+                "--local_rollout_forward_batch_size", n, "--num_mini_batches", "2", "--per_device_train_batch_size",
+                half, *precision_flags(a.dtype)]  # fmt: skip
+        stage, model_args, args = make_parser().parse_args_and_config(args=argv, fail_with_unknown_args=True)[:3]
+        check_args(model_args, args, has_cuda=False)
+        trainer = setup(stage, model_args, args, Accelerator(cpu=True, mixed_precision=args.mixed_precision))
+        ro = trainer.rollout(trainer.prompts[: a.rows])
+        qr, am, P = ro.query_response, ro.attention_mask, ro.context_length
+        mask = am[:, P:].bool()
+        with torch.no_grad():
+            reused = trainer._train_forward(qr, am, P, ro.value_hidden)[2][:, P - 1 : -1][mask]
+            every = trainer._train_forward(qr, am, P)[2][:, P - 1 : -1][mask]
+    gap, own = (reused - every).abs(), ro.values[mask]
+    print(f"value-layers {args.mixed_precision}, from layer {trainer.value_from_layer}, {a.rows} rows, "
+          f"{int(mask.sum())} tokens: |reused - every layer| max {gap.max():.4f} mean {gap.mean():.4f}; mean |value| "
+          f"{every.abs().mean():.4f}; against the rollout's values: reused max {(reused - own).abs().max():.4f}, "
+          f"every layer max {(every - own).abs().max():.4f}")  # fmt: skip
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -733,6 +767,10 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p = sub.add_parser("value-layers")
+    p.add_argument("--source", required=True, help="an artifact directory holding sft/ and reward/")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p = sub.add_parser("rollout-logprobs")
     p.add_argument("--source", required=True, help="an artifact directory holding sft/ and reward/")
     p.add_argument("--iterations", type=int, default=3)
@@ -743,7 +781,8 @@ def main(argv=None) -> int:
     {"attention": attention, "linear": linear, "sft-step": sft_step, "generation": generation,
      "eval-batch": eval_batch, "scoring": scoring, "reward": reward, "reward-chunks": reward_chunks,
      "update-chunks": update_chunks, "ppo-profile": ppo_profile,
-     "rollout-logprobs": rollout_logprobs, "ppo-checkouts": ppo_checkouts}[a.what](a)  # fmt: skip
+     "rollout-logprobs": rollout_logprobs, "ppo-checkouts": ppo_checkouts,
+     "value-layers": value_layers}[a.what](a)  # fmt: skip
     return 0
 
 
