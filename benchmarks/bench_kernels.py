@@ -655,12 +655,20 @@ def ppo_checkouts(a) -> None:
             print(f"ppo-checkouts {checkout} run {len(rows)}: s/iteration {[round(t, 2) for t in it]}", flush=True)
     phases = ["iteration", "generate", "policy_forward", "value_forward", "reference_forward", "reward", "update"]
     for checkout, rows in runs.items():
-        every = [r for run in rows for r in run]
-        medians = {p: statistics.median(r.get(f"time/{p}_s", 0.0) for r in every) for p in phases}
-        print(f"ppo-checkouts {checkout}: median s " + ", ".join(f"{p} {t:.2f}" for p, t in medians.items()))
+        # Every iteration, and the first alone: until two versions' runs part (a different sample), they time
+        # the same work; after, their responses (and so their cost) differ.
+        for label, every in (
+            ("every iteration", [r for run in rows for r in run]),
+            ("first", [run[0] for run in rows]),
+        ):
+            medians = {p: statistics.median(r.get(f"time/{p}_s", 0.0) for r in every) for p in phases}
+            print(
+                f"ppo-checkouts {checkout}: {label}, median s " + ", ".join(f"{p} {t:.2f}" for p, t in medians.items())
+            )
         print(f"  KL per iteration {[round(r['objective/kl'], 5) for r in rows[0]]}; scores "
               f"{[round(r['objective/scores'], 5) for r in rows[0]]}; entropy "
-              f"{[round(r['objective/entropy'], 4) for r in rows[0]]}")  # fmt: skip
+              f"{[round(r['objective/entropy'], 4) for r in rows[0]]}; response length "
+              f"{[round(r['val/response_length'], 2) for r in rows[0]]}")  # fmt: skip
 
 
 def value_layers(a) -> None:

@@ -140,11 +140,10 @@ def training_attention(device, mixed_precision: str, tokens: int):
     (``benchmarks/bench_kernels.py attention``;
     docs/benchmarks.md, 2026-12-03). The math kernel also holds each layer's full attention matrix for the
     backward, so long sequences keep flash; so does fp32, where flash is as fast or faster. The choice is made
-    at the forward (the backward follows it). Used by SFT (each training forward) and by PPO when the update
-    reuses the rollout's forward (``PPOTrainer.can_fuse``: then every rollout scoring forward takes it, so that
-    the log-probs compared come from one kernel); with separate forwards PPO keeps flash throughout, since its
-    rollout forwards run without gradients. Generation keeps the default kernels. On accelerators nothing
-    changes.
+    at the forward (the backward follows it). Used by SFT (each training forward) and by PPO's update forwards;
+    when the update reuses the rollout's forward (``PPOTrainer.can_fuse``) every rollout scoring forward takes it
+    too, so that the log-probs compared come from one kernel, while separate rollout forwards, which run without
+    gradients, keep flash. Generation keeps the default kernels. On accelerators nothing changes.
     """
     from contextlib import nullcontext
 

@@ -774,44 +774,50 @@ def assert_same_run(got: tuple[list[dict], dict], want: tuple[list[dict], dict],
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
-def test_bf16_scoring_forwards_share_the_update_attention_kernel(
+def test_bf16_forwards_trained_through_take_the_math_attention_kernel(
     tiny_artifacts, prompts_file, monkeypatch, fresh_accelerate_state, fused
 ):
-    """Under bf16 on a CPU, when the update reuses the rollout's forward (fused), the rollout's scoring forwards
-    (policy with gradients, reference, value) run the math attention kernel (pipeline.modeling.training_attention,
-    the faster backward); with separate forwards every forward keeps flash (the faster without gradients), so
-    the update's and the rollout's kernels agree either way. Generation keeps flash. Before the first update the
-    policy is the reference: KL 0. On a GPU (the stage's device where there is one) every forward keeps flash."""
+    """Under bf16 on a CPU every forward trained through runs the math attention kernel
+    (pipeline.modeling.training_attention, the faster backward there): the update's forwards; and when the update
+    reuses the rollout's forward (fused), all the rollout's scoring forwards (policy with gradients, reference,
+    value), so that the log-probs compared come from one kernel. With separate forwards the rollout's scoring
+    forwards, which run without gradients, keep flash (the faster there). Generation keeps flash. Before the
+    first update the policy is the reference: KL 0. On a GPU (the stage's device where there is one) every
+    forward keeps flash."""
     import torch.nn.functional as F
 
     from pipeline.ppo.trainer import PPOTrainer
 
-    real, calls, where = F.scaled_dot_product_attention, [], {"scoring": False}
+    real, calls, where = F.scaled_dot_product_attention, [], {"phase": "generation"}
 
     def spy(*args, **kwargs):
-        calls.append((where["scoring"], torch.backends.cuda.flash_sdp_enabled()))
+        calls.append((where["phase"], torch.backends.cuda.flash_sdp_enabled()))
         return real(*args, **kwargs)
 
-    def inside(method):
+    def inside(method, phase):
         def wrapped(self, *args, **kwargs):
-            where["scoring"] = True
+            where["phase"] = phase
             try:
                 return method(self, *args, **kwargs)
             finally:
-                where["scoring"] = False
+                where["phase"] = "generation"
 
         return wrapped
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    monkeypatch.setattr(PPOTrainer, "_forward", inside(PPOTrainer._forward))
-    monkeypatch.setattr(PPOTrainer, "update", inside(PPOTrainer.update))
+    monkeypatch.setattr(PPOTrainer, "_forward", inside(PPOTrainer._forward, "rollout"))
+    monkeypatch.setattr(PPOTrainer, "update", inside(PPOTrainer.update, "update"))
     sizes = dict(num_mini_batches=1, per_device_train_batch_size=4) if fused else {}
     assert run_ppo(tiny_artifacts, prompts_file, dtype="bfloat16", mixed_precision="bf16", num_iterations=2,
                    **sizes) == 0  # fmt: skip
-    scoring = [flash for inside_scoring, flash in calls if inside_scoring]
-    generation = [flash for inside_scoring, flash in calls if not inside_scoring]
-    math_kernel = fused and not torch.cuda.is_available()  # the stage trains on a GPU where there is one: no change
-    assert scoring and all(flash != math_kernel for flash in scoring) and generation and all(generation)
+    cpu = not torch.cuda.is_available()  # the stage trains on a GPU where there is one: no change there
+    flash = {phase: [f for p, f in calls if p == phase] for phase in ("generation", "rollout", "update")}
+    assert flash["generation"] and all(flash["generation"])
+    assert flash["rollout"] and all(f != (fused and cpu) for f in flash["rollout"])
+    if fused:
+        assert not flash["update"]  # the update reuses the rollout's forward
+    else:
+        assert flash["update"] and all(f != cpu for f in flash["update"])
     rows = read_metrics(tiny_artifacts / "ppo" / "metrics.jsonl")
     assert ("time/policy_value_forward_s" in rows[0]) == fused
     assert rows[0]["objective/kl"] == 0.0 and rows[-1]["objective/kl"] != 0.0

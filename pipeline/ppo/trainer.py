@@ -644,8 +644,9 @@ class PPOTrainer:
         """The attention kernel of the rollout's scoring forwards. Fused, they include the update's own forward:
         ``training_attention`` (the math kernel on a CPU under bf16, whose backward is the faster there), for
         the reference and value forwards too, so that the log-probs compared come from one kernel. Separate,
-        they run without gradients, where flash is the faster, and the update's forward takes the same default
-        kernel (ratio 1 at its first step): no change."""
+        they run without gradients, where flash is the faster (no change), and the update's own forwards take
+        ``training_attention`` (``update``). Under bf16 the two kernels round differently, as the rollout's
+        prefix-sharing shapes already do; in fp32 nothing changes."""
         if not self.fused:
             return nullcontext()
         return training_attention(self.accelerator.device, self.accelerator.mixed_precision, tokens)
@@ -682,7 +683,7 @@ class PPOTrainer:
                     values.append(torch.zeros_like(logprobs[-1]))
                 else:
                     with self.clock("value_forward"):
-                        v = self._scored(qr, am, P, "value")
+                        v = self._scored(qr, am, P, "value", capture=bool(self.value_from_layer))
                         if self.value_from_layer:  # and the frozen layers' output, for the update
                             v, h = v
                             hidden.append(h)
@@ -696,10 +697,12 @@ class PPOTrainer:
                 ref_logprobs.append(token_logprobs(logits, responses[c], args.temperature, entropy=False)[0])
         return logprobs, torch.cat(ref_logprobs), values, entropy
 
-    def _scored(self, query_response: Tensor, attention_mask: Tensor, P: int, which: str) -> Tensor:
+    def _scored(self, query_response: Tensor, attention_mask: Tensor, P: int, which: str, capture: bool = False):
         """Without gradients, the policy's logits (``which="policy"``; the reference under ``disable_adapter``)
         or the value model's per-token values at the last ``R + 1`` positions, through
-        ``decoding.scoring_forward``: the same numbers as one padded forward up to rounding, with less work."""
+        ``decoding.scoring_forward``: the same numbers as one padded forward up to rounding, with less work.
+        ``capture`` (the value model, with ``value_from_layer``): ``(values, the hidden states entering that
+        layer)``."""
         from pipeline.decoding import causal_lm_run, score_head_run, scoring_forward
 
         net, keep = self.unwrapped, query_response.shape[1] - P + 1
@@ -710,7 +713,7 @@ class PPOTrainer:
             if run is None:  # not a decoder with a score head: the per-token values of one forward
                 return net.values(query_response, attention_mask)[:, P - 1 :]
             model = run.model
-            if self.value_from_layer:  # also the input of the first trained layer: (values, hidden states)
+            if capture:
                 layer = getattr(model, model.base_model_prefix).layers[self.value_from_layer]
                 return scoring_forward(run, model, query_response, attention_mask, P, keep, capture=layer)
         return scoring_forward(run, model, query_response, attention_mask, P, keep)
@@ -741,9 +744,10 @@ class PPOTrainer:
                             self._graph = None
                         else:
                             vh = None if ro.value_hidden is None else ro.value_hidden[inds]
-                            new_logprobs, token_entropy, values = self._train_forward(
-                                ro.query_response[inds], ro.attention_mask[inds], P, vh
-                            )
+                            with training_attention(acc.device, acc.mixed_precision, ro.query_response.shape[1]):
+                                new_logprobs, token_entropy, values = self._train_forward(
+                                    ro.query_response[inds], ro.attention_mask[inds], P, vh
+                                )
                         pg = policy_loss(new_logprobs, ro.logprobs[inds], ro.advantages[inds], mask, args.cliprange)
                         loss = pg["loss"]
                         vf = {"loss": torch.zeros_like(loss), "clipfrac": torch.zeros_like(loss)}  # critic-free
