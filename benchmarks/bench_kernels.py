@@ -510,7 +510,6 @@ def update_chunks(a) -> None:
     from pipeline import stage_ppo
     from pipeline.artifacts import link_tree
     from pipeline.ppo import trainer as T
-    from pipeline.ppo.core import logprobs_from_logits
 
     one, cut = None, 10**9  # one padded forward; a budget no micro-batch reaches: one forward cut to its rows
     budgets = [one, cut, *a.chunks]
@@ -530,8 +529,7 @@ def update_chunks(a) -> None:
             t = time.perf_counter()
             for inds in batches:
                 qr, am, mask = ro.query_response[inds], ro.attention_mask[inds], ro.mask[inds]
-                rl, values = self._train_forward(qr, am, P)
-                lp = logprobs_from_logits(rl, qr[:, P:])
+                lp, _, values = self._train_forward(qr, am, P)
                 loss = torch.where(mask, lp, 0.0).sum() / mask.sum()
                 if values is not None:
                     loss = loss + torch.where(mask, values[:, P - 1 : -1], 0.0).pow(2).sum() / mask.sum()

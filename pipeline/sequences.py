@@ -37,7 +37,8 @@ def response_logits(logits: Tensor, response_length: int, temperature: float) ->
 
     Upcast to float32 first: Accelerate's mixed-precision wrapper hands the policy's logits back in
     float32 while the reference's (adapter off, called directly) stay bf16, and dividing bf16 by the
-    temperature rounds, so policy and reference would differ at the start.
+    temperature rounds, so policy and reference would differ at the start. The trainer and the evaluation take
+    log-probs through ``core.token_logprobs``, which reads the same positions without building this tensor.
     """
     return logits[:, -response_length - 1 : -1].float() / temperature
 

@@ -307,6 +307,18 @@ def test_scoring_forward_equals_one_padded_forward(tiny_lm, chunk_tokens):
         last = decoding.scoring_forward(run, model, ids, mask, P, 1, chunk_tokens=chunk_tokens)
     full = rmask.all(1)
     torch.testing.assert_close(last[full], want[full][:, -1:], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the input of the second layer, captured, laid out as the padded forward's
+        layer = model.model.layers[1]
+        got2, hidden = decoding.scoring_forward(
+            run, model, ids, mask, P, keep, chunk_tokens=chunk_tokens, capture=layer
+        )
+        want_hidden = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from(mask),
+                            output_hidden_states=True).hidden_states[1]  # fmt: skip
+    assert torch.equal(got2, got) and hidden.shape == want_hidden.shape
+    real = mask.bool()
+    torch.testing.assert_close(hidden[real], want_hidden[real], atol=1e-5, rtol=1e-5)
+    assert not hidden[~real].any()
+    assert not layer._forward_pre_hooks  # the capture's hook is gone
 
 
 def test_scoring_forward_is_one_forward_where_it_cannot_split(tiny_lm):

@@ -1002,6 +1002,16 @@ def test_where_the_update_reuses_the_rollouts_frozen_value_layers(tiny_artifacts
     assert trainer.value_from_layer == trainer.unwrapped.value_from_layer == start
 
 
+def test_frozen_value_layers_are_not_reused_across_kinds_of_attention_layers(tiny_artifacts, prompts_file):
+    """A model whose layers differ in kind (``config.layer_types``: sliding and full attention) picks each layer's
+    mask by its index, which a cut layer list would shift: every layer runs in the update."""
+    trainer, _, _ = make_trainer(tiny_artifacts, prompts_file)
+    assert trainer.frozen_value_layers() == 1
+    config = trainer.unwrapped.value_backbone().config
+    config.layer_types = ["sliding_attention", "full_attention"]
+    assert trainer.frozen_value_layers() == 0
+
+
 def test_value_forward_from_the_frozen_layers_learns_what_every_layer_learns(tmp_path, tiny_tok, prompts_file,
                                                                              monkeypatch):  # fmt: skip
     """Whole runs: the update's value forward started from the rollout's frozen-layer output gives the metrics
@@ -1010,16 +1020,20 @@ def test_value_forward_from_the_frozen_layers_learns_what_every_layer_learns(tmp
 
     from pipeline.ppo.trainer import PPOTrainer
 
-    runs = {}
+    if torch.cuda.is_available():
+        pytest.skip("the stage trains on the GPU where there is one, and reuses the layers on one CPU process only")
+    real, starts, runs = PPOTrainer.frozen_value_layers, [], {}
     for reuse in (True, False):
         art = tmp_path / f"reuse-{reuse}"
         fake_stage(art, "sft", make_causal_lm, tiny_tok)
         fake_stage(art, "reward", make_seq_cls, tiny_tok)
-        if not reuse:
-            monkeypatch.setattr(PPOTrainer, "frozen_value_layers", lambda self: 0)
+        monkeypatch.setattr(
+            PPOTrainer, "frozen_value_layers", lambda self, r=reuse: starts.append(real(self) * r) or starts[-1]
+        )
         assert run_ppo(art, prompts_file, num_iterations=3, learning_rate=1e-2) == 0
         value = load_file(str(art / "ppo" / "value" / "adapter_model.safetensors"))
         runs[reuse] = (read_metrics(art / "ppo" / "metrics.jsonl"),
                        {**load_file(str(art / "ppo" / "policy_adapter" / "adapter_model.safetensors")),
                         **{f"value.{k}": v for k, v in value.items()}})  # fmt: skip
+    assert starts == [1, 0]  # the first run reused the bottom layer, the second ran every layer
     assert_same_run(runs[True], runs[False])

@@ -110,7 +110,8 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
     No shifting is done: ``logits[:, t]`` must be the distribution that generated ``labels[:, t]``.
     Divide the logits by the sampling temperature first, or these log-probs do not match the
     sampling distribution ([N+]). One row at a time, so only a ``[T, V]`` float32 temporary exists
-    besides ``logits`` (never a full ``[B, T, V]`` log-softmax).
+    besides ``logits`` (never a full ``[B, T, V]`` log-softmax). The trainer and the evaluation compute these
+    through :func:`token_logprobs`; this plain form is the reference its tests compare against.
     """
     rows = []
     for row_logits, row_labels in zip(logits, labels):

@@ -330,7 +330,8 @@ class PPOTrainer:
         self.sampler_logprobs = args.rollout_logprobs == "sampler" and not self.fused
         self.chunk_tokens = self.update_chunk_tokens()
         self.unwrapped.value_from_layer = self.value_from_layer = self.frozen_value_layers()
-        self._graph: tuple[Tensor, Tensor | None] | None = None  # the fused forward, kept for the update
+        # The fused forward, kept for the update: (log-probs, entropies, values or None).
+        self._graph: tuple[Tensor, Tensor, Tensor | None] | None = None
         self._value_hidden: Tensor | None = None  # the rollout's, for its Rollout
         n_minibatches = args.num_ppo_epochs * args.num_mini_batches
         # [minibatch, micro-batch, statistic], filled during the update and reduced once per iteration.
@@ -347,19 +348,32 @@ class PPOTrainer:
         """How many bottom decoder layers of the value model hold no trained weight (the value adapter sits on the
         top ``--value_lora_layers``), where the update may start its value forward from their output as the
         rollout's value forward computed it (``Rollout.value_hidden``) instead of running them again: on one CPU
-        process (``update_chunk_tokens``), with the update's forward separate from the rollout's, for a decoder
-        value model with a score head. 0 where that does not apply."""
-        from pipeline.decoding import score_head_run
+        process (``modeling.one_cpu_process``), with the update's forward separate from the rollout's, for a decoder
+        value model with a score head, one kind of attention layer (``config.layer_types``: a cut layer list
+        would give layer ``k`` the mask of layer 0) and no dropout in training (the bottom layers would draw
+        masks in the update, not in the rollout). 0 where that does not apply."""
+        from pipeline.decoding import has_active_dropout, score_head_run
+        from pipeline.modeling import one_cpu_process
 
         net = self.unwrapped
-        if self.fused or self.chunk_tokens is None or net.value is None or not hasattr(net.value, "get_base_model"):
+        if self.fused or not one_cpu_process(self.accelerator) or net.value is None:
+            return 0
+        if not hasattr(net.value, "get_base_model"):  # trained whole
             return 0
         run = score_head_run(net.value_backbone())
         backbone = getattr(run.model, run.model.base_model_prefix, None) if run is not None else None
         layers = getattr(backbone, "layers", None)
-        if not isinstance(layers, nn.ModuleList) or any(
-            p.requires_grad for p in backbone.get_input_embeddings().parameters()
+        if (
+            not isinstance(layers, nn.ModuleList)
+            or len(set(getattr(run.model.config, "layer_types", None) or [0])) > 1
         ):
+            return 0
+        if any(p.requires_grad for p in backbone.get_input_embeddings().parameters()):
+            return 0
+        was_training = net.value.training
+        dropout = has_active_dropout(net.value.train())
+        net.value.train(was_training)
+        if dropout:
             return 0
         trained = [i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())]
         return trained[0] if trained else 0
