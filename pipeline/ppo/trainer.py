@@ -329,16 +329,21 @@ class PPOTrainer:
         # Fused, they come from the update's own forward at no cost.
         self.sampler_logprobs = args.rollout_logprobs == "sampler" and not self.fused
         self.chunk_tokens = self.update_chunk_tokens()
-        self.unwrapped.value_from_layer = self.value_from_layer = self.frozen_value_layers()
+        self.unwrapped.value_from_layer = self.frozen_value_layers()
         # The fused forward, kept for the update: (log-probs, entropies, values or None).
         self._graph: tuple[Tensor, Tensor, Tensor | None] | None = None
-        self._value_hidden: Tensor | None = None  # the rollout's, for its Rollout
         n_minibatches = args.num_ppo_epochs * args.num_mini_batches
         # [minibatch, micro-batch, statistic], filled during the update and reduced once per iteration.
         self.minibatch_stats = torch.zeros(n_minibatches, sizes.gradient_accumulation_steps, len(UPDATE_STATS),
                                            dtype=torch.float64, device=accelerator.device)  # fmt: skip
         self.grad_norms = torch.zeros(n_minibatches, dtype=torch.float64, device=accelerator.device)
         self.iteration, self.cursor, self.history = 0, 0, []
+
+    @property
+    def value_from_layer(self) -> int:
+        """The value model's first trained layer where the update starts from the rollout's hidden states
+        (``frozen_value_layers``), else 0; the model holds it, as its forward uses it."""
+        return self.unwrapped.value_from_layer
 
     def can_fuse(self) -> bool:
         """Whether the rollout's policy and value forwards can be the update's own forward (``fuses_update``)."""
@@ -525,7 +530,9 @@ class PPOTrainer:
         # 2. One forward each: policy log-probs (and entropy), values, reference log-probs (adapter off). With
         # --rollout_logprobs sampler the policy's come from the sampler instead (``drawn``).
         with self._attention(query_response.shape[1]):
-            logprobs, ref_logprobs, values, entropy = self._forward(query_response, attention_mask, responses, drawn)
+            logprobs, ref_logprobs, values, entropy, value_hidden = self._forward(
+                query_response, attention_mask, responses, drawn
+            )
 
         # 3. Score the decoded responses with the reward model (re-encoded by its own tokenizer).
         response_texts = tok.batch_decode(
@@ -580,9 +587,8 @@ class PPOTrainer:
         if self.unwrapped.value is not None:
             stats["val/explained_variance"] = explained_variance(g(values), g(returns), g(mask)).item()
         texts = [(p[-1]["content"], r, float(s)) for p, r, s in zip(prompts, response_texts, raw_scores.cpu())]
-        hidden, self._value_hidden = self._value_hidden, None
         return Rollout(query_response, attention_mask, P, mask, logprobs, values, advantages, returns, stats, texts,
-                       hidden)  # fmt: skip
+                       value_hidden)  # fmt: skip
 
     def _advantages(self, rewards: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """``(advantages, returns)`` ``[B, R]`` by ``--advantage_estimator``. The KL penalty is in ``rewards``
@@ -667,7 +673,8 @@ class PPOTrainer:
 
     def _forward(self, query_response: Tensor, attention_mask: Tensor, responses: Tensor, drawn: tuple) -> tuple:
         """``(logprobs, ref_logprobs, values, entropy)``, each ``[B, R]``, in chunks of the rollout forward batch;
-        the policy's log-probs and entropy are the sampler's (``drawn``) with ``self.sampler_logprobs``."""
+        the policy's log-probs and entropy are the sampler's (``drawn``) with ``self.sampler_logprobs``. Then the
+        value model's hidden states entering ``value_from_layer`` ``[B, P+R, d]`` for the update, or None."""
         args, net = self.args, self.unwrapped
         R = responses.shape[1]
         P = query_response.shape[1] - R
@@ -681,6 +688,7 @@ class PPOTrainer:
             self._graph = (lp, entropy, v)
             logprobs = lp.detach()
             values = v.detach()[:, P - 1 : -1] if v is not None else torch.zeros_like(logprobs)
+            value_hidden = None
         else:  # without gradients: the shared prompt prefix once, rows in length-sorted chunks (scoring_forward)
             logprobs, values, entropies, hidden = [], [], [], []
             for c in chunks:
@@ -703,13 +711,13 @@ class PPOTrainer:
                             hidden.append(h)
                         values.append(v[:, :-1])
             logprobs, values, entropy = torch.cat(logprobs), torch.cat(values), torch.cat(entropies)
-            self._value_hidden = torch.cat(hidden) if hidden else None
+            value_hidden = torch.cat(hidden) if hidden else None
         ref_logprobs = []
         for c in chunks:
             with self.clock("reference_forward"), net.policy.disable_adapter():  # the reference is the SFT model
                 logits = self._scored(query_response[c], attention_mask[c], P, "policy")
                 ref_logprobs.append(token_logprobs(logits, responses[c], args.temperature, entropy=False)[0])
-        return logprobs, torch.cat(ref_logprobs), values, entropy
+        return logprobs, torch.cat(ref_logprobs), values, entropy, value_hidden
 
     def _scored(self, query_response: Tensor, attention_mask: Tensor, P: int, which: str, capture: bool = False):
         """Without gradients, the policy's logits (``which="policy"``; the reference under ``disable_adapter``)
