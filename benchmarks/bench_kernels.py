@@ -46,10 +46,11 @@
   rollout and policy forward, and each iteration's KL and mean score, which show whether the two runs learn the
   same.
 - ``ppo-checkouts``: the same demo-recipe PPO runs (``--source``'s ``sft/`` and ``reward/``, the first
-  ``--iterations`` iterations) from each of ``--checkouts`` (git worktrees of the commits to compare, the repo
-  itself included), alternating for ``--rounds`` rounds, each run a fresh ``python -m pipeline.stage_ppo`` in that
-  checkout: median seconds per iteration and per phase, and each iteration's KL, mean score and entropy, which
-  show whether two versions of the code learn the same.
+  ``--iterations`` iterations) from each of ``--commits`` (git revisions, each checked out as a temporary
+  worktree), alternating for ``--rounds`` rounds, each run a fresh ``python -m pipeline.stage_ppo`` in that
+  checkout: median seconds per iteration and per phase, over every iteration and over the first alone, and each
+  iteration's KL, mean score, entropy and response length, which show whether two versions of the code learn the
+  same.
 - ``value-layers``: one rollout of ``--rows`` prompts with the demo recipe (``--source``'s ``sft/`` and ``reward/``,
   ``--dtype``), then the update's values over it computed from the rollout's output of the value model's frozen
   layers (``Rollout.value_hidden``) and by running every layer: how far apart they are, and each from the
@@ -508,7 +509,6 @@ def update_chunks(a) -> None:
     import torch
 
     from pipeline import stage_ppo
-    from pipeline.artifacts import link_tree
     from pipeline.ppo import trainer as T
 
     one, cut = None, 10**9  # one padded forward; a budget no micro-batch reaches: one forward cut to its rows
@@ -554,8 +554,7 @@ def update_chunks(a) -> None:
 
     T.PPOTrainer.update = timed
     with tempfile.TemporaryDirectory() as tmp:
-        for stage in ("sft", "reward"):
-            link_tree(Path(a.source) / stage, Path(tmp) / stage)
+        demo_source(a.source, tmp)
         argv = ["--config", str(REPO / "configs" / "ppo_demo.yaml"), "--artifact_dir", tmp,
                 "--stop_after_iterations", str(a.iterations), "--sample_every", "0"]  # fmt: skip
         assert stage_ppo.cli(argv) == 0
@@ -599,23 +598,35 @@ def precision_flags(dtype: str) -> list[str]:
     return [] if dtype == "auto" else ["--dtype", dtype, "--mixed_precision", PRECISION_PAIRS[dtype] or "no"]
 
 
-def rollout_logprobs(a) -> None:
-    import subprocess
-
+def demo_source(source, tmp) -> None:
+    """Hard links of ``source``'s ``sft/`` and ``reward/`` into the artifact directory ``tmp``: what the demo
+    recipe's PPO stage starts from, untouched by the run."""
     from pipeline.artifacts import link_tree
 
+    for stage in ("sft", "reward"):
+        link_tree(Path(source).resolve() / stage, Path(tmp) / stage)
+
+
+def demo_ppo_run(a, cwd: Path, flags: list[str]) -> list[dict]:
+    """The demo recipe's PPO stage on ``a.source``'s models for ``a.iterations`` iterations, a fresh process in
+    the checkout ``cwd``, with ``flags`` and ``a.dtype``'s precision: its metrics rows."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        demo_source(a.source, tmp)
+        cmd = [sys.executable, "-m", "pipeline.stage_ppo", "--config", "configs/ppo_demo.yaml", "--artifact_dir", tmp,
+               "--stop_after_iterations", str(a.iterations), "--sample_every", "0", *flags,
+               *precision_flags(a.dtype)]  # fmt: skip
+        subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+        metrics = Path(tmp) / "ppo-run" / "metrics.jsonl"
+        return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+def rollout_logprobs(a) -> None:
     runs = {"forward": [], "sampler": []}
     for _ in range(a.rounds):
         for mode, rows in runs.items():
-            with tempfile.TemporaryDirectory() as tmp:
-                for stage in ("sft", "reward"):
-                    link_tree(Path(a.source) / stage, Path(tmp) / stage)
-                cmd = [sys.executable, "-m", "pipeline.stage_ppo", "--config", str(REPO / "configs" / "ppo_demo.yaml"),
-                       "--artifact_dir", tmp, "--stop_after_iterations", str(a.iterations), "--sample_every", "0",
-                       "--rollout_logprobs", mode, *precision_flags(a.dtype)]  # fmt: skip
-                subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-                metrics = Path(tmp) / "ppo-run" / "metrics.jsonl"
-                rows.append([json.loads(line) for line in metrics.read_text().splitlines()])
+            rows.append(demo_ppo_run(a, REPO, ["--rollout_logprobs", mode]))
             it = [r["time/iteration_s"] for r in rows[-1]]
             print(f"rollout-logprobs {mode:8} run {len(rows)}: s/iteration {[round(t, 2) for t in it]}", flush=True)
     for mode, rows in runs.items():
@@ -635,24 +646,23 @@ def rollout_logprobs(a) -> None:
 def ppo_checkouts(a) -> None:
     import subprocess
 
-    from pipeline.artifacts import link_tree
-
-    runs = {str(c): [] for c in a.checkouts}
-    for _ in range(a.rounds):
-        for checkout, rows in runs.items():
-            with tempfile.TemporaryDirectory() as tmp:
-                for stage in ("sft", "reward"):
-                    link_tree(Path(a.source).resolve() / stage, Path(tmp) / stage)
-                cmd = [sys.executable, "-m", "pipeline.stage_ppo", "--config", "configs/ppo_demo.yaml",
-                       "--artifact_dir", tmp, "--stop_after_iterations", str(a.iterations), "--sample_every", "0",
-                       *precision_flags(a.dtype)]  # fmt: skip
-                subprocess.run(cmd, cwd=checkout, check=True, stdout=subprocess.DEVNULL)
-                metrics = Path(tmp) / "ppo-run" / "metrics.jsonl"
-                rows.append([json.loads(line) for line in metrics.read_text().splitlines()])
-            it = [r["time/iteration_s"] for r in rows[-1]]
-            print(f"ppo-checkouts {checkout} run {len(rows)}: s/iteration {[round(t, 2) for t in it]}", flush=True)
+    with tempfile.TemporaryDirectory() as trees:
+        checkouts, runs = {}, {rev: [] for rev in a.commits}  # each commit's code, as a detached git worktree
+        try:
+            for rev in a.commits:
+                checkouts[rev] = Path(trees) / f"tree-{len(checkouts)}"
+                subprocess.run(["git", "worktree", "add", "--detach", str(checkouts[rev]), rev], cwd=REPO,
+                               check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+            for _ in range(a.rounds):
+                for rev, rows in runs.items():
+                    rows.append(demo_ppo_run(a, checkouts[rev], []))
+                    it = [r["time/iteration_s"] for r in rows[-1]]
+                    print(f"ppo-checkouts {rev} run {len(rows)}: s/iteration {[round(t, 2) for t in it]}", flush=True)
+        finally:
+            for tree in checkouts.values():
+                subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
     phases = ["iteration", "generate", "policy_forward", "value_forward", "reference_forward", "reward", "update"]
-    for checkout, rows in runs.items():
+    for rev, rows in runs.items():
         # Every iteration, and the first alone: until two versions' runs part (a different sample), they time
         # the same work; after, their responses (and so their cost) differ.
         for label, every in (
@@ -660,9 +670,7 @@ def ppo_checkouts(a) -> None:
             ("first", [run[0] for run in rows]),
         ):
             medians = {p: statistics.median(r.get(f"time/{p}_s", 0.0) for r in every) for p in phases}
-            print(
-                f"ppo-checkouts {checkout}: {label}, median s " + ", ".join(f"{p} {t:.2f}" for p, t in medians.items())
-            )
+            print(f"ppo-checkouts {rev}: {label}, median s " + ", ".join(f"{p} {t:.2f}" for p, t in medians.items()))
         print(f"  KL per iteration {[round(r['objective/kl'], 5) for r in rows[0]]}; scores "
               f"{[round(r['objective/scores'], 5) for r in rows[0]]}; entropy "
               f"{[round(r['objective/entropy'], 4) for r in rows[0]]}; response length "
@@ -673,12 +681,10 @@ def value_layers(a) -> None:
     import torch
     from accelerate import Accelerator
 
-    from pipeline.artifacts import link_tree
     from pipeline.stage_ppo import check_args, make_parser, setup
 
     with tempfile.TemporaryDirectory() as tmp:
-        for stage in ("sft", "reward"):
-            link_tree(Path(a.source) / stage, Path(tmp) / stage)
+        demo_source(a.source, tmp)
         n, half = str(a.rows), str(a.rows // 2)
         argv = ["--config", str(REPO / "configs" / "ppo_demo.yaml"), "--artifact_dir", tmp, "--rollout_batch_size", n,
                 "--local_rollout_forward_batch_size", n, "--num_mini_batches", "2", "--per_device_train_batch_size",
@@ -769,7 +775,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=25)
     p = sub.add_parser("ppo-checkouts")
     p.add_argument("--source", required=True, help="an artifact directory holding sft/ and reward/")
-    p.add_argument("--checkouts", nargs="+", required=True, help="checkouts of the code to compare (git worktrees)")
+    p.add_argument("--commits", nargs="+", required=True, help="git revisions of the code to compare")
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
