@@ -49,6 +49,14 @@ def contiguous_head(model):
     return model
 
 
+def inference_model(model):
+    """``model`` set up for forwards without gradients: eval mode, frozen, a contiguous vocabulary-projection
+    input (``contiguous_head``) and prepacked bf16 linear weights on a CPU (``pipeline/packed_linear.py``)."""
+    from pipeline.packed_linear import pack_linears
+
+    return pack_linears(contiguous_head(model.eval().requires_grad_(False)))
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags as Linux lists them (x86 ``flags``, Arm ``Features``); empty elsewhere."""
     try:

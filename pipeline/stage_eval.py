@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 from pipeline import artifacts as art
 from pipeline.config import StageArguments, exit_process, run_cli
 from pipeline.errors import PipelineError
-from pipeline.modeling import contiguous_head, warn_if_emulated_bf16
+from pipeline.modeling import inference_model, warn_if_emulated_bf16
 
 CHECKPOINT_KINDS = ("base", "sft", "ppo")
 
@@ -170,7 +170,7 @@ def load_merged_policy(sft_path: str, adapter: Path, dtype):
     weights = PeftModel.from_pretrained(full, str(adapter)).merge_and_unload().state_dict()
     model = AutoModelForCausalLM.from_pretrained(sft_path, dtype=dtype).eval()
     model.load_state_dict(weights)
-    return contiguous_head(model)
+    return inference_model(model)
 
 
 def plan_checkpoints(args: EvalArguments, layout) -> list[tuple[str, str, int | None, Path | None]]:
@@ -203,7 +203,7 @@ def load_base_model(sft_manifest: dict, vocab_size: int, dtype):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     if vocab_size > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(vocab_size)
-    return contiguous_head(model)
+    return inference_model(model)
 
 
 def evaluate_policy(model, sft, tok, prompts, args: EvalArguments, score, name: str, greedy: bool) -> dict:
@@ -300,8 +300,10 @@ def main(stage: StageArguments, args: EvalArguments) -> dict | None:
     rm_tok = load_reward_tokenizer(rm_path, tok)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # one device; models follow it
-    rm = AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1, dtype=dtype).eval().to(device)
-    sft = contiguous_head(AutoModelForCausalLM.from_pretrained(sft_path, dtype=dtype).eval().to(device))
+    rm = inference_model(
+        AutoModelForSequenceClassification.from_pretrained(rm_path, num_labels=1, dtype=dtype).to(device)
+    )
+    sft = inference_model(AutoModelForCausalLM.from_pretrained(sft_path, dtype=dtype).to(device))
 
     def score(texts: list[str]) -> dict:
         return {

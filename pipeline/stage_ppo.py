@@ -301,6 +301,7 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
 
     from pipeline import artifacts as art
     from pipeline.modeling import contiguous_head, load_tokenizer, lora_config, value_lora_default
+    from pipeline.packed_linear import pack_linears
     from pipeline.ppo.trainer import PolicyAndValue
     from reward_models.composite import CompositeReward, load_reward_func
     from reward_models.learned import (
@@ -361,6 +362,8 @@ def build(stage: StageArguments, model_args, args: PPOArguments, accelerator) ->
         for p in m.parameters():  # half-precision bases: the optimizer updates float32 weights
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
+    for m in (policy, value) if value is not None else (policy,):
+        pack_linears(m)  # the frozen bf16 base weights (pipeline/packed_linear.py); the adapters train as before
     model = PolicyAndValue(policy, value)
     batch = args.local_rollout_forward_batch_size
     if value is not None and value_path == single and not args.value_full_finetune:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from pipeline.modeling import contiguous_head
+from pipeline.packed_linear import pack_linears
 
 
 def lora_layers(peft_model: nn.Module) -> dict[str, nn.Module]:
@@ -130,6 +131,7 @@ class MergedPolicy:
         model.generation_config = base.generation_config
         contiguous_head(model)
         model.requires_grad_(False)
+        pack_linears(model)  # sync's copy_ bumps each weight's version: the next call repacks it
         self.model = model.eval()
         self.layers = lora_layers(peft_model)
 

@@ -1,0 +1,129 @@
+"""bf16 linear layers with their weights prepacked for oneDNN, on the CPU.
+
+A bf16 ``F.linear`` on a CPU goes to oneDNN, which first reorders ("packs") the ``[N, K]`` weight into its
+blocked layout, at every call. For a matrix product with few rows (a decoding step: batch x 1 token) that
+reorder is most of the call: the weight is read, written again and read once more, and the product runs
+at a third of the memory bandwidth. Packing each frozen weight once and calling oneDNN's linear on the
+packed copy (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what inductor's CPU
+weight freezing emits) runs the same kernel without the reorder. On the 2-core AVX512-BF16 host
+(docs/benchmarks.md, 2026-12-05): 8 rows x SmolLM2's 576 x 1536 projection 176 -> 91 us with the weight
+coming from memory, its 49,152-token vocabulary projection 4.1 -> 2.5 ms at 8 rows and 235 -> 160 ms at
+1,024 rows. The outputs are the same bits as ``F.linear``'s (tests/test_packed_linear.py checks this on the
+host that runs the tests), so nothing sampled, scored or learned changes.
+
+``pack_linears(model)`` turns every ``nn.Linear`` of ``model`` whose weight is a frozen CPU bf16 tensor into a
+:class:`PackedLinear` (a subclass: PEFT still wraps it, state dicts and ``deepcopy`` are unchanged). A call
+takes the packed path when it computes in bf16 (bf16 input, or CPU autocast to bf16); anything else runs
+``nn.Linear.forward``. An input that requires grad goes through an autograd function whose backward is
+``F.linear``'s own input gradient (``grad @ W``); the weight itself never trains here. The packed copy is
+rebuilt when the weight changes in place through autograd-visible ops (``copy_`` under ``no_grad``, as
+``MergedPolicy.sync`` does) or is replaced; a write through ``weight.data`` is invisible to the version
+counter, so code that does so calls ``repack(model)``. The packed copies cost memory: one more copy of each
+packed weight (270 MB for SmolLM2-135M in bf16).
+
+Off where it would not be the same bits or not faster: without oneDNN bf16 support in this torch build or CPU
+(``torch.ops.mkldnn._is_mkldnn_bf16_supported``), on accelerators, for float32 (oneDNN's packed float32
+product rounds differently from MKL's, which ``F.linear`` uses), and for non-contiguous inputs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+
+@functools.cache
+def supported() -> bool:
+    """Whether this torch build and CPU run oneDNN's bf16 linear (the kernel ``F.linear`` uses for bf16 here)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    # The batch-size hint picks oneDNN's blocking; 8 rows ran as fast as a matching hint from 8 to 1,024 rows.
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
+
+
+def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class _PackedLinearFunction(torch.autograd.Function):
+    """``y = x W^T + b`` on the packed weight; the input gradient is ``grad @ W`` as for ``F.linear``."""
+
+    @staticmethod
+    def forward(ctx, x, packed, weight, bias):
+        ctx.save_for_backward(weight)
+        return _packed_product(x, packed, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight, None, None, None
+
+
+class PackedLinear(nn.Linear):
+    """An ``nn.Linear`` whose bf16 calls run on a prepacked copy of its frozen weight (module docstring)."""
+
+    _packed: torch.Tensor | None
+    _packed_key: tuple | None
+
+    def __getstate__(self):
+        # The packed copy is an opaque oneDNN tensor that cannot be copied or pickled: copies repack.
+        return {**super().__getstate__(), "_packed": None, "_packed_key": None}
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+
+    def packed_weight(self) -> torch.Tensor:
+        w = self.weight
+        key = (w.data_ptr(), w._version, tuple(w.shape))
+        if self._packed is None or self._packed_key != key:
+            self._packed, self._packed_key = _pack(w), key
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        grad = torch.is_grad_enabled()
+        if (
+            w.dtype != torch.bfloat16
+            or w.device.type != "cpu"
+            or self._compute_dtype(x) != torch.bfloat16
+            or (grad and (w.requires_grad or (b is not None and b.requires_grad)))
+            or not x.is_contiguous()
+        ):
+            return super().forward(x)
+        x = x.to(torch.bfloat16)
+        bias = None if b is None else b.to(torch.bfloat16)
+        if grad and x.requires_grad:
+            return _PackedLinearFunction.apply(x, self.packed_weight(), w, bias)
+        return _packed_product(x, self.packed_weight(), bias)
+
+
+def pack_linears(model: nn.Module) -> nn.Module:
+    """Make every plain ``nn.Linear`` of ``model`` with a frozen CPU bf16 weight a :class:`PackedLinear`; returns
+    ``model``. A no-op where oneDNN's bf16 linear is not available (``supported``). Weights are packed at their
+    first bf16 call, so packing a model that later moves to an accelerator costs nothing."""
+    if not supported():
+        return model
+    for mod in model.modules():
+        if (
+            type(mod) is nn.Linear
+            and mod.weight.dtype == torch.bfloat16
+            and mod.weight.device.type == "cpu"
+            and not mod.weight.requires_grad
+        ):
+            mod.__class__ = PackedLinear
+            mod._packed, mod._packed_key = None, None
+    return model
+
+
+def repack(model: nn.Module) -> None:
+    """Drop the packed copies of ``model``'s weights (after writing them through ``.data``); the next call repacks."""
+    for mod in model.modules():
+        if isinstance(mod, PackedLinear):
+            mod._packed, mod._packed_key = None, None
