@@ -198,6 +198,18 @@ def grouped_query_heads(count):
     return counted
 
 
+def count_packed_linears(flop_counter) -> None:
+    """Teach torch's FLOP counter oneDNN's linear on a prepacked weight (``pipeline/packed_linear.py``), which it
+    does not know and would count as 0: ``x [..., K]`` times a packed ``[N, K]`` weight, ``2 * rows * K * N``."""
+    import math
+
+    import torch
+
+    @flop_counter.register_flop_formula(torch.ops.mkldnn._linear_pointwise)
+    def packed_linear_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
+
+
 def count_flops(out: str, argv: list[str]) -> int:
     """Run our PPO stage with ``argv``, counting each phase's FLOPs per iteration; write them to ``out``."""
     from torch.utils import flop_counter
@@ -205,6 +217,7 @@ def count_flops(out: str, argv: list[str]) -> int:
 
     for name in ("sdpa_flop_count", "sdpa_backward_flop_count"):  # looked up by name at each count
         setattr(flop_counter, name, grouped_query_heads(getattr(flop_counter, name)))
+    count_packed_linears(flop_counter)
 
     sys.path.insert(0, str(REPO))
     from pipeline import stage_ppo

@@ -11,19 +11,22 @@ coming from memory, its 49,152-token vocabulary projection 4.1 -> 2.5 ms at 8 ro
 1,024 rows. The outputs are the same bits as ``F.linear``'s (tests/test_packed_linear.py checks this on the
 host that runs the tests), so nothing sampled, scored or learned changes.
 
-``pack_linears(model)`` turns every ``nn.Linear`` of ``model`` whose weight is a frozen CPU bf16 tensor into a
+``pack_linears(model)`` turns every ``nn.Linear`` of ``model`` whose weight is a frozen CPU tensor into a
 :class:`PackedLinear` (a subclass: PEFT still wraps it, state dicts and ``deepcopy`` are unchanged). A call
-takes the packed path when it computes in bf16 (bf16 input, or CPU autocast to bf16); anything else runs
-``nn.Linear.forward``. An input that requires grad goes through an autograd function whose backward is
-``F.linear``'s own input gradient (``grad @ W``); the weight itself never trains here. The packed copy is
-rebuilt when the weight changes in place through autograd-visible ops (``copy_`` under ``no_grad``, as
-``MergedPolicy.sync`` does) or is replaced; a write through ``weight.data`` is invisible to the version
-counter, so code that does so calls ``repack(model)``. The packed copies cost memory: one more copy of each
-packed weight (270 MB for SmolLM2-135M in bf16).
+takes the packed path when it computes in bf16: a bf16 weight with a bf16 input or under CPU autocast to bf16,
+or a float32 weight under that autocast (the packed copy is then made from the weight cast to bf16, the cast
+autocast makes at every call). Anything else runs ``nn.Linear.forward``. An input that requires grad goes
+through an autograd function whose backward is ``F.linear``'s own input gradient (``grad @ W`` with the bf16
+``W``); the weight itself never trains here. The packed copy is rebuilt when the weight changes in place
+through autograd-visible ops (``copy_`` under ``no_grad``, as ``MergedPolicy.sync`` does) or is replaced; a
+write through ``weight.data`` is invisible to the version counter, so code that does so calls
+``repack(model)``. The packed copies cost memory: one more bf16 copy of each packed weight (270 MB for
+SmolLM2-135M), two for a float32 weight (the packed and the plain bf16 one).
 
 Off where it would not be the same bits or not faster: without oneDNN bf16 support in this torch build or CPU
-(``torch.ops.mkldnn._is_mkldnn_bf16_supported``), on accelerators, for float32 (oneDNN's packed float32
-product rounds differently from MKL's, which ``F.linear`` uses), and for non-contiguous inputs.
+(``torch.ops.mkldnn._is_mkldnn_bf16_supported``), on accelerators, for products computed in float32
+(oneDNN's packed float32 product rounds differently from MKL's, which ``F.linear`` uses), and for
+non-contiguous inputs.
 """
 
 from __future__ import annotations
@@ -69,56 +72,60 @@ class _PackedLinearFunction(torch.autograd.Function):
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` whose bf16 calls run on a prepacked copy of its frozen weight (module docstring)."""
 
-    _packed: torch.Tensor | None
+    _packed: torch.Tensor | None  # the oneDNN-packed bf16 weight
+    _bf16: torch.Tensor | None  # the bf16 weight the packed copy was made from (the backward's ``W``)
     _packed_key: tuple | None
 
     def __getstate__(self):
         # The packed copy is an opaque oneDNN tensor that cannot be copied or pickled: copies repack.
-        return {**super().__getstate__(), "_packed": None, "_packed_key": None}
+        return {**super().__getstate__(), "_packed": None, "_bf16": None, "_packed_key": None}
 
-    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-
-    def packed_weight(self) -> torch.Tensor:
+    def packed_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(packed, bf16 weight)``, rebuilt when the weight changed since they were made."""
         w = self.weight
-        key = (w.data_ptr(), w._version, tuple(w.shape))
+        key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
         if self._packed is None or self._packed_key != key:
-            self._packed, self._packed_key = _pack(w), key
-        return self._packed
+            bf16 = w.detach().to(torch.bfloat16)  # autocast's cast of a float32 weight; the weight itself if bf16
+            self._packed, self._bf16, self._packed_key = _pack(bf16), bf16, key
+        return self._packed, self._bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
         grad = torch.is_grad_enabled()
+        autocast = torch.is_autocast_enabled("cpu")
+        compute = torch.get_autocast_dtype("cpu") if autocast else x.dtype
         if (
-            w.dtype != torch.bfloat16
+            compute != torch.bfloat16
+            or not (w.dtype == torch.bfloat16 or (autocast and w.dtype == torch.float32))
             or w.device.type != "cpu"
-            or self._compute_dtype(x) != torch.bfloat16
             or (grad and (w.requires_grad or (b is not None and b.requires_grad)))
             or not x.is_contiguous()
         ):
             return super().forward(x)
         x = x.to(torch.bfloat16)
         bias = None if b is None else b.to(torch.bfloat16)
+        packed, bf16 = self.packed_weight()
         if grad and x.requires_grad:
-            return _PackedLinearFunction.apply(x, self.packed_weight(), w, bias)
-        return _packed_product(x, self.packed_weight(), bias)
+            return _PackedLinearFunction.apply(x, packed, bf16, bias)
+        return _packed_product(x, packed, bias)
 
 
 def pack_linears(model: nn.Module) -> nn.Module:
-    """Make every plain ``nn.Linear`` of ``model`` with a frozen CPU bf16 weight a :class:`PackedLinear`; returns
-    ``model``. A no-op where oneDNN's bf16 linear is not available (``supported``). Weights are packed at their
-    first bf16 call, so packing a model that later moves to an accelerator costs nothing."""
+    """Make every plain ``nn.Linear`` of ``model`` with a frozen CPU weight in bf16 or float32 a
+    :class:`PackedLinear`; returns ``model``. A no-op where oneDNN's bf16 linear is not available
+    (``supported``). Weights are packed at their first bf16 call, so packing a model that later moves to an
+    accelerator or never computes in bf16 costs nothing."""
     if not supported():
         return model
     for mod in model.modules():
         if (
             type(mod) is nn.Linear
-            and mod.weight.dtype == torch.bfloat16
+            and mod.weight.dtype in (torch.bfloat16, torch.float32)
             and mod.weight.device.type == "cpu"
             and not mod.weight.requires_grad
         ):
             mod.__class__ = PackedLinear
-            mod._packed, mod._packed_key = None, None
+            mod._packed, mod._bf16, mod._packed_key = None, None, None
     return model
 
 
@@ -126,4 +133,4 @@ def repack(model: nn.Module) -> None:
     """Drop the packed copies of ``model``'s weights (after writing them through ``.data``); the next call repacks."""
     for mod in model.modules():
         if isinstance(mod, PackedLinear):
-            mod._packed, mod._packed_key = None, None
+            mod._packed, mod._bf16, mod._packed_key = None, None, None

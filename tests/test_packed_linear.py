@@ -14,21 +14,23 @@ from tests.conftest import make_causal_lm
 needs_onednn_bf16 = pytest.mark.skipif(not supported(), reason="no oneDNN bf16 linear in this torch build or CPU")
 
 
-def frozen_linear(n_in: int, n_out: int, bias: bool, seed: int = 0) -> torch.nn.Linear:
+def frozen_linear(n_in: int, n_out: int, bias: bool, seed: int = 0, dtype=torch.bfloat16) -> torch.nn.Linear:
     torch.manual_seed(seed)
-    return torch.nn.Linear(n_in, n_out, bias=bias, dtype=torch.bfloat16).requires_grad_(False)
+    return torch.nn.Linear(n_in, n_out, bias=bias, dtype=dtype).requires_grad_(False)
 
 
 @needs_onednn_bf16
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_outputs_and_input_gradients_are_the_same_bits_as_f_linear(bias):
-    lin = frozen_linear(96, 160, bias)
+def test_packed_outputs_and_input_gradients_are_the_same_bits_as_f_linear(bias, dtype):
+    """A bf16 weight, and a float32 weight under bf16 autocast (the SFT and reward stages' frozen bases)."""
+    lin = frozen_linear(96, 160, bias, dtype=dtype)
     w, b = lin.weight.clone(), None if lin.bias is None else lin.bias.clone()
     pack_linears(lin)
     assert type(lin) is PackedLinear
     for shape in [(1, 96), (8, 96), (29, 96), (300, 96), (8, 1, 96), (3, 40, 96)]:
-        x = torch.randn(shape, dtype=torch.bfloat16)
-        assert torch.equal(lin(x), F.linear(x, w, b)), shape
+        x = torch.randn(shape, dtype=dtype)
+        assert torch.equal(lin(x), F.linear(x, w, b)), shape  # without autocast: bf16 packed, float32 F.linear
         # float32 input under CPU autocast, as the PPO and evaluation forwards run
         x32 = torch.randn(shape)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -64,9 +66,11 @@ def test_packed_copy_follows_weight_changes():
 
 
 def test_what_is_not_packed_runs_f_linear():
-    """float32 weights, trainable weights and non-contiguous inputs keep ``nn.Linear.forward``."""
+    """float32 products, trainable weights and non-contiguous inputs keep ``nn.Linear.forward``."""
     fp32 = pack_linears(torch.nn.Linear(8, 8).requires_grad_(False))
-    assert type(fp32) is torch.nn.Linear
+    x = torch.randn(3, 8)
+    assert torch.equal(fp32(x), F.linear(x, fp32.weight, fp32.bias))
+    assert getattr(fp32, "_packed", None) is None  # float32 without autocast: MKL's product, as before
     trainable = pack_linears(torch.nn.Linear(8, 8, dtype=torch.bfloat16))
     assert type(trainable) is torch.nn.Linear
     if not supported():
@@ -85,11 +89,13 @@ def test_what_is_not_packed_runs_f_linear():
 
 
 @needs_onednn_bf16
-def test_a_packed_model_generates_scores_and_trains_lora_as_before(tmp_path, tiny_tok):
-    """A tiny Llama in bf16: the same logits, greedy tokens, LoRA gradients, state dict and deep copy."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_packed_model_generates_scores_and_trains_lora_as_before(tmp_path, tiny_tok, dtype):
+    """A tiny Llama in bf16 (PPO's bases) or float32 (SFT's and the reward stage's), under bf16 autocast: the same
+    logits, greedy tokens, LoRA gradients, state dict and deep copy."""
     from peft import LoraConfig, get_peft_model
 
-    base = make_causal_lm(tmp_path / "m", tiny_tok).to(torch.bfloat16).eval().requires_grad_(False)
+    base = make_causal_lm(tmp_path / "m", tiny_tok).to(dtype).eval().requires_grad_(False)
     packed = pack_linears(copy.deepcopy(base))
     assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 2 * 7 + 1  # 7 per layer, the head
     assert packed.state_dict().keys() == base.state_dict().keys()
@@ -99,7 +105,7 @@ def test_a_packed_model_generates_scores_and_trains_lora_as_before(tmp_path, tin
         kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(packed.generate(input_ids=ids, **kw), base.generate(input_ids=ids, **kw))
     clone = copy.deepcopy(packed)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(clone(input_ids=ids).logits, base(input_ids=ids).logits)
 
     grads = []
