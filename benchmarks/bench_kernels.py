@@ -51,6 +51,10 @@
   checkout: median seconds per iteration and per phase, over every iteration and over the first alone, and each
   iteration's KL, mean score, entropy and response length, which show whether two versions of the code learn the
   same.
+- ``stage-checkouts``: the demo recipe's SFT or reward stage (``--stage``; the reward stage on ``--source``'s
+  ``sft/``) for ``--max_steps`` steps from each of ``--commits``, alternating for ``--rounds`` rounds: the
+  trainer's runtime, the stage's wall time, the final training loss (equal bits: the same training) and the
+  reward stage's held-out accuracy.
 - ``value-layers``: one rollout of ``--rows`` prompts with the demo recipe (``--source``'s ``sft/`` and ``reward/``,
   ``--dtype``), then the update's values over it computed from the rollout's output of the value model's frozen
   layers (``Rollout.value_hidden``) and by running every layer: how far apart they are, and each from the
@@ -60,6 +64,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -643,24 +648,32 @@ def rollout_logprobs(a) -> None:
               f"scores {[round(r['objective/scores'], 4) for r in rows[0]]}")  # fmt: skip
 
 
-def ppo_checkouts(a) -> None:
+@contextlib.contextmanager
+def git_checkouts(commits: list[str]):
+    """``{revision: path}``: each revision's code as a temporary detached git worktree, removed afterwards."""
     import subprocess
 
     with tempfile.TemporaryDirectory() as trees:
-        checkouts, runs = {}, {rev: [] for rev in a.commits}  # each commit's code, as a detached git worktree
+        trees_by_rev = {}
         try:
-            for rev in a.commits:
-                checkouts[rev] = Path(trees) / f"tree-{len(checkouts)}"
-                subprocess.run(["git", "worktree", "add", "--detach", str(checkouts[rev]), rev], cwd=REPO,
+            for rev in commits:
+                trees_by_rev[rev] = Path(trees) / f"tree-{len(trees_by_rev)}"
+                subprocess.run(["git", "worktree", "add", "--detach", str(trees_by_rev[rev]), rev], cwd=REPO,
                                check=True, stdout=subprocess.DEVNULL)  # fmt: skip
-            for _ in range(a.rounds):
-                for rev, rows in runs.items():
-                    rows.append(demo_ppo_run(a, checkouts[rev], []))
-                    it = [r["time/iteration_s"] for r in rows[-1]]
-                    print(f"ppo-checkouts {rev} run {len(rows)}: s/iteration {[round(t, 2) for t in it]}", flush=True)
+            yield trees_by_rev
         finally:
-            for tree in checkouts.values():
+            for tree in trees_by_rev.values():
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
+
+
+def ppo_checkouts(a) -> None:
+    runs = {rev: [] for rev in a.commits}
+    with git_checkouts(a.commits) as checkouts:
+        for _ in range(a.rounds):
+            for rev, rows in runs.items():
+                rows.append(demo_ppo_run(a, checkouts[rev], []))
+                it = [r["time/iteration_s"] for r in rows[-1]]
+                print(f"ppo-checkouts {rev} run {len(rows)}: s/iteration {[round(t, 2) for t in it]}", flush=True)
     phases = ["iteration", "generate", "policy_forward", "value_forward", "reference_forward", "reward", "update"]
     for rev, rows in runs.items():
         # Every iteration, and the first alone: until two versions' runs part (a different sample), they time
@@ -675,6 +688,42 @@ def ppo_checkouts(a) -> None:
               f"{[round(r['objective/scores'], 5) for r in rows[0]]}; entropy "
               f"{[round(r['objective/entropy'], 4) for r in rows[0]]}; response length "
               f"{[round(r['val/response_length'], 2) for r in rows[0]]}")  # fmt: skip
+
+
+def stage_checkouts(a) -> None:
+    """The demo recipe's SFT or reward stage for ``--max_steps`` steps from each revision, alternating: the
+    trainer's own runtime, the final loss (the same bits or not) and, for the reward stage, the held-out
+    accuracy and the whole stage's wall time."""
+    import subprocess
+
+    runs = {rev: [] for rev in a.commits}
+    with git_checkouts(a.commits) as checkouts:
+        for _ in range(a.rounds):
+            for rev, rows in runs.items():
+                with tempfile.TemporaryDirectory() as tmp:
+                    if a.stage == "reward":
+                        from pipeline.artifacts import link_tree
+
+                        link_tree(Path(a.source).resolve() / "sft", Path(tmp) / "sft")
+                    module = {"sft": "pipeline.stage_sft", "reward": "pipeline.stage_reward"}[a.stage]
+                    cmd = [sys.executable, "-m", module, "--config", f"configs/{a.stage}_demo.yaml", "--artifact_dir",
+                           tmp, "--max_steps", str(a.max_steps), "--logging_steps", str(a.max_steps)]  # fmt: skip
+                    t = time.perf_counter()
+                    subprocess.run(cmd, cwd=checkouts[rev], check=True, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)  # fmt: skip
+                    wall = time.perf_counter() - t
+                    metrics = json.loads((Path(tmp) / a.stage / "manifest.json").read_text())["metrics"]
+                last = metrics["log_history"][-1]
+                rows.append({"runtime": last["train_runtime"], "loss": last["train_loss"], "wall": wall,
+                             "test": metrics.get("test")})  # fmt: skip
+                print(f"stage-checkouts {a.stage} {rev} run {len(rows)}: train {last['train_runtime']:.1f} s, "
+                      f"loss {last['train_loss']!r}, stage wall {wall:.1f} s, held-out {metrics.get('test')}",
+                      flush=True)  # fmt: skip
+    for rev, rows in runs.items():
+        print(
+            f"stage-checkouts {a.stage} {rev}: median train {statistics.median(r['runtime'] for r in rows):.1f} s, "
+            f"stage wall {statistics.median(r['wall'] for r in rows):.1f} s, losses {[r['loss'] for r in rows]}"
+        )
 
 
 def value_layers(a) -> None:
@@ -779,6 +828,12 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p = sub.add_parser("stage-checkouts", help="the demo's SFT or reward stage from several git revisions")
+    p.add_argument("--stage", choices=("sft", "reward"), required=True)
+    p.add_argument("--source", help="an artifact directory with sft/ (for --stage reward)")
+    p.add_argument("--commits", nargs="+", required=True, help="git revisions to compare")
+    p.add_argument("--max_steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=2)
     p = sub.add_parser("value-layers")
     p.add_argument("--source", required=True, help="an artifact directory holding sft/ and reward/")
     p.add_argument("--rows", type=int, default=8)
@@ -794,7 +849,7 @@ def main(argv=None) -> int:
      "eval-batch": eval_batch, "scoring": scoring, "reward": reward, "reward-chunks": reward_chunks,
      "update-chunks": update_chunks, "ppo-profile": ppo_profile,
      "rollout-logprobs": rollout_logprobs, "ppo-checkouts": ppo_checkouts,
-     "value-layers": value_layers}[a.what](a)  # fmt: skip
+     "value-layers": value_layers, "stage-checkouts": stage_checkouts}[a.what](a)  # fmt: skip
     return 0
 
 

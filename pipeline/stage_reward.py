@@ -187,6 +187,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
     from pipeline.modeling import (
         check_finite_training,
         check_model_args,
+        inference_model,
         load_tokenizer,
         lora_config,
         loss_text,
@@ -196,6 +197,7 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
         train_summary,
         warn_if_emulated_bf16,
     )
+    from pipeline.packed_linear import pack_linears
 
     if not model_args.use_peft:
         raise PipelineError("the reward stage trains a LoRA adapter with a full score head; drop --use_peft false")
@@ -236,13 +238,14 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
             processing_class=tokenizer,
             peft_config=lora_config(model_args, "SEQ_CLS", ["score"], model, model_args.lora_layers),
         )
+        pack_linears(trainer.model)  # the frozen base's bf16 products on prepacked weights (pipeline/packed_linear.py)
         result = train_or_finish(trainer, resume)
         check_finite_training(trainer, "reward model")
         publish_lora(trainer, out.path, start, AutoModelForSequenceClassification, tokenizer, num_labels=1)
         if trainer.accelerator.is_main_process:
             # Score the held-out pairs with the merged model exactly as later stages will load it, on the
             # training device and under the training precision.
-            scorer = AutoModelForSequenceClassification.from_pretrained(out.path / "model").eval()
+            scorer = inference_model(AutoModelForSequenceClassification.from_pretrained(out.path / "model"))
             scorer.to(trainer.accelerator.device)
             with trainer.accelerator.autocast():
                 held_out = pairwise_accuracy(scorer, tokenizer, list(test), training_args.per_device_eval_batch_size)
