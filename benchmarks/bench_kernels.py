@@ -17,7 +17,11 @@
 - ``attention``: forward, and forward + backward, of one layer's attention (9 heads of 64, SmolLM2-135M's)
   with torch's flash and math CPU kernels, causal and with a padding mask, in bf16 and fp32 (ms, mean of 20).
 - ``linear``: a batch-8 bf16/fp32 matrix product against each of SmolLM2's weight shapes, in cache and from
-  memory, plus oneDNN's linear with a prepacked weight (what decoding does 211 times per token).
+  memory, plus oneDNN's linear on a weight packed once (``pipeline/packed_linear.py``; what decoding does 211
+  times per token), and whether the two give the same bits.
+- ``packed-generation``: the PPO benchmark's 8 prompts x 32 sampled tokens through ``pipeline.decoding.generate``
+  on the bf16 model and on a copy with prepacked weights, alternating, one seed per pair: seconds per call and
+  whether the tokens and log-probs are the same bits.
 - ``sft-step``: forward + backward of an SFT-shaped batch (LoRA r=16 on every linear layer, bf16 autocast,
   8 rows of ``--length`` tokens) under the default kernels and under ``pipeline.modeling.training_attention``,
   alternating.
@@ -132,8 +136,16 @@ def _products(x, weights) -> None:
         F.linear(x, w)
 
 
+def _packed_products(x, packed) -> None:
+    from pipeline.packed_linear import _packed_product
+
+    for w in packed:
+        _packed_product(x, w, None)
+
+
 def linear(a) -> None:
     import torch
+    import torch.nn.functional as F
 
     for dtype in (torch.bfloat16, torch.float32):
         for out_f, in_f in ((1536, 576), (576, 1536), (576, 576), (49152, 576)):
@@ -145,12 +157,17 @@ def linear(a) -> None:
                 f"linear 8 x {in_f} -> {out_f} {str(dtype)[6:]:8} in cache {hot:7.0f} us  from memory {cold:7.0f} us"
             )
             if dtype == torch.bfloat16:
-                pointwise = torch.ops.mkldnn._linear_pointwise
-                try:
-                    us = mean_ms(pointwise, x, w.to_mkldnn(), None, "none", [], "", n=100) * 1e3
-                    line += f"  oneDNN prepacked {us:7.0f} us"
-                except RuntimeError:  # oneDNN has no bf16 inner product without AVX512-BF16/AMX
-                    line += "  oneDNN prepacked: not on this CPU"
+                from pipeline.packed_linear import _pack, _packed_product, supported
+
+                if supported():  # the weight packed once (pipeline/packed_linear.py), in cache and from memory
+                    hot_packed = mean_ms(_packed_products, x, [_pack(w)], n=100) * 1e3
+                    packed = [_pack(m) for m in many]
+                    cold_packed = mean_ms(_packed_products, x, packed, n=5) * 1e3 / len(packed)
+                    same = torch.equal(_packed_product(x, packed[0], None), F.linear(x, many[0]))
+                    line += f"  prepacked: in cache {hot_packed:7.0f} us  from memory {cold_packed:7.0f} us"
+                    line += f"  (the same bits: {same})"
+                else:
+                    line += "  prepacked: no oneDNN bf16 linear on this CPU"
             print(line, flush=True)
 
 
@@ -254,6 +271,53 @@ def generation(a) -> None:
         with profile() as p:
             go()
         print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+
+
+def packed_generation(a) -> None:
+    """The PPO benchmark's 8 prompts x 32 sampled tokens with ``pipeline.decoding.generate`` (what the rollout
+    runs), on the model as loaded and on a copy with prepacked linear weights, alternating, each pair from one
+    seed: seconds per call, and whether tokens and the sampler's log-probs are the same bits."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import benchmarks.ppo_vs_trl as bench
+    from pipeline import decoding
+    from pipeline.modeling import contiguous_head
+    from pipeline.packed_linear import pack_linears
+    from pipeline.sampling import InverseCDFSampler, sampling_kwargs
+
+    torch.set_num_threads(a.threads)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    plain = contiguous_head(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).eval())
+    plain.requires_grad_(False)
+    packed = pack_linears(copy.deepcopy(plain))
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [json.loads(line) for line in bench.write_prompts(Path(tmp) / "p.jsonl").open()]
+    enc = tok(prompts_of(tok, [r["prompt"] for r in rows]), return_tensors="pt", padding=True,
+              add_special_tokens=False, padding_side="left")  # fmt: skip
+
+    def sample(model, seed: int):
+        draw = InverseCDFSampler(record_logprobs=True)
+        torch.manual_seed(seed)
+        t = time.perf_counter()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = decoding.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=32,
+                                    eos_token_id=-1, pad_token_id=tok.pad_token_id,
+                                    **sampling_kwargs(0.7, 0, 1.0, draw))  # fmt: skip
+        return time.perf_counter() - t, out, draw.take_logprobs()
+
+    sample(plain, 0), sample(packed, 0)  # warm-up; the packed copy packs its weights here
+    times, same = {"plain": [], "packed": []}, True
+    for seed in range(1, a.repeats + 1):
+        (t0, out0, lp0), (t1, out1, lp1) = sample(plain, seed), sample(packed, seed)
+        times["plain"].append(t0)
+        times["packed"].append(t1)
+        same = same and torch.equal(out0, out1) and torch.equal(lp0, lp1)
+    for name, ts in times.items():
+        print(f"packed-generation {name:6}: median {statistics.median(ts):.3f} s ({[round(t, 3) for t in ts]})")
+    print(f"packed-generation: the same tokens and log-probs: {same}")
 
 
 def eval_batch(a) -> None:
@@ -773,6 +837,10 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="a static cache and a compiled decoding forward")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="then one more generation under torch.profiler")
+    p = sub.add_parser("packed-generation", help="rollout sampling with and without prepacked weights")
+    p.add_argument("--model", required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
     p = sub.add_parser("eval-batch")
     p.add_argument("--model", required=True)
     p.add_argument("--batches", type=int, nargs="+", default=[64, 100, 200])
@@ -846,8 +914,8 @@ def main(argv=None) -> int:
                    help="the stage's bases and autocast")  # fmt: skip
     a = ap.parse_args(argv)
     {"attention": attention, "linear": linear, "sft-step": sft_step, "generation": generation,
-     "eval-batch": eval_batch, "scoring": scoring, "reward": reward, "reward-chunks": reward_chunks,
-     "update-chunks": update_chunks, "ppo-profile": ppo_profile,
+     "packed-generation": packed_generation, "eval-batch": eval_batch, "scoring": scoring, "reward": reward,
+     "reward-chunks": reward_chunks, "update-chunks": update_chunks, "ppo-profile": ppo_profile,
      "rollout-logprobs": rollout_logprobs, "ppo-checkouts": ppo_checkouts,
      "value-layers": value_layers, "stage-checkouts": stage_checkouts}[a.what](a)  # fmt: skip
     return 0

@@ -3,12 +3,12 @@
 A bf16 ``F.linear`` on a CPU goes to oneDNN, which first reorders ("packs") the ``[N, K]`` weight into its
 blocked layout, at every call. For a matrix product with few rows (a decoding step: batch x 1 token) that
 reorder is most of the call: the weight is read, written again and read once more, and the product runs
-at a third of the memory bandwidth. Packing each frozen weight once and calling oneDNN's linear on the
+well below the memory bandwidth. Packing each frozen weight once and calling oneDNN's linear on the
 packed copy (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what inductor's CPU
 weight freezing emits) runs the same kernel without the reorder. On the 2-core AVX512-BF16 host
-(docs/benchmarks.md, 2026-12-05): 8 rows x SmolLM2's 576 x 1536 projection 176 -> 91 us with the weight
-coming from memory, its 49,152-token vocabulary projection 4.1 -> 2.5 ms at 8 rows and 235 -> 160 ms at
-1,024 rows. The outputs are the same bits as ``F.linear``'s (tests/test_packed_linear.py checks this on the
+(``benchmarks/bench_kernels.py linear``, docs/benchmarks.md, 2026-12-05): 8 rows x SmolLM2's 1536 x 576
+projection 144 -> 81 us with the weight coming from memory, its 49,152-token vocabulary projection
+4.2 -> 1.8 ms. The outputs are the same bits as ``F.linear``'s (tests/test_packed_linear.py checks this on the
 host that runs the tests), so nothing sampled, scored or learned changes.
 
 ``pack_linears(model)`` turns every ``nn.Linear`` of ``model`` whose weight is a frozen CPU tensor into a
