@@ -21,6 +21,8 @@ minimum lengths, ...) go through ``model.generate`` unchanged (``can_compact``).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
@@ -165,10 +167,10 @@ def causal_lm_run(model, logits_to_keep: bool = True):
     """``scoring_forward``'s ``run`` for a causal LM (or a PEFT model around one): its logits at the last ``k``
     positions, projected onto the vocabulary only there where the forward takes ``logits_to_keep``."""
 
-    def run(ids: Tensor, mask: Tensor, positions: Tensor, cache_kwargs: dict, k: int) -> Tensor:
+    def run(ids: Tensor, mask: Tensor, positions: Tensor, cache_kwargs: dict, k: int, **extra) -> Tensor:
         keep = {"logits_to_keep": k} if logits_to_keep else {}
         return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=bool(cache_kwargs),
-                     **keep, **cache_kwargs).logits[:, -k:]  # fmt: skip
+                     **keep, **cache_kwargs, **extra).logits[:, -k:]  # fmt: skip
 
     return run
 
@@ -188,9 +190,9 @@ def score_head_run(model):
     if not {"cache", "past_key_values"} & set(inspect.signature(backbone.forward).parameters):
         return None
 
-    def run(ids: Tensor, mask: Tensor, positions: Tensor, cache_kwargs: dict, k: int) -> Tensor:
+    def run(ids: Tensor, mask: Tensor, positions: Tensor, cache_kwargs: dict, k: int, **extra) -> Tensor:
         hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=bool(cache_kwargs),
-                          **cache_kwargs).last_hidden_state  # fmt: skip
+                          **cache_kwargs, **extra).last_hidden_state  # fmt: skip
         return inner.score(hidden[:, -k:]).squeeze(-1).float()
 
     run.model = inner  # the transformers model whose config and cache ``scoring_forward`` uses
@@ -450,10 +452,13 @@ def packed_scorer(model, input_ids: Tensor, attention_mask: Tensor):
 class Pack:
     """Rows of a batch packed into one sequence as a prefix tree (``pack_groups``): ``ids``, ``positions`` (each
     token's column in its own row), ``visible`` ``[T, T]`` (token i attends to token j: j is on i's row path and
-    not after it), the batch ``rows`` it holds and ``last`` (where each of them ends in the sequence)."""
+    not after it), the batch ``rows`` it holds, ``last`` (where each of them ends in the sequence) and ``spans``
+    ``[c, e_1, ..., e_G]``: the tokens every row shares are ``[0, c)``, group g's are ``[e_{g-1}, e_g)`` (``e_0 =
+    c``), and a group's tokens see only their own group's and the shared ones."""
 
-    def __init__(self, ids: Tensor, positions: Tensor, owners: Tensor, rows: list[int], last: Tensor):
-        self.ids, self.positions, self.rows, self.last = ids, positions, rows, last
+    def __init__(self, ids: Tensor, positions: Tensor, owners: Tensor, rows: list[int], last: Tensor,
+                 spans: list[int]):  # fmt: skip
+        self.ids, self.positions, self.rows, self.last, self.spans = ids, positions, rows, last, spans
         # owners [T, n]: which of the pack's rows each token belongs to (the shared prefix: all of them; a group's
         # prompt: its rows; a row's own tokens: that row). j is on i's path when j belongs to every row i does.
         outside = (~owners).float()
@@ -493,6 +498,7 @@ def pack_groups(input_ids: Tensor, lengths: Tensor, groups: Tensor, budget: int)
         ids, pos, owner, last = [input_ids[rows[0], :c]], [torch.arange(c, device=device)], [], []
         owner.append(torch.ones(c, len(rows), dtype=torch.bool, device=device))
         end = c
+        spans = [c]
         for g in gs:
             s = int(shared[g])
             ids.append(input_ids[members[g][0], c:s])
@@ -510,7 +516,9 @@ def pack_groups(input_ids: Tensor, lengths: Tensor, groups: Tensor, budget: int)
                 owner.append(o)
                 end += n - s
                 last.append(end - 1)
-        packs.append(Pack(torch.cat(ids), torch.cat(pos), torch.cat(owner), rows, torch.tensor(last, device=device)))
+            spans.append(end)
+        packs.append(Pack(torch.cat(ids), torch.cat(pos), torch.cat(owner), rows, torch.tensor(last, device=device),
+                          spans))  # fmt: skip
     return packs
 
 
@@ -523,15 +531,71 @@ def packed_last_outputs(run, model, input_ids: Tensor, attention_mask: Tensor, g
     before it, at its own row's positions. The outputs agree with one forward's to rounding, and so do their
     gradients: a shared prefix's backward runs once and sums what every row sends it. ``run`` is
     ``scoring_forward``'s (called with the 4D mask and ``{}`` for the cache); the caller checks
-    ``can_pack_prefixes`` first."""
+    ``can_pack_prefixes`` first.
+
+    Under SDPA the attention runs one group at a time (``segmented_sdpa``): a pack's dense mask is mostly
+    zeros (groups do not see each other), and SDPA computes every masked score anyway."""
     out = None
+    segmented = can_segment(model)
     for pack in pack_groups(input_ids, attention_mask.long().sum(1), groups, budget):
-        got = run(pack.ids[None], pack.attention_mask(model), pack.positions[None], {}, len(pack.ids))[0]
+        with attention_implementation(model, SEGMENTED_SDPA) if segmented else contextlib.nullcontext():
+            extra = {"pack_spans": pack.spans} if segmented else {}
+            got = run(pack.ids[None], pack.attention_mask(model), pack.positions[None], {}, len(pack.ids), **extra)[0]
         last = got[pack.last]
         if out is None:
             out = last.new_zeros((len(groups), *last.shape[1:]))
         out = out.index_put((torch.tensor(pack.rows, device=input_ids.device),), last)
     return out
+
+
+# The attention implementation ``packed_last_outputs`` switches an SDPA model to for a pack's forward.
+SEGMENTED_SDPA = "rlhf_segmented_sdpa"
+
+
+def segmented_sdpa(module, query, key, value, attention_mask, pack_spans=None, **kwargs):
+    """transformers' SDPA attention over a packed prefix-tree sequence (``Pack``), one group at a time: the shared
+    tokens ``[0, c)`` over themselves, then each group's tokens over the shared ones and their own, each with its
+    block of the pack's mask. The same attention as one call over the whole mask (tokens of other groups are
+    masked there; equal to rounding, to 1e-5 in float32 in the tests), without computing the masked scores: with
+    the embedded reward pairs' packs of ~1,000 tokens, most of them. Without ``pack_spans`` (a forward that is
+    not a pack's), or for another length, it is plain SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if pack_spans is None or attention_mask is None or query.shape[2] != pack_spans[-1]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    c = pack_spans[0]
+    outs = [sdpa_attention_forward(module, query[:, :, :c], key[:, :, :c], value[:, :, :c],
+                                   attention_mask[:, :, :c, :c], **kwargs)[0]]  # fmt: skip
+    for s, e in zip(pack_spans[:-1], pack_spans[1:]):
+        k = torch.cat([key[:, :, :c], key[:, :, s:e]], 2)
+        v = torch.cat([value[:, :, :c], value[:, :, s:e]], 2)
+        m = torch.cat([attention_mask[:, :, s:e, :c], attention_mask[:, :, s:e, s:e]], 3)
+        outs.append(sdpa_attention_forward(module, query[:, :, s:e], k, v, m, **kwargs)[0])
+    return torch.cat(outs, 1), None  # [B, T, heads, head_dim], as SDPA's
+
+
+def can_segment(model) -> bool:
+    """Whether ``packed_last_outputs`` runs ``model``'s attention one group at a time: SDPA models without
+    activation checkpointing (whose backward re-runs the forward outside the switched implementation)."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    return not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+@contextlib.contextmanager
+def attention_implementation(model, name: str):
+    """``model``'s layers call the attention function registered as ``name`` inside the block (transformers reads
+    ``config._attn_implementation`` at each call); the implementation it had after."""
+    from transformers import AttentionInterface
+
+    if name == SEGMENTED_SDPA and name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, segmented_sdpa)
+    before = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
 
 
 @torch.no_grad()

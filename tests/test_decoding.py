@@ -395,6 +395,46 @@ def test_packed_last_outputs_equal_one_forward_in_value_and_gradient(tmp_path, b
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
+def test_packed_attention_runs_one_group_at_a_time_and_equals_the_dense_mask(tmp_path, monkeypatch):
+    """Under SDPA a pack's attention runs per group (``segmented_sdpa``): the shared tokens, then each pair's
+    tokens over the shared ones and their own. Scores and gradients equal the pack's one dense-masked SDPA call;
+    the model's attention implementation is SDPA again afterwards; with activation checkpointing it stays dense."""
+    net, ids, mask, groups = _pairs(tmp_path)
+    run = decoding.score_head_run(net)
+    inner = run.model
+    assert inner.config._attn_implementation == "sdpa" and decoding.can_segment(inner)
+    calls = []
+    segmented = decoding.segmented_sdpa
+    monkeypatch.setattr(
+        decoding, "segmented_sdpa", lambda *a, **k: calls.append(k.get("pack_spans")) or segmented(*a, **k)
+    )
+    from transformers import AttentionInterface
+
+    AttentionInterface._global_mapping.pop(decoding.SEGMENTED_SDPA, None)  # registered afresh: the counting wrapper
+
+    def scores_and_grads(segment: bool):
+        monkeypatch.setattr(decoding, "can_segment", lambda model: segment)
+        net.zero_grad()
+        got = decoding.packed_last_outputs(run, inner, ids, mask, groups, budget=10_000)
+        (got * torch.linspace(-1, 1, len(got))).sum().backward()
+        return got, [p.grad.clone() for p in net.parameters() if p.requires_grad]
+
+    dense, dense_grads = scores_and_grads(False)
+    assert not calls
+    got, got_grads = scores_and_grads(True)
+    assert inner.config._attn_implementation == "sdpa"
+    spans = calls[0]
+    assert len(calls) == inner.config.num_hidden_layers and len(spans) == 4 + 1  # shared, then one span per pair
+    assert spans == sorted(spans) and spans[0] > 0
+    torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, dense_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    AttentionInterface._global_mapping.pop(decoding.SEGMENTED_SDPA, None)
+    monkeypatch.undo()
+    net.get_base_model().gradient_checkpointing_enable()
+    assert not decoding.can_segment(inner)
+
+
 def test_a_packed_token_sees_its_own_row_before_it():
     """The prefix tree's mask: a row's own token sees the shared prefix, its group's prompt and its own earlier
     tokens; nothing of another group or of its pair's other reply."""
