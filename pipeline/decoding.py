@@ -538,9 +538,10 @@ def packed_last_outputs(run, model, input_ids: Tensor, attention_mask: Tensor, g
     out = None
     segmented = can_segment(model)
     for pack in pack_groups(input_ids, attention_mask.long().sum(1), groups, budget):
+        mask = pack.attention_mask(model)  # before the switch: SDPA's boolean mask
         with attention_implementation(model, SEGMENTED_SDPA) if segmented else contextlib.nullcontext():
             extra = {"pack_spans": pack.spans} if segmented else {}
-            got = run(pack.ids[None], pack.attention_mask(model), pack.positions[None], {}, len(pack.ids), **extra)[0]
+            got = run(pack.ids[None], mask, pack.positions[None], {}, len(pack.ids), **extra)[0]
         last = got[pack.last]
         if out is None:
             out = last.new_zeros((len(groups), *last.shape[1:]))
@@ -556,7 +557,8 @@ def segmented_sdpa(module, query, key, value, attention_mask, pack_spans=None, *
     """transformers' SDPA attention over a packed prefix-tree sequence (``Pack``), one group at a time: the shared
     tokens ``[0, c)`` over themselves, then each group's tokens over the shared ones and their own, each with its
     block of the pack's mask. The same attention as one call over the whole mask (tokens of other groups are
-    masked there; equal to rounding, to 1e-5 in float32 in the tests), without computing the masked scores: with
+    masked there; equal to rounding: in float32 in the tests, scores to 1e-5 and gradients to a relative 1e-4),
+    without computing the masked scores: with
     the embedded reward pairs' packs of ~1,000 tokens, most of them. Without ``pack_spans`` (a forward that is
     not a pack's), or for another length, it is plain SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -575,9 +577,11 @@ def segmented_sdpa(module, query, key, value, attention_mask, pack_spans=None, *
 
 
 def can_segment(model) -> bool:
-    """Whether ``packed_last_outputs`` runs ``model``'s attention one group at a time: SDPA models without
-    activation checkpointing (whose backward re-runs the forward outside the switched implementation)."""
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+    """Whether ``packed_last_outputs`` runs ``model``'s attention one group at a time: SDPA models with one
+    config (no sub-configs, whose own implementations the switch would overwrite) and without activation
+    checkpointing (whose backward re-runs the forward after the switch is undone)."""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "sub_configs", None):
         return False
     return not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
@@ -585,7 +589,8 @@ def can_segment(model) -> bool:
 @contextlib.contextmanager
 def attention_implementation(model, name: str):
     """``model``'s layers call the attention function registered as ``name`` inside the block (transformers reads
-    ``config._attn_implementation`` at each call); the implementation it had after."""
+    ``config._attn_implementation`` at each call); the implementation it had after. For one thread's forwards:
+    another forward of the model inside the block would take the switched implementation too."""
     from transformers import AttentionInterface
 
     if name == SEGMENTED_SDPA and name not in AttentionInterface._global_mapping:

@@ -1,15 +1,17 @@
 """bf16 linear layers with their weights prepacked for oneDNN, on the CPU.
 
-A bf16 ``F.linear`` on a CPU goes to oneDNN, which first reorders ("packs") the ``[N, K]`` weight into its
-blocked layout, at every call. For a matrix product with few rows (a decoding step: batch x 1 token) that
-reorder is most of the call: the weight is read, written again and read once more, and the product runs
-well below the memory bandwidth. Packing each frozen weight once and calling oneDNN's linear on the
-packed copy (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what inductor's CPU
-weight freezing emits) runs the same kernel without the reorder. On the 2-core AVX512-BF16 host
-(``benchmarks/bench_kernels.py linear``, docs/benchmarks.md, 2026-12-05): 8 rows x SmolLM2's 1536 x 576
+A bf16 ``F.linear`` on a CPU goes to oneDNN's matmul primitive, which takes the plain ``[N, K]`` weight at
+every call and brings it into the blocked layout its kernel reads as it goes. For a matrix product with few
+rows (a decoding step: batch x 1 token) that handling of the weight is a large part of the call, and the product runs
+well below the memory bandwidth. Packing each frozen weight once into oneDNN's blocked layout and calling its
+inner-product primitive on the packed copy (``torch.ops.mkldnn._reorder_linear_weight`` /
+``_linear_pointwise``, what inductor's CPU weight freezing emits) skips that work. On the 2-core AVX512-BF16
+host (``benchmarks/bench_kernels.py linear``, docs/benchmarks.md, 2026-12-05): 8 rows x SmolLM2's 1536 x 576
 projection 144 -> 81 us with the weight coming from memory, its 49,152-token vocabulary projection
-4.2 -> 1.8 ms. The outputs are the same bits as ``F.linear``'s (tests/test_packed_linear.py checks this on the
-host that runs the tests), so nothing sampled, scored or learned changes.
+4.2 -> 1.8 ms. The outputs are the same bits as ``F.linear``'s: both primitives pick the same brgemm kernels
+on the host measured. That is observed, not guaranteed across oneDNN versions and ISAs, so ``supported()``
+checks it once per process on a few shapes and packing stays off where it fails; tests/test_packed_linear.py
+checks it more widely on the host that runs the tests. So nothing sampled, scored or learned changes.
 
 ``pack_linears(model)`` turns every ``nn.Linear`` of ``model`` whose weight is a frozen CPU tensor into a
 :class:`PackedLinear` (a subclass: PEFT still wraps it, state dicts and ``deepcopy`` are unchanged). A call
@@ -18,13 +20,17 @@ or a float32 weight under that autocast (the packed copy is then made from the w
 autocast makes at every call). Anything else runs ``nn.Linear.forward``. An input that requires grad goes
 through an autograd function whose backward is ``F.linear``'s own input gradient (``grad @ W`` with the bf16
 ``W``); the weight itself never trains here. The packed copy is rebuilt when the weight changes in place
-through autograd-visible ops (``copy_`` under ``no_grad``, as ``MergedPolicy.sync`` does) or is replaced; a
-write through ``weight.data`` is invisible to the version counter, so code that does so calls
-``repack(model)``. The packed copies cost memory: one more bf16 copy of each packed weight (270 MB for
+through autograd-visible ops (``copy_`` under ``no_grad``, as ``MergedPolicy.sync`` does), is replaced, or the
+module moves or changes dtype. A write through ``weight.data`` is invisible to the version counter, and PEFT's
+LoRA ``merge``/``unmerge`` (``merge_adapter``, ``merge_and_unload``) write that way: code that merges adapters
+into packed base layers calls ``repack(model)`` after (the pipeline merges only into freshly loaded models).
+The packed copies cost memory: one more bf16 copy of each packed weight (270 MB for
 SmolLM2-135M), two for a float32 weight (the packed and the plain bf16 one).
 
 Off where it would not be the same bits or not faster: without oneDNN bf16 support in this torch build or CPU
-(``torch.ops.mkldnn._is_mkldnn_bf16_supported``), on accelerators, for products computed in float32
+(``torch.ops.mkldnn._is_mkldnn_bf16_supported``) or where the check above fails, with oneDNN disabled
+(``torch.backends.mkldnn.flags(enabled=False)``, when ``F.linear`` takes another kernel), on accelerators,
+for products computed in float32
 (oneDNN's packed float32 product rounds differently from MKL's, which ``F.linear`` uses), and for
 non-contiguous inputs.
 """
@@ -39,9 +45,22 @@ from torch import nn
 
 @functools.cache
 def supported() -> bool:
-    """Whether this torch build and CPU run oneDNN's bf16 linear (the kernel ``F.linear`` uses for bf16 here)."""
+    """Whether packed products give ``F.linear``'s bits here: this torch build and CPU run oneDNN's bf16
+    kernels, and a packed product equals ``F.linear``'s on a few of the shapes the pipeline runs (rows 1, 8
+    and 300; a bias or none). ``F.linear`` reaches oneDNN through its matmul primitive and the packed product
+    through its inner-product primitive; they pick the same kernels on the hosts measured, which this checks
+    once per process rather than assumes (another oneDNN version or ISA might not)."""
     try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
+        gen = torch.Generator().manual_seed(0)
+        for rows, n_in, n_out, bias in ((1, 96, 160, False), (8, 576, 192, True), (300, 160, 96, False)):
+            w = torch.randn(n_out, n_in, generator=gen).to(torch.bfloat16)
+            b = torch.randn(n_out, generator=gen).to(torch.bfloat16) if bias else None
+            x = torch.randn(rows, n_in, generator=gen).to(torch.bfloat16)
+            if not torch.equal(_packed_product(x, _pack(w), b), torch.nn.functional.linear(x, w, b)):
+                return False  # (also where oneDNN is disabled at the first check: F.linear then takes another kernel)
+        return True
     except (AttributeError, RuntimeError):
         return False
 
@@ -72,13 +91,21 @@ class _PackedLinearFunction(torch.autograd.Function):
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` whose bf16 calls run on a prepacked copy of its frozen weight (module docstring)."""
 
-    _packed: torch.Tensor | None  # the oneDNN-packed bf16 weight
-    _bf16: torch.Tensor | None  # the bf16 weight the packed copy was made from (the backward's ``W``)
-    _packed_key: tuple | None
+    _packed: torch.Tensor | None = None  # the oneDNN-packed bf16 weight
+    _bf16: torch.Tensor | None = None  # the bf16 weight the packed copy was made from (the backward's ``W``)
+    _source: torch.Tensor | None = None  # the weight it was made from, held so that its address is not reused
+    _packed_key: tuple | None = None
 
     def __getstate__(self):
         # The packed copy is an opaque oneDNN tensor that cannot be copied or pickled: copies repack.
-        return {**super().__getstate__(), "_packed": None, "_bf16": None, "_packed_key": None}
+        return {**super().__getstate__(), "_packed": None, "_bf16": None, "_source": None, "_packed_key": None}
+
+    def _apply(self, fn, recurse=True):
+        self.drop_packed()  # a move or cast makes new weights: repack at the next call
+        return super()._apply(fn, recurse)
+
+    def drop_packed(self) -> None:
+        self._packed = self._bf16 = self._source = self._packed_key = None
 
     def packed_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(packed, bf16 weight)``, rebuilt when the weight changed since they were made."""
@@ -86,7 +113,7 @@ class PackedLinear(nn.Linear):
         key = (w.data_ptr(), w._version, tuple(w.shape), w.dtype)
         if self._packed is None or self._packed_key != key:
             bf16 = w.detach().to(torch.bfloat16)  # autocast's cast of a float32 weight; the weight itself if bf16
-            self._packed, self._bf16, self._packed_key = _pack(bf16), bf16, key
+            self._packed, self._bf16, self._source, self._packed_key = _pack(bf16), bf16, w.detach(), key
         return self._packed, self._bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +127,7 @@ class PackedLinear(nn.Linear):
             or w.device.type != "cpu"
             or (grad and (w.requires_grad or (b is not None and b.requires_grad)))
             or not x.is_contiguous()
+            or not torch.backends.mkldnn.enabled  # F.linear then takes another kernel, with other bits
         ):
             return super().forward(x)
         x = x.to(torch.bfloat16)
@@ -125,7 +153,7 @@ def pack_linears(model: nn.Module) -> nn.Module:
             and not mod.weight.requires_grad
         ):
             mod.__class__ = PackedLinear
-            mod._packed, mod._bf16, mod._packed_key = None, None, None
+            mod.drop_packed()
     return model
 
 
@@ -133,4 +161,4 @@ def repack(model: nn.Module) -> None:
     """Drop the packed copies of ``model``'s weights (after writing them through ``.data``); the next call repacks."""
     for mod in model.modules():
         if isinstance(mod, PackedLinear):
-            mod._packed, mod._bf16, mod._packed_key = None, None, None
+            mod.drop_packed()

@@ -395,41 +395,55 @@ def test_packed_last_outputs_equal_one_forward_in_value_and_gradient(tmp_path, b
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
-def test_packed_attention_runs_one_group_at_a_time_and_equals_the_dense_mask(tmp_path, monkeypatch):
+@pytest.mark.parametrize("budget", [150, 10_000])
+def test_packed_attention_runs_one_group_at_a_time_and_equals_the_dense_mask(tmp_path, monkeypatch, budget):
     """Under SDPA a pack's attention runs per group (``segmented_sdpa``): the shared tokens, then each pair's
-    tokens over the shared ones and their own. Scores and gradients equal the pack's one dense-masked SDPA call;
-    the model's attention implementation is SDPA again afterwards; with activation checkpointing it stays dense."""
+    tokens over the shared ones and their own, with SDPA's boolean mask. Scores and gradients equal the pack's
+    one dense-masked SDPA call; the model's attention implementation is SDPA again afterwards; with activation
+    checkpointing it stays dense. With a small budget, over two packs."""
+    import transformers.integrations.sdpa_attention as sdpa
+
     net, ids, mask, groups = _pairs(tmp_path)
     run = decoding.score_head_run(net)
     inner = run.model
     assert inner.config._attn_implementation == "sdpa" and decoding.can_segment(inner)
-    calls = []
-    segmented = decoding.segmented_sdpa
-    monkeypatch.setattr(
-        decoding, "segmented_sdpa", lambda *a, **k: calls.append(k.get("pack_spans")) or segmented(*a, **k)
-    )
+    packs = decoding.pack_groups(ids, mask.sum(1), groups, budget)
+    calls = []  # (query length, key length, mask dtype) of every SDPA call
+    plain = sdpa.sdpa_attention_forward
+
+    def recorded(module, query, key, value, attention_mask, **kw):
+        calls.append((query.shape[2], key.shape[2], attention_mask.dtype))
+        return plain(module, query, key, value, attention_mask, **kw)
+
     from transformers import AttentionInterface
 
-    AttentionInterface._global_mapping.pop(decoding.SEGMENTED_SDPA, None)  # registered afresh: the counting wrapper
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", recorded)  # what segmented_sdpa calls per group
+    monkeypatch.setitem(AttentionInterface._global_mapping, "sdpa", recorded)  # what the dense forward calls
 
     def scores_and_grads(segment: bool):
         monkeypatch.setattr(decoding, "can_segment", lambda model: segment)
+        calls.clear()
         net.zero_grad()
-        got = decoding.packed_last_outputs(run, inner, ids, mask, groups, budget=10_000)
+        got = decoding.packed_last_outputs(run, inner, ids, mask, groups, budget=budget)
         (got * torch.linspace(-1, 1, len(got))).sum().backward()
-        return got, [p.grad.clone() for p in net.parameters() if p.requires_grad]
+        return got, [p.grad.clone() for p in net.parameters() if p.requires_grad], list(calls)
 
-    dense, dense_grads = scores_and_grads(False)
-    assert not calls
-    got, got_grads = scores_and_grads(True)
+    dense, dense_grads, dense_calls = scores_and_grads(False)
+    got, got_grads, got_calls = scores_and_grads(True)
     assert inner.config._attn_implementation == "sdpa"
-    spans = calls[0]
-    assert len(calls) == inner.config.num_hidden_layers and len(spans) == 4 + 1  # shared, then one span per pair
-    assert spans == sorted(spans) and spans[0] > 0
+    layers = inner.config.num_hidden_layers
+    assert [q for q, _, _ in dense_calls] == [len(p.ids) for p in packs for _ in range(layers)]
+    want = []  # per pack and layer: the shared tokens over themselves, then each group over shared + its own
+    for p in packs:
+        c, spans = p.spans[0], p.spans
+        assert spans[-1] == len(p.ids) and len(spans) == len(p.rows) // 2 + 1
+        per_layer = [(c, c)] + [(e - s, c + e - s) for s, e in zip(spans[:-1], spans[1:])]
+        want += per_layer * layers
+    assert [(q, k) for q, k, _ in got_calls] == want
+    assert {d for _, _, d in got_calls} == {torch.bool}
     torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
     for g, w in zip(got_grads, dense_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
-    AttentionInterface._global_mapping.pop(decoding.SEGMENTED_SDPA, None)
     monkeypatch.undo()
     net.get_base_model().gradient_checkpointing_enable()
     assert not decoding.can_segment(inner)

@@ -104,6 +104,7 @@ def test_a_packed_model_generates_scores_and_trains_lora_as_before(tmp_path, tin
         assert torch.equal(packed(input_ids=ids).logits, base(input_ids=ids).logits)
         kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(packed.generate(input_ids=ids, **kw), base.generate(input_ids=ids, **kw))
+    assert all(m._packed is not None for m in packed.modules() if isinstance(m, PackedLinear))  # packed path ran
     clone = copy.deepcopy(packed)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(clone(input_ids=ids).logits, base(input_ids=ids).logits)
@@ -119,3 +120,42 @@ def test_a_packed_model_generates_scores_and_trains_lora_as_before(tmp_path, tin
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+@needs_onednn_bf16
+def test_peft_merges_write_through_data_and_repack_follows(tmp_path, tiny_tok):
+    """PEFT's merge writes the base weight through ``.data``, which the version counter does not see: the packed
+    copy goes stale until ``repack``, as documented; a module moved or cast repacks by itself."""
+    from peft import LoraConfig, get_peft_model
+
+    base = make_causal_lm(tmp_path / "m", tiny_tok).to(torch.bfloat16).eval()
+    peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    pack_linears(peft)
+    q = peft.get_base_model().model.layers[0].self_attn.q_proj
+    x = torch.randn(3, q.in_features, dtype=torch.bfloat16)
+    with torch.no_grad():
+        q(x)  # packs the base weight
+        peft.merge_adapter()
+        merged = F.linear(x, q.base_layer.weight)
+        assert not torch.equal(q.base_layer(x), merged)  # stale: the documented limit
+        repack(peft)
+        assert torch.equal(q.base_layer(x), merged)
+        peft.unmerge_adapter()  # (in bf16 not the bits of before the merge: merge and unmerge round)
+        repack(peft)
+        assert torch.equal(q.base_layer(x), F.linear(x, q.base_layer.weight))
+        assert not torch.equal(q.base_layer(x), merged)
+    lin = pack_linears(frozen_linear(16, 24, bias=False))
+    lin(torch.randn(2, 16, dtype=torch.bfloat16))
+    assert lin._packed is not None
+    lin.float()
+    assert lin._packed is None
+
+
+@needs_onednn_bf16
+def test_with_onednn_disabled_packed_layers_run_f_linear():
+    """With oneDNN disabled bf16 ``F.linear`` takes another kernel, with other bits: packed layers follow it."""
+    lin = pack_linears(frozen_linear(576, 1536, bias=False))
+    x = torch.randn(8, 576, dtype=torch.bfloat16)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert torch.equal(lin(x), F.linear(x, lin.weight))
+        assert lin._packed is None
