@@ -66,7 +66,7 @@ def supported() -> bool:
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
-    # The batch-size hint picks oneDNN's blocking; 8 rows ran as fast as a matching hint from 8 to 1,024 rows.
+    # The batch-size hint picks oneDNN's blocking: 8 rows, a decoding step's (``supported`` checks other sizes).
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)
 
 
