@@ -539,7 +539,7 @@ def packed_last_outputs(run, model, input_ids: Tensor, attention_mask: Tensor, g
     segmented = can_segment(model)
     for pack in pack_groups(input_ids, attention_mask.long().sum(1), groups, budget):
         mask = pack.attention_mask(model)  # before the switch: SDPA's boolean mask
-        with attention_implementation(model, SEGMENTED_SDPA) if segmented else contextlib.nullcontext():
+        with segmented_attention(model) if segmented else contextlib.nullcontext():
             extra = {"pack_spans": pack.spans} if segmented else {}
             got = run(pack.ids[None], mask, pack.positions[None], {}, len(pack.ids), **extra)[0]
         last = got[pack.last]
@@ -549,7 +549,7 @@ def packed_last_outputs(run, model, input_ids: Tensor, attention_mask: Tensor, g
     return out
 
 
-# The attention implementation ``packed_last_outputs`` switches an SDPA model to for a pack's forward.
+# The name ``segmented_sdpa`` is registered under, for ``packed_last_outputs`` to switch an SDPA model to.
 SEGMENTED_SDPA = "rlhf_segmented_sdpa"
 
 
@@ -558,9 +558,8 @@ def segmented_sdpa(module, query, key, value, attention_mask, pack_spans=None, *
     tokens ``[0, c)`` over themselves, then each group's tokens over the shared ones and their own, each with its
     block of the pack's mask. The same attention as one call over the whole mask (tokens of other groups are
     masked there; equal to rounding: in float32 in the tests, scores to 1e-5 and gradients to a relative 1e-4),
-    without computing the masked scores: with
-    the embedded reward pairs' packs of ~1,000 tokens, most of them. Without ``pack_spans`` (a forward that is
-    not a pack's), or for another length, it is plain SDPA."""
+    without computing the masked scores: with the embedded reward pairs' packs of ~1,000 tokens, most of them.
+    Without ``pack_spans`` (a forward that is not a pack's), or for another length, it is plain SDPA."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if pack_spans is None or attention_mask is None or query.shape[2] != pack_spans[-1]:
@@ -587,16 +586,16 @@ def can_segment(model) -> bool:
 
 
 @contextlib.contextmanager
-def attention_implementation(model, name: str):
-    """``model``'s layers call the attention function registered as ``name`` inside the block (transformers reads
-    ``config._attn_implementation`` at each call); the implementation it had after. For one thread's forwards:
-    another forward of the model inside the block would take the switched implementation too."""
+def segmented_attention(model):
+    """``model``'s layers call ``segmented_sdpa`` (registered as ``SEGMENTED_SDPA``) inside the block
+    (transformers reads ``config._attn_implementation`` at each call); the implementation it had after. For one
+    thread's forwards: another forward of the model inside the block would take ``segmented_sdpa`` too."""
     from transformers import AttentionInterface
 
-    if name == SEGMENTED_SDPA and name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, segmented_sdpa)
+    if SEGMENTED_SDPA not in AttentionInterface._global_mapping:
+        AttentionInterface.register(SEGMENTED_SDPA, segmented_sdpa)
     before = model.config._attn_implementation
-    model.config._attn_implementation = name
+    model.config._attn_implementation = SEGMENTED_SDPA
     try:
         yield
     finally:

@@ -130,7 +130,6 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
         train_summary,
         warn_if_emulated_bf16,
     )
-    from pipeline.packed_linear import pack_linears
 
     if not model_args.use_peft:
         raise PipelineError("the SFT stage trains a LoRA adapter; drop --use_peft false")
@@ -171,7 +170,6 @@ def main(stage_args: StageArguments, training_args, model_args) -> dict | None:
             processing_class=tokenizer,
             peft_config=lora_config(model_args, "CAUSAL_LM", model=model, top_n=model_args.lora_layers),
         )
-        pack_linears(trainer.model)  # the frozen base's bf16 products on prepacked weights (pipeline/packed_linear.py)
         if len(trainer.train_dataset) == 0:  # TRL drops rows whose completion is cut away entirely
             raise PipelineError(
                 f"every row of the SFT data is longer than --max_length {training_args.max_length} tokens "

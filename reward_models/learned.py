@@ -206,10 +206,10 @@ def load_reward_members(paths: list[str], policy_tokenizer, dtype, device, batch
     from transformers import AutoModelForSequenceClassification
 
     def load(path):
-        from pipeline.packed_linear import pack_linears
+        from pipeline.modeling import inference_model
 
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
-        return pack_linears(model.eval().requires_grad_(False).to(device))
+        return inference_model(model).to(device)
 
     members: list[LearnedReward | None] = [None] * len(paths)
     by_base: dict[str, list[int]] = {}

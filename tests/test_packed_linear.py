@@ -23,7 +23,7 @@ def frozen_linear(n_in: int, n_out: int, bias: bool, seed: int = 0, dtype=torch.
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_outputs_and_input_gradients_are_the_same_bits_as_f_linear(bias, dtype):
-    """A bf16 weight, and a float32 weight under bf16 autocast (the SFT and reward stages' frozen bases)."""
+    """A bf16 weight, and a float32 weight under bf16 autocast (the reward stage's frozen base)."""
     lin = frozen_linear(96, 160, bias, dtype=dtype)
     w, b = lin.weight.clone(), None if lin.bias is None else lin.bias.clone()
     pack_linears(lin)
@@ -91,8 +91,8 @@ def test_what_is_not_packed_runs_f_linear():
 @needs_onednn_bf16
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_packed_model_generates_scores_and_trains_lora_as_before(tmp_path, tiny_tok, dtype):
-    """A tiny Llama in bf16 (PPO's bases) or float32 (SFT's and the reward stage's), under bf16 autocast: the same
-    logits, greedy tokens, LoRA gradients, state dict and deep copy."""
+    """A tiny Llama in bf16 (PPO's bases) or float32 (the reward stage's), under bf16 autocast: the same logits,
+    greedy tokens, LoRA gradients, state dict and deep copy."""
     from peft import LoraConfig, get_peft_model
 
     base = make_causal_lm(tmp_path / "m", tiny_tok).to(dtype).eval().requires_grad_(False)
