@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from pipeline.allocator import restart_with_tuned_malloc
+
 COMMANDS = {
     "sft": ("pipeline.stage_sft", "supervised fine-tuning with LoRA -> artifacts/sft"),
     "reward": ("pipeline.stage_reward", "reward-model training with LoRA -> artifacts/reward"),
@@ -23,6 +25,8 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:  # the `rlhf` program itself, not a call from Python
+        restart_with_tuned_malloc()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

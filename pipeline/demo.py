@@ -41,11 +41,16 @@ def _die_with_parent() -> None:
 
 
 def run_stage(cmd: list[str]) -> int:
-    """Run one stage's process to its end: SIGTERM and SIGINT sent to the demo are passed on to it, and it
-    never outlives the demo (it is terminated if the demo stops early, and gets SIGTERM if the demo dies)."""
+    """Run one stage's process to its end, with glibc's malloc tuned (``pipeline/allocator.py``): SIGTERM and
+    SIGINT sent to the demo are passed on to it, and it never outlives the demo (it is terminated if the demo
+    stops early, and gets SIGTERM if the demo dies)."""
     import subprocess
 
-    proc = subprocess.Popen(cmd, preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    from pipeline.allocator import tuned_env
+
+    proc = subprocess.Popen(
+        cmd, env=tuned_env(), preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None
+    )
     previous = {s: signal.signal(s, lambda signum, _frame: proc.send_signal(signum)) for s in FORWARDED}
     try:
         rc = proc.wait()

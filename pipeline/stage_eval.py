@@ -23,6 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import artifacts as art
+from pipeline.allocator import restart_with_tuned_malloc
 from pipeline.config import StageArguments, exit_process, run_cli
 from pipeline.errors import PipelineError
 from pipeline.modeling import inference_model, warn_if_emulated_bf16
@@ -369,4 +370,5 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_tuned_malloc()
     exit_process(cli())

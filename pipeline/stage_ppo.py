@@ -24,6 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `accelerate launch pipeline/stage_ppo.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.allocator import restart_with_tuned_malloc
 from pipeline.config import StageArguments, exit_process, run_cli
 from pipeline.errors import PipelineError
 from reward_models.composite import AGGREGATIONS  # a light import: torch loads lazily
@@ -488,4 +489,5 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_tuned_malloc()
     exit_process(cli())

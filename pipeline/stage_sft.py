@@ -25,6 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python pipeline/stage_sft.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.allocator import restart_with_tuned_malloc
 from pipeline.config import TRAINER_DEFAULTS, StageArguments, cpu_only, exit_process, run_cli, tensorboard_dir
 from pipeline.errors import PipelineError
 
@@ -207,4 +208,5 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    restart_with_tuned_malloc()
     exit_process(cli())
