@@ -13,6 +13,8 @@
     .venv/bin/python benchmarks/bench_kernels.py update-chunks --source DIR [--iterations 3] [--chunks 512 1024]
     .venv/bin/python benchmarks/bench_kernels.py ppo-profile --source DIR [--iteration 3]
     .venv/bin/python benchmarks/bench_kernels.py rollout-logprobs --source DIR [--iterations 3] [--rounds 2]
+    .venv/bin/python benchmarks/bench_kernels.py malloc --stage sft|reward|ppo|eval --source DIR [--rounds 2]
+        [--flags "--max_eval_samples 100"]
 
 - ``attention``: forward, and forward + backward, of one layer's attention (9 heads of 64, SmolLM2-135M's)
   with torch's flash and math CPU kernels, causal and with a padding mask, in bf16 and fp32 (ms, mean of 20).
@@ -59,6 +61,11 @@
   ``sft/``) for ``--max_steps`` steps from each of ``--commits``, alternating for ``--rounds`` rounds: the
   trainer's runtime, the stage's wall time, the final training loss (equal bits: the same training) and the
   reward stage's held-out accuracy.
+- ``malloc``: one demo-recipe stage (``configs/<stage>_demo.yaml`` plus ``--flags``) on ``--source``'s artifacts
+  of the stages before it, with glibc's default malloc (``RLHF_TUNE_MALLOC=0``) and with the stages' tuned one
+  (``pipeline/allocator.py``), alternating for ``--rounds`` rounds, each a fresh process: wall, user and system
+  seconds, minor page faults and peak RSS (the child's ``rusage``), and a digest of what the stage wrote (its
+  weight files; the evaluation's results), equal when the two runs computed the same.
 - ``value-layers``: one rollout of ``--rows`` prompts with the demo recipe (``--source``'s ``sft/`` and ``reward/``,
   ``--dtype``), then the update's values over it computed from the rollout's output of the value model's frozen
   layers (``Rollout.value_hidden``) and by running every layer: how far apart they are, and each from the
@@ -790,6 +797,59 @@ def stage_checkouts(a) -> None:
         )
 
 
+def stage_digest(stage_dir: Path) -> str:
+    """sha256 of what a stage computed: its weight files, or the evaluation's per-checkpoint results without
+    their paths (the artifact directory differs between runs)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    if stage_dir.name == "eval":
+        for entry in json.loads((stage_dir / "results.json").read_text())["checkpoints"].values():
+            h.update(json.dumps({k: v for k, v in entry.items() if k != "path"}, sort_keys=True).encode())
+    for f in sorted(stage_dir.rglob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def malloc(a) -> None:
+    import os
+    import shlex
+    import subprocess
+
+    from pipeline import allocator
+    from pipeline.artifacts import link_tree
+
+    before = {"sft": (), "reward": ("sft",), "ppo": ("sft", "reward"), "eval": ("sft", "reward", "ppo")}[a.stage]
+    runs = {"default": [], "tuned": []}
+    for _ in range(a.rounds):
+        for mode, rows in runs.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                for stage in before:
+                    link_tree(Path(a.source).resolve() / stage, Path(tmp) / stage)
+                env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
+                env[allocator.OPT_OUT] = "0" if mode == "default" else "1"
+                cmd = [sys.executable, "-m", f"pipeline.stage_{a.stage}", "--config", f"configs/{a.stage}_demo.yaml",
+                       "--artifact_dir", tmp, *shlex.split(a.flags)]  # fmt: skip
+                t = time.perf_counter()
+                proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                wall = time.perf_counter() - t
+                if proc.returncode:
+                    raise SystemExit(f"malloc: {shlex.join(cmd)} failed (exit {proc.returncode})")
+                row = {"wall": wall, "user": usage.ru_utime, "sys": usage.ru_stime, "faults": usage.ru_minflt,
+                       "rss_gb": usage.ru_maxrss / 2**20, "digest": stage_digest(Path(tmp) / a.stage)}  # fmt: skip
+            rows.append(row)
+            print(f"malloc {a.stage} {mode:7} run {len(rows)}: wall {row['wall']:.1f} s, user {row['user']:.1f}, "
+                  f"sys {row['sys']:.1f}, {row['faults'] / 1e6:.2f}M faults, peak RSS {row['rss_gb']:.2f} GB, "
+                  f"digest {row['digest']}", flush=True)  # fmt: skip
+    for mode, rows in runs.items():
+        print(
+            f"malloc {a.stage} {mode:7}: median wall {statistics.median(r['wall'] for r in rows):.1f} s, "
+            f"sys {statistics.median(r['sys'] for r in rows):.1f} s, digests {sorted({r['digest'] for r in rows})}"
+        )
+
+
 def value_layers(a) -> None:
     import torch
     from accelerate import Accelerator
@@ -902,6 +962,11 @@ def main(argv=None) -> int:
     p.add_argument("--commits", nargs="+", required=True, help="git revisions to compare")
     p.add_argument("--max_steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
+    p = sub.add_parser("malloc", help="a demo stage with glibc's default malloc and with the tuned one")
+    p.add_argument("--stage", choices=("sft", "reward", "ppo", "eval"), required=True)
+    p.add_argument("--source", required=True, help="an artifact directory with the stages before --stage")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--flags", default="", help="more flags for the stage, one string")
     p = sub.add_parser("value-layers")
     p.add_argument("--source", required=True, help="an artifact directory holding sft/ and reward/")
     p.add_argument("--rows", type=int, default=8)
@@ -917,7 +982,7 @@ def main(argv=None) -> int:
      "packed-generation": packed_generation, "eval-batch": eval_batch, "scoring": scoring, "reward": reward,
      "reward-chunks": reward_chunks, "update-chunks": update_chunks, "ppo-profile": ppo_profile,
      "rollout-logprobs": rollout_logprobs, "ppo-checkouts": ppo_checkouts,
-     "value-layers": value_layers, "stage-checkouts": stage_checkouts}[a.what](a)  # fmt: skip
+     "value-layers": value_layers, "stage-checkouts": stage_checkouts, "malloc": malloc}[a.what](a)  # fmt: skip
     return 0
 
 

@@ -6,7 +6,8 @@ first touch. The stages allocate and free such blocks at every step (logits of `
 float32 log-softmax, gradients): the demo took ~27M page faults and spent 8% of its CPU time in the kernel.
 ``mmap_max=0`` serves large blocks from the heap too, and a trim threshold of 1 TB keeps freed memory mapped,
 so the next block reuses pages already touched. The cost: a process keeps its peak memory until it exits (each
-stage is its own process). Nothing computed changes, only where the memory comes from (docs/design.md).
+stage is its own process). Nothing computed changes, only where the memory comes from (docs/design.md). Only on
+hosts without a GPU: there a process would keep a model's host copy after moving it to the GPU.
 
 glibc reads these settings (``GLIBC_TUNABLES``) once, when a process starts, and ``mallopt`` cannot set a trim
 threshold over 2 GB. So a stage started from a shell re-executes itself once with them
@@ -22,13 +23,19 @@ import sys
 
 TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
 OPT_OUT = "RLHF_TUNE_MALLOC"
+# A GPU driver's device node: models are loaded on the host, then moved; a process that kept that memory would
+# hold a model's host copy to its end, and the hot loop allocates little host memory to gain from.
+GPU_DEVICES = ("/dev/nvidiactl", "/dev/kfd")
 
 
 def applies(env: dict | None = None) -> bool:
-    """Whether a process started with ``env`` (default: this one's) should get the settings: glibc on Linux, not
-    opted out, and no malloc setting in it yet (the user's own, or ours from a restart)."""
+    """Whether a process started with ``env`` (default: this one's) should get the settings: glibc on Linux, no
+    GPU driver (CUDA, ROCm), not opted out, and no malloc setting in it yet (the user's own, or ours from a
+    restart)."""
     env = os.environ if env is None else env
     if env.get(OPT_OUT, "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    if any(os.path.exists(dev) for dev in GPU_DEVICES):
         return False
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc "):

@@ -13,6 +13,8 @@ from pipeline import allocator
 from pipeline.artifacts import REPO_ROOT
 
 GLIBC = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc ")
+GPU = any(os.path.exists(dev) for dev in allocator.GPU_DEVICES)
+TUNED = GLIBC and not GPU
 # Restart through the entry point, then malloc 100 MB: with the settings it comes from the heap ([heap] in
 # /proc/self/maps), by default from an mmap of its own.
 PROBE = """
@@ -42,7 +44,7 @@ def probe(tmp_path, env_extra: dict, drop=()) -> dict:
 
 def test_tuned_env_adds_the_settings_once_and_respects_the_users():
     base = {"PATH": "/bin"}
-    if not GLIBC:
+    if not TUNED:
         assert allocator.tuned_env(base) == base
         return
     env = allocator.tuned_env(base)
@@ -58,7 +60,13 @@ def test_tuned_env_adds_the_settings_once_and_respects_the_users():
         assert allocator.tuned_env(own) == own
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc only")
+def test_hosts_with_a_gpu_keep_the_defaults(monkeypatch):
+    real = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: p == "/dev/nvidiactl" or real(p))
+    assert allocator.tuned_env({"PATH": "/bin"}) == {"PATH": "/bin"}
+
+
+@pytest.mark.skipif(not TUNED, reason="glibc on a host without a GPU only")
 def test_restart_applies_the_settings_and_keeps_the_command_line(tmp_path):
     tuned = probe(tmp_path, {})
     assert tuned == {"tunables": allocator.TUNABLES, "in_heap": True, "argv": ["a b", "--x"]}
@@ -66,7 +74,7 @@ def test_restart_applies_the_settings_and_keeps_the_command_line(tmp_path):
     assert default["tunables"] is None and default["in_heap"] is False  # the probe can tell the two apart
 
 
-@pytest.mark.skipif(not GLIBC, reason="glibc only")
+@pytest.mark.skipif(not TUNED, reason="glibc on a host without a GPU only")
 def test_the_demo_starts_its_stages_with_the_settings(monkeypatch):
     from pipeline.demo import run_stage
 
