@@ -154,14 +154,14 @@ def ours_argv(a, run_dir: Path, prompts: Path, flags: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def run(cmd: list[str], log: Path, check: bool = True) -> float | None:
-    """Wall seconds of ``cmd``, its output appended to ``log``. A failure exits, or with ``check=False`` says so
-    on stderr and returns None."""
+def run(cmd: list[str], log: Path, check: bool = True, env: dict | None = None) -> float | None:
+    """Wall seconds of ``cmd`` (in ``env``, default this process's), its output appended to ``log``. A failure
+    exits, or with ``check=False`` says so on stderr and returns None."""
     t = time.perf_counter()
     with log.open("a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     if rc != 0:
         message = f"ppo_vs_trl: failed (exit {rc}): {' '.join(cmd[:4])} ...; see {log}"
         if check:
@@ -353,6 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         default="trained",
         help="random: --source's configs and tokenizers with seeded random weights (no weights needed)",
     )
+    ap.add_argument(
+        "--anchor_malloc",
+        choices=["default", "tuned"],
+        default="default",
+        help="glibc's malloc for the anchor: its default, as TRL runs, or the settings our stages give themselves "
+        "(pipeline/allocator.py), to separate that setting from the rest",
+    )
     ap.add_argument("--anchor_python", type=Path, help="an interpreter with trl==1.12.0 (default: make .venv-anchor)")
     ap.add_argument("--summarize_only", action="store_true", help="rewrite the summary from --out's runs; run nothing")
     a = ap.parse_args(argv)
@@ -404,12 +411,17 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:  # after every run, so that a failure later keeps what was measured
         (a.out / "ppo_vs_trl.json").write_text(json.dumps(result, indent=1))
 
+    from pipeline import allocator
+
+    # Our stage restarts itself with the tuned malloc where it applies (pipeline/allocator.py); the anchor is TRL.
+    anchor_env = allocator.tuned_env() if a.anchor_malloc == "tuned" else None
+    result["malloc"] = {"ours": "tuned" if allocator.applies() else "default", "anchor": a.anchor_malloc}
     for rnd in range(a.rounds):
         anchor_out = a.out / f"anchor-{rnd}.json"
         wall = run([str(python), str(REPO / "benchmarks" / "trl_ppo_anchor.py"),
                     "--policy", str(a.source / "sft" / "model"), "--reward", str(a.source / "reward" / "model"),
                     "--prompts", str(prompts), "--iterations", str(a.iterations), "--seed", str(a.seed),
-                    "--out", str(anchor_out)], log)  # fmt: skip
+                    "--out", str(anchor_out)], log, env=anchor_env)  # fmt: skip
         runs.append({"who": "anchor", "round": rnd, "wall_s": wall, **json.loads(anchor_out.read_text())})
         save()
         print(f"ppo_vs_trl: anchor, round {rnd + 1}: {runs[-1]['seconds_per_iteration']}", flush=True)
