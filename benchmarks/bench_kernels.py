@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_kernels.py attention [--rows 8] [--lengths 70 128 256]
     .venv/bin/python benchmarks/bench_kernels.py linear
+    .venv/bin/python benchmarks/bench_kernels.py fused-decoding --model DIR [--repeats 5]
     .venv/bin/python benchmarks/bench_kernels.py sft-step --model DIR [--length 118] [--repeats 3]
     .venv/bin/python benchmarks/bench_kernels.py generation --model DIR [--threads 2] [--static_cache]
         [--compile] [--continuous_batching]
@@ -24,6 +25,9 @@
 - ``packed-generation``: the PPO benchmark's 8 prompts x 32 sampled tokens through ``pipeline.decoding.generate``
   on the bf16 model and on a copy with prepacked weights, alternating, one seed per pair: seconds per call and
   whether the tokens and log-probs are the same bits.
+- ``fused-decoding``: the same 8 x 32 sampled tokens on the packed bf16 model, its decoding steps through the
+  model's forward and through ``pipeline.fast_decode.Decoder`` (fused products), alternating, one seed per pair:
+  seconds per call, whether the tokens and log-probs are the same bits, and one step's products alone.
 - ``sft-step``: forward + backward of an SFT-shaped batch (LoRA r=16 on every linear layer, bf16 autocast,
   8 rows of ``--length`` tokens) under the default kernels and under ``pipeline.modeling.training_attention``,
   alternating.
@@ -325,6 +329,76 @@ def packed_generation(a) -> None:
     for name, ts in times.items():
         print(f"packed-generation {name:6}: median {statistics.median(ts):.3f} s ({[round(t, 3) for t in ts]})")
     print(f"packed-generation: the same tokens and log-probs: {same}")
+
+
+def fused_decoding(a) -> None:
+    """The PPO benchmark's 8 prompts x 32 sampled tokens through ``pipeline.decoding.generate`` on the packed
+    bf16 model, its decoding steps through the model's forward and through ``pipeline.fast_decode.Decoder``,
+    alternating, one seed per pair: seconds per call, whether tokens and log-probs are the same bits, and one
+    step's products alone (seven packed products per layer, and the decoder's four)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import benchmarks.ppo_vs_trl as bench
+    from pipeline import decoding, fast_decode, packed_linear
+    from pipeline.modeling import inference_model
+    from pipeline.sampling import InverseCDFSampler, sampling_kwargs
+
+    torch.set_num_threads(a.threads)
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = inference_model(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16))
+    reason = fast_decode.unsupported_reason(model)
+    if reason is not None:
+        raise SystemExit(f"fused-decoding: the decoder does not run this model here: {reason}")
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [json.loads(line) for line in bench.write_prompts(Path(tmp) / "p.jsonl").open()]
+    enc = tok(prompts_of(tok, [r["prompt"] for r in rows]), return_tensors="pt", padding=True,
+              add_special_tokens=False, padding_side="left")  # fmt: skip
+
+    def sample(fused: bool, seed: int):
+        draw = InverseCDFSampler(record_logprobs=True)
+        torch.manual_seed(seed)
+        t = time.perf_counter()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = decoding.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=32,
+                                    eos_token_id=-1, pad_token_id=tok.pad_token_id, fused_steps=fused,
+                                    **sampling_kwargs(0.7, 0, 1.0, draw))  # fmt: skip
+        return time.perf_counter() - t, out, draw.take_logprobs()
+
+    sample(False, 0), sample(True, 0)  # warm-up: packs the weights and the fused copies
+    times, same = {"forward": [], "fused": []}, True
+    for seed in range(1, a.repeats + 1):
+        (t0, out0, lp0), (t1, out1, lp1) = sample(False, seed), sample(True, seed)
+        times["forward"].append(t0)
+        times["fused"].append(t1)
+        same = same and torch.equal(out0, out1) and torch.equal(lp0, lp1)
+    for name, ts in times.items():
+        print(f"fused-decoding {name:7}: median {statistics.median(ts):.3f} s ({[round(t, 3) for t in ts]})")
+    print(f"fused-decoding: the same tokens and log-probs: {same}")
+
+    layers, rows_ = model.model.layers, len(enc["input_ids"])
+    x = torch.randn(rows_, 1, model.config.hidden_size).to(torch.bfloat16)
+    xi = torch.randn(rows_, 1, model.config.intermediate_size).to(torch.bfloat16)
+    fused = fast_decode._fused_weights(model)
+    product = packed_linear._packed_product
+
+    def seven():
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), attn.o_proj(x), mlp.gate_proj(x), mlp.up_proj(x)
+            mlp.down_proj(xi)
+
+    def four():
+        for qkv, o, gate_up, down in fused:
+            product(x, qkv, None), product(x, o, None), product(x, gate_up, None), product(xi, down, None)
+
+    with torch.no_grad():
+        for name, fn in (("7 products per layer", seven), ("4 fused products per layer", four)):
+            fn()
+            t = time.perf_counter()
+            for _ in range(20):
+                fn()
+            print(f"fused-decoding: {name}: {(time.perf_counter() - t) / 20 * 1000:.2f} ms per step of {rows_} rows")
 
 
 def eval_batch(a) -> None:
@@ -901,6 +975,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p = sub.add_parser("fused-decoding", help="decoding steps through the model's forward and fast_decode.Decoder")
+    p.add_argument("--model", required=True)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
     p = sub.add_parser("eval-batch")
     p.add_argument("--model", required=True)
     p.add_argument("--batches", type=int, nargs="+", default=[64, 100, 200])
@@ -979,7 +1057,8 @@ def main(argv=None) -> int:
                    help="the stage's bases and autocast")  # fmt: skip
     a = ap.parse_args(argv)
     {"attention": attention, "linear": linear, "sft-step": sft_step, "generation": generation,
-     "packed-generation": packed_generation, "eval-batch": eval_batch, "scoring": scoring, "reward": reward,
+     "packed-generation": packed_generation, "fused-decoding": fused_decoding, "eval-batch": eval_batch,
+     "scoring": scoring, "reward": reward,
      "reward-chunks": reward_chunks, "update-chunks": update_chunks, "ppo-profile": ppo_profile,
      "rollout-logprobs": rollout_logprobs, "ppo-checkouts": ppo_checkouts,
      "value-layers": value_layers, "stage-checkouts": stage_checkouts, "malloc": malloc}[a.what](a)  # fmt: skip

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
+from pipeline import fast_decode
 from pipeline.sequences import position_ids_from
 
 # Generation-config fields whose non-default values ``generate`` turns into logits processors or stopping
@@ -613,6 +614,7 @@ def generate(
     pad_token_id: int | None,
     logits_processor=None,
     split_prefill: bool = True,
+    fused_steps: bool = True,
     **ignored_sampling_flags,
 ) -> Tensor:
     """Prompt + new tokens ``[B, P + T]`` (``T <= max_new_tokens``), rows padded with ``pad_token_id`` after
@@ -624,7 +626,9 @@ def generate(
     then the inverse-CDF draw, which leaves the drawn token the only finite score). A processor with a
     ``set_rows(rows, batch_size)`` method is told, before each step, which of the original rows the step's
     scores belong to. ``split_prefill=False`` runs the prompts as one forward (see ``prefill``), for
-    benchmarks. ``ignored_sampling_flags`` takes ``sampling_kwargs``' greedy-mode keys
+    benchmarks. The steps after the prompt forward run through ``pipeline.fast_decode.Decoder`` where it
+    supports the model (the same logits, with fused products); ``fused_steps=False`` runs them through the
+    model's forward. ``ignored_sampling_flags`` takes ``sampling_kwargs``' greedy-mode keys
     (``do_sample=False``, ``temperature=None``, ...)."""
 
     for key, value in ignored_sampling_flags.items():
@@ -649,6 +653,10 @@ def generate(
         logits_processor = LogitsProcessorList([RowsRepetitionPenalty(penalty, padding), *(logits_processor or [])])
     logits, cache = prefill(model, input_ids, mask, split=split_prefill)
     kv = {_forward_keywords(model)[0]: cache}
+    fused = None
+    if fused_steps and max_new_tokens > 1 and fast_decode.unsupported_reason(model) is None:
+        fused = fast_decode.Decoder(model, cache, mask, max_new_tokens - 1)
+        del kv, cache  # its keys and values now live in the decoder's buffers
     position = positions[:, -1:] + 1
     seen = input_ids  # the running rows' tokens so far, for processors that read them
     steps = 0
@@ -667,11 +675,17 @@ def generate(
             break
         if not running.all():
             keep = running.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
+            if fused is not None:
+                fused.select(keep)
+            else:
+                cache.batch_select_indices(keep)
             rows, mask, position, token, seen = rows[keep], mask[keep], position[keep], token[keep], seen[keep]
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
         seen = torch.cat([seen, token.unsqueeze(1)], 1)
-        logits = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
-                       **kv).logits  # fmt: skip
+        if fused is not None:
+            logits = fused.step(token, position)
+        else:
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+            logits = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
+                           **kv).logits  # fmt: skip
         position = position + 1
     return torch.cat([input_ids, new[:, :steps]], 1)

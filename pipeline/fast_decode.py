@@ -1,0 +1,204 @@
+"""Decoding steps of a Llama-family model on a CPU, with the products that read one input fused.
+
+A decoding step of a few rows is a matrix-vector product per row at every linear layer: its time is reading
+the weights, and the fixed cost of each call. transformers' forward makes seven such calls per layer
+(q, k, v, o, gate, up, down), builds a 4-D attention mask and concatenates every layer's key/value cache at
+every step. On the 2-core AVX512-BF16 host, 8 rows of SmolLM2-135M in bf16 took 36.7 ms a step, of which
+19.3 ms are its products; the same products with q/k/v and gate/up as one packed product each take 13.2 ms
+(``benchmarks/bench_kernels.py fast-decode``, docs/benchmarks.md, 2026-12-05).
+
+``Decoder`` runs the steps after the prompt forward (``pipeline.decoding.prefill``) with
+
+- q, k and v as one oneDNN inner product on a packed ``[q; k; v]`` weight, and gate and up as another;
+- the key/value cache in buffers sized for the whole response, written in place;
+- the attention mask kept as a boolean buffer, sliced per step.
+
+Everything else calls the model's own modules and functions in transformers' order (embedding, RMSNorm,
+rotary embedding, ``apply_rotary_pos_emb``, activation, final norm, vocabulary projection), and attention is
+the SDPA call transformers' ``sdpa_attention_forward`` makes for one query position (with a mask: the query
+heads grouped per key/value head; without one: ``enable_gqa``). The logits are the same bits as
+``model(input_ids=token, ..., cache=...)``'s: oneDNN computes each output column of an inner product on its
+own, so a fused product's columns equal the separate products' (checked once per process on the shapes of
+the model, ``fused_supported``, and in tests/test_fast_decode.py, which compares every step's logits with
+transformers' forward). So nothing sampled or learned changes.
+
+Used where every decoding step would take the packed bf16 path (``pipeline/packed_linear.py``): a CPU with
+oneDNN bf16, bf16 weights, a plain ``LlamaForCausalLM`` with SDPA attention and no biases. Anything else
+(other architectures, float32, accelerators, PEFT-wrapped models) decodes through the model's forward;
+``unsupported_reason`` says why. The fused copies cost memory: one more packed bf16 copy of every layer's
+linear weights (212 MB for SmolLM2-135M), rebuilt when a weight changes (``MergedPolicy.sync``).
+Why by hand: ``torch.compile`` fuses the same and more, but its first compile took 61 s on this host and its
+kernels round differently (docs/benchmarks.md, 2026-12-03 evening).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+from torch import Tensor
+
+from pipeline import packed_linear
+
+_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+
+# model -> (weight versions, per-layer packed (qkv, o, gate_up, down)); weak, so a model's copies die with it.
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@functools.cache
+def fused_supported(shapes: tuple[tuple[int, tuple[int, ...]], ...]) -> bool:
+    """Whether one packed product over stacked weights gives the separate packed products' bits here, for
+    ``shapes`` (``(in_features, (out_features, ...))`` per fused group) and a few row counts."""
+    gen = torch.Generator().manual_seed(0)
+    for n_in, outs in shapes:
+        ws = [(torch.randn(o, n_in, generator=gen) * n_in**-0.5).to(torch.bfloat16) for o in outs]
+        fused = packed_linear._pack(torch.cat(ws))
+        parts = [packed_linear._pack(w) for w in ws]
+        for rows in (1, 3, 8, 33):
+            x = torch.randn(rows, n_in, generator=gen).to(torch.bfloat16)
+            whole = packed_linear._packed_product(x, fused, None)
+            if not torch.equal(whole, torch.cat([packed_linear._packed_product(x, p, None) for p in parts], -1)):
+                return False
+    return True
+
+
+def _layer_shapes(model) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    layer = model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    return (
+        (attn.q_proj.in_features, (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features)),
+        (mlp.gate_proj.in_features, (mlp.gate_proj.out_features, mlp.up_proj.out_features)),
+    )
+
+
+def unsupported_reason(model) -> str | None:
+    """Why ``Decoder`` cannot run ``model``'s decoding steps with the model's own bits, or None when it can."""
+    from transformers import LlamaForCausalLM
+
+    if type(model) is not LlamaForCausalLM:
+        return f"{type(model).__name__} is not a plain LlamaForCausalLM"
+    config = model.config
+    if config._attn_implementation != "sdpa":
+        return f"attention implementation {config._attn_implementation!r} (needs 'sdpa')"
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return "the projections have biases"
+    if getattr(config, "pretraining_tp", 1) != 1:
+        return "pretraining_tp > 1"
+    if not packed_linear.supported() or not torch.backends.mkldnn.enabled:
+        return "oneDNN's packed bf16 product is not available"
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return "CPU autocast to a dtype other than bf16"
+    for name, param in model.named_parameters():
+        if param.device.type != "cpu" or param.dtype != torch.bfloat16:
+            return f"{name} is {param.dtype} on {param.device.type} (needs bf16 on the CPU)"
+        if param.requires_grad:
+            return f"{name} requires grad"
+    for i, layer in enumerate(model.model.layers):
+        for name in _PROJECTIONS:
+            mod = layer.get_submodule(name)
+            if type(mod) is not packed_linear.PackedLinear or mod._forward_hooks or mod._forward_pre_hooks:
+                return f"layer {i}'s {name} is not a hook-free PackedLinear"
+    if not fused_supported(_layer_shapes(model)):
+        return "a fused packed product does not give the separate products' bits here"
+    return None
+
+
+def _fused_weights(model) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Per layer: packed ``[q; k; v]``, ``o``, ``[gate; up]`` and ``down`` weights, rebuilt when any weight
+    changed since they were made (``copy_`` under ``no_grad`` bumps its version)."""
+    layers = model.model.layers
+    weights = [[layer.get_submodule(n).weight for n in _PROJECTIONS] for layer in layers]
+    key = tuple((w.data_ptr(), w._version) for ws in weights for w in ws)
+    held = _FUSED.get(model)
+    if held is None or held[0] != key:
+        pack = packed_linear._pack
+        fused = [(pack(torch.cat([q, k, v])), pack(o), pack(torch.cat([g, u])), pack(d))
+                 for q, k, v, o, g, u, d in weights]  # fmt: skip
+        _FUSED[model] = held = (key, fused)
+    return held[1]
+
+
+class Decoder:
+    """The decoding steps after ``prefill``: ``step(token, position)`` -> logits ``[rows, 1, V]`` as the model's
+    forward returns them, ``select(keep)`` drops rows. ``cache`` is the prefill's ``DynamicCache`` (its keys and
+    values are copied into this decoder's buffers), ``attention_mask`` its ``[B, P]`` mask."""
+
+    def __init__(self, model, cache, attention_mask: Tensor, max_new_tokens: int):
+        self.model = model
+        self.weights = _fused_weights(model)
+        B, P = attention_mask.shape
+        width = P + max_new_tokens
+        self.keys, self.values = [], []
+        for layer in cache.layers:
+            k = layer.keys.new_empty((B, layer.keys.shape[1], width, layer.keys.shape[-1]))
+            v = layer.values.new_empty((B, layer.values.shape[1], width, layer.values.shape[-1]))
+            k[:, :, :P] = layer.keys
+            v[:, :, :P] = layer.values
+            self.keys.append(k)
+            self.values.append(v)
+        self.mask = attention_mask.new_ones((B, width), dtype=torch.bool)
+        self.mask[:, :P] = attention_mask.bool()
+        self.length = P  # positions held in the buffers
+        config = model.config
+        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.q_width, self.kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        self.intermediate = config.intermediate_size
+
+    def select(self, keep: Tensor) -> None:
+        self.keys = [k.index_select(0, keep) for k in self.keys]
+        self.values = [v.index_select(0, keep) for v in self.values]
+        self.mask = self.mask.index_select(0, keep)
+
+    def step(self, token: Tensor, position: Tensor) -> Tensor:
+        """Logits ``[n, 1, V]`` of the next position for ``token`` ``[n]`` at ``position`` ``[n, 1]``."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        lm = self.model.model
+        n, L = token.shape[0], self.length
+        hd, groups = self.head_dim, self.heads // self.kv_heads
+        qw, kvw = self.q_width, self.kv_width
+        product = packed_linear._packed_product
+        h = lm.embed_tokens(token.unsqueeze(1))  # [n, 1, d]
+        cos, sin = lm.rotary_emb(h, position_ids=position)
+        mask = self.mask[:, None, None, : L + 1]
+        # transformers' sdpa path: no mask where no running row has padding (then SDPA's own GQA), else the
+        # query heads grouped per key/value head against the shared mask.
+        padded = not bool(mask.all())
+        for i, layer in enumerate(lm.layers):
+            qkv, o_w, gate_up, down = self.weights[i]
+            attn = layer.self_attn
+            residual = h
+            x = layer.input_layernorm(h).to(torch.bfloat16)
+            y = product(x, qkv, None)  # [n, 1, qw + 2 kvw]
+            q = y[..., :qw].view(n, 1, -1, hd).transpose(1, 2)
+            k = y[..., qw : qw + kvw].view(n, 1, -1, hd).transpose(1, 2)
+            v = y[..., qw + kvw :].view(n, 1, -1, hd).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            self.keys[i][:, :, L] = k[:, :, 0]
+            self.values[i][:, :, L] = v[:, :, 0]
+            keys, values = self.keys[i][:, :, : L + 1], self.values[i][:, :, : L + 1]
+            if groups == 1:
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask if padded else None, scale=attn.scaling
+                )
+            elif padded:
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q.reshape(n, self.kv_heads, groups, hd), keys, values, attn_mask=mask, scale=attn.scaling
+                )
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q, keys, values, scale=attn.scaling, enable_gqa=True
+                )
+            out = out.reshape(n, -1, 1, hd).transpose(1, 2).contiguous().reshape(n, 1, -1)
+            h = residual + product(out, o_w, None)
+            residual = h
+            x = layer.post_attention_layernorm(h).to(torch.bfloat16)
+            gu = product(x, gate_up, None)
+            h = residual + product(layer.mlp.act_fn(gu[..., : self.intermediate]) * gu[..., self.intermediate :],
+                                   down, None)  # fmt: skip
+        self.length = L + 1
+        return self.model.lm_head(lm.norm(h))
