@@ -13,8 +13,9 @@ every step. On the 2-core AVX512-BF16 host, 8 rows of SmolLM2-135M in bf16 took 
 - the key/value cache in buffers sized for the whole response, written in place;
 - the attention mask kept as a boolean buffer, sliced per step.
 
-Everything else calls the model's own modules and functions in transformers' order (embedding, RMSNorm,
-rotary embedding, ``apply_rotary_pos_emb``, activation, final norm, vocabulary projection), and attention is
+Everything else calls the model's own modules in transformers' order (embedding, RMSNorm, rotary embedding,
+activation, final norm, vocabulary projection) or repeats its arithmetic (``apply_rotary_pos_emb``'s, on q's
+and k's heads as one tensor; elementwise, so the same bits), and attention is
 the SDPA call transformers' ``sdpa_attention_forward`` makes for one query position (with a mask: the query
 heads grouped per key/value head; without one: ``enable_gqa``). The logits are the same bits as
 ``model(input_ids=token, ..., cache=...)``'s: oneDNN computes each output column of an inner product on its
@@ -155,7 +156,7 @@ class Decoder:
 
     def step(self, token: Tensor, position: Tensor) -> Tensor:
         """Logits ``[n, 1, V]`` of the next position for ``token`` ``[n]`` at ``position`` ``[n, 1]``."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+        from transformers.models.llama.modeling_llama import rotate_half
 
         lm = self.model.model
         n, L = token.shape[0], self.length
@@ -163,7 +164,7 @@ class Decoder:
         qw, kvw = self.q_width, self.kv_width
         product = packed_linear._packed_product
         h = lm.embed_tokens(token.unsqueeze(1))  # [n, 1, d]
-        cos, sin = lm.rotary_emb(h, position_ids=position)
+        cos, sin = (c.unsqueeze(1) for c in lm.rotary_emb(h, position_ids=position))
         mask = self.mask[:, None, None, : L + 1]
         # transformers' sdpa path: no mask where no running row has padding (then SDPA's own GQA), else the
         # query heads grouped per key/value head against the shared mask.
@@ -174,10 +175,11 @@ class Decoder:
             residual = h
             x = layer.input_layernorm(h).to(torch.bfloat16)
             y = product(x, qkv, None)  # [n, 1, qw + 2 kvw]
-            q = y[..., :qw].view(n, 1, -1, hd).transpose(1, 2)
-            k = y[..., qw : qw + kvw].view(n, 1, -1, hd).transpose(1, 2)
+            # apply_rotary_pos_emb's arithmetic, elementwise per head: q's and k's heads rotate as one tensor.
+            qk = y[..., : qw + kvw].view(n, 1, -1, hd).transpose(1, 2)
+            qk = (qk * cos) + (rotate_half(qk) * sin)
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
             v = y[..., qw + kvw :].view(n, 1, -1, hd).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
             self.keys[i][:, :, L] = k[:, :, 0]
             self.values[i][:, :, L] = v[:, :, 0]
             keys, values = self.keys[i][:, :, : L + 1], self.values[i][:, :, : L + 1]
