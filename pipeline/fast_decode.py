@@ -3,9 +3,10 @@
 A decoding step of a few rows is a matrix-vector product per row at every linear layer: its time is reading
 the weights, and the fixed cost of each call. transformers' forward makes seven such calls per layer
 (q, k, v, o, gate, up, down), builds a 4-D attention mask and concatenates every layer's key/value cache at
-every step. On the 2-core AVX512-BF16 host, 8 rows of SmolLM2-135M in bf16 took 36.7 ms a step, of which
-19.3 ms are its products; the same products with q/k/v and gate/up as one packed product each take 13.2 ms
-(``benchmarks/bench_kernels.py fast-decode``, docs/benchmarks.md, 2026-12-05).
+every step. On the 2-core AVX512-BF16 host, one step's layer products for 8 rows of SmolLM2-135M in bf16 take
+16.9 ms as seven products per layer and 11.0 ms as four, and the PPO benchmark's rollout (8 prompts x 32
+sampled tokens) 1.38 s through the forward and 1.09 s here (``benchmarks/bench_kernels.py fused-decoding``,
+docs/benchmarks.md, 2026-12-05 evening).
 
 ``Decoder`` runs the steps after the prompt forward (``pipeline.decoding.prefill``) with
 
