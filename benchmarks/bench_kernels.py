@@ -284,6 +284,49 @@ def generation(a) -> None:
         print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
 
 
+def _benchmark_prompts(tok) -> dict:
+    """The PPO benchmark's 8 prompts (``ppo_vs_trl.write_prompts``), chat-formatted and left-padded."""
+    import benchmarks.ppo_vs_trl as bench
+
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [json.loads(line) for line in bench.write_prompts(Path(tmp) / "p.jsonl").open()]
+    return tok(prompts_of(tok, [r["prompt"] for r in rows]), return_tensors="pt", padding=True,
+               add_special_tokens=False, padding_side="left")  # fmt: skip
+
+
+def _paired_rollouts(label: str, tok, enc, variants: dict, repeats: int) -> None:
+    """32 sampled tokens per prompt of ``enc`` through ``pipeline.decoding.generate`` under bf16 autocast (what
+    the rollout runs), for each ``{name: (model, generate keywords)}`` of ``variants``: a warm-up, then the
+    variants alternating, one seed per round. Prints each one's median seconds per call and whether every round
+    drew the same tokens and sampler log-probs in all of them."""
+    import torch
+
+    from pipeline import decoding
+    from pipeline.sampling import InverseCDFSampler, sampling_kwargs
+
+    def sample(model, seed: int, **kw):
+        draw = InverseCDFSampler(record_logprobs=True)
+        torch.manual_seed(seed)
+        t = time.perf_counter()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = decoding.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=32,
+                                    eos_token_id=-1, pad_token_id=tok.pad_token_id,
+                                    **sampling_kwargs(0.7, 0, 1.0, draw), **kw)  # fmt: skip
+        return time.perf_counter() - t, out, draw.take_logprobs()
+
+    for model, kw in variants.values():  # warm-up: packs the weights (and the fused copies)
+        sample(model, 0, **kw)
+    times, same = {name: [] for name in variants}, True
+    for seed in range(1, repeats + 1):
+        results = [sample(model, seed, **kw) for model, kw in variants.values()]
+        for name, (t, _, _) in zip(variants, results):
+            times[name].append(t)
+        same = same and all(torch.equal(r[1], results[0][1]) and torch.equal(r[2], results[0][2]) for r in results)
+    for name, ts in times.items():
+        print(f"{label} {name:7}: median {statistics.median(ts):.3f} s ({[round(t, 3) for t in ts]})")
+    print(f"{label}: the same tokens and log-probs: {same}")
+
+
 def packed_generation(a) -> None:
     """The PPO benchmark's 8 prompts x 32 sampled tokens with ``pipeline.decoding.generate`` (what the rollout
     runs), on the model as loaded and on a copy with prepacked linear weights, alternating, each pair from one
@@ -293,42 +336,16 @@ def packed_generation(a) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import benchmarks.ppo_vs_trl as bench
-    from pipeline import decoding
     from pipeline.modeling import contiguous_head
     from pipeline.packed_linear import pack_linears
-    from pipeline.sampling import InverseCDFSampler, sampling_kwargs
 
     torch.set_num_threads(a.threads)
     tok = AutoTokenizer.from_pretrained(a.model)
     plain = contiguous_head(AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).eval())
     plain.requires_grad_(False)
     packed = pack_linears(copy.deepcopy(plain))
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = [json.loads(line) for line in bench.write_prompts(Path(tmp) / "p.jsonl").open()]
-    enc = tok(prompts_of(tok, [r["prompt"] for r in rows]), return_tensors="pt", padding=True,
-              add_special_tokens=False, padding_side="left")  # fmt: skip
-
-    def sample(model, seed: int):
-        draw = InverseCDFSampler(record_logprobs=True)
-        torch.manual_seed(seed)
-        t = time.perf_counter()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = decoding.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=32,
-                                    eos_token_id=-1, pad_token_id=tok.pad_token_id,
-                                    **sampling_kwargs(0.7, 0, 1.0, draw))  # fmt: skip
-        return time.perf_counter() - t, out, draw.take_logprobs()
-
-    sample(plain, 0), sample(packed, 0)  # warm-up; the packed copy packs its weights here
-    times, same = {"plain": [], "packed": []}, True
-    for seed in range(1, a.repeats + 1):
-        (t0, out0, lp0), (t1, out1, lp1) = sample(plain, seed), sample(packed, seed)
-        times["plain"].append(t0)
-        times["packed"].append(t1)
-        same = same and torch.equal(out0, out1) and torch.equal(lp0, lp1)
-    for name, ts in times.items():
-        print(f"packed-generation {name:6}: median {statistics.median(ts):.3f} s ({[round(t, 3) for t in ts]})")
-    print(f"packed-generation: the same tokens and log-probs: {same}")
+    variants = {"plain": (plain, {"fused_steps": False}), "packed": (packed, {"fused_steps": False})}
+    _paired_rollouts("packed-generation", tok, _benchmark_prompts(tok), variants, a.repeats)
 
 
 def fused_decoding(a) -> None:
@@ -339,10 +356,8 @@ def fused_decoding(a) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import benchmarks.ppo_vs_trl as bench
-    from pipeline import decoding, fast_decode, packed_linear
+    from pipeline import fast_decode, packed_linear
     from pipeline.modeling import inference_model
-    from pipeline.sampling import InverseCDFSampler, sampling_kwargs
 
     torch.set_num_threads(a.threads)
     tok = AutoTokenizer.from_pretrained(a.model)
@@ -350,31 +365,9 @@ def fused_decoding(a) -> None:
     reason = fast_decode.unsupported_reason(model)
     if reason is not None:
         raise SystemExit(f"fused-decoding: the decoder does not run this model here: {reason}")
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = [json.loads(line) for line in bench.write_prompts(Path(tmp) / "p.jsonl").open()]
-    enc = tok(prompts_of(tok, [r["prompt"] for r in rows]), return_tensors="pt", padding=True,
-              add_special_tokens=False, padding_side="left")  # fmt: skip
-
-    def sample(fused: bool, seed: int):
-        draw = InverseCDFSampler(record_logprobs=True)
-        torch.manual_seed(seed)
-        t = time.perf_counter()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            out = decoding.generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=32,
-                                    eos_token_id=-1, pad_token_id=tok.pad_token_id, fused_steps=fused,
-                                    **sampling_kwargs(0.7, 0, 1.0, draw))  # fmt: skip
-        return time.perf_counter() - t, out, draw.take_logprobs()
-
-    sample(False, 0), sample(True, 0)  # warm-up: packs the weights and the fused copies
-    times, same = {"forward": [], "fused": []}, True
-    for seed in range(1, a.repeats + 1):
-        (t0, out0, lp0), (t1, out1, lp1) = sample(False, seed), sample(True, seed)
-        times["forward"].append(t0)
-        times["fused"].append(t1)
-        same = same and torch.equal(out0, out1) and torch.equal(lp0, lp1)
-    for name, ts in times.items():
-        print(f"fused-decoding {name:7}: median {statistics.median(ts):.3f} s ({[round(t, 3) for t in ts]})")
-    print(f"fused-decoding: the same tokens and log-probs: {same}")
+    enc = _benchmark_prompts(tok)
+    variants = {"forward": (model, {"fused_steps": False}), "fused": (model, {"fused_steps": True})}
+    _paired_rollouts("fused-decoding", tok, enc, variants, a.repeats)
 
     layers, rows_ = model.model.layers, len(enc["input_ids"])
     x = torch.randn(rows_, 1, model.config.hidden_size).to(torch.bfloat16)
