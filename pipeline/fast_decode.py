@@ -101,7 +101,8 @@ def unsupported_reason(model) -> str | None:
     for i, layer in enumerate(model.model.layers):
         for name in _PROJECTIONS:
             mod = layer.get_submodule(name)
-            if type(mod) is not packed_linear.PackedLinear or mod._forward_hooks or mod._forward_pre_hooks:
+            hooked = mod._forward_hooks or mod._forward_pre_hooks or "forward" in vars(mod)  # (accelerate's hooks)
+            if type(mod) is not packed_linear.PackedLinear or hooked:
                 return f"layer {i}'s {name} is not a hook-free PackedLinear"
     if not fused_supported(_layer_shapes(model)):
         return "a fused packed product does not give the separate products' bits here"

@@ -97,9 +97,18 @@ def test_models_it_cannot_reproduce_decode_through_their_forward(tmp_path):
     assert "needs bf16" in fast_decode.unsupported_reason(fp32)
     eager = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", dtype=torch.bfloat16, attn_implementation="eager")
     assert "'eager'" in fast_decode.unsupported_reason(pack_linears(eager.eval().requires_grad_(False)))
-    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
-    assert "not a plain LlamaForCausalLM" in fast_decode.unsupported_reason(peft)
     unpacked = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", dtype=torch.bfloat16).eval().requires_grad_(False)
     assert "PackedLinear" in fast_decode.unsupported_reason(unpacked)
     with torch.autocast("cpu", dtype=torch.float16):
         assert "autocast" in fast_decode.unsupported_reason(model)
+    proj = model.model.layers[1].mlp.down_proj
+    handle = proj.register_forward_hook(lambda *_: None)  # the decoder would skip the hook
+    assert "layer 1's mlp.down_proj" in fast_decode.unsupported_reason(model)
+    handle.remove()
+    proj.forward = lambda x: x  # a wrapped forward (accelerate's offloading hooks replace it)
+    assert "hook-free" in fast_decode.unsupported_reason(model)
+    del proj.forward
+    assert fast_decode.unsupported_reason(model) is None
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "not a plain LlamaForCausalLM" in fast_decode.unsupported_reason(peft)
+    assert fast_decode.unsupported_reason(peft.get_base_model()) is not None  # LoRA layers inside
