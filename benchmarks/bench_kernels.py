@@ -14,6 +14,7 @@
     .venv/bin/python benchmarks/bench_kernels.py update-chunks --source DIR [--iterations 3] [--chunks 512 1024]
     .venv/bin/python benchmarks/bench_kernels.py ppo-profile --source DIR [--iteration 3]
     .venv/bin/python benchmarks/bench_kernels.py rollout-logprobs --source DIR [--iterations 3] [--rounds 2]
+    .venv/bin/python benchmarks/bench_kernels.py stage-vs-trl --stage sft|reward [--source DIR] [--max_steps 20]
     .venv/bin/python benchmarks/bench_kernels.py malloc --stage sft|reward|ppo|eval --source DIR [--rounds 2]
         [--flags "--max_eval_samples 100"]
 
@@ -65,6 +66,11 @@
   ``sft/``) for ``--max_steps`` steps from each of ``--commits``, alternating for ``--rounds`` rounds: the
   trainer's runtime, the stage's wall time, the final training loss (equal bits: the same training) and the
   reward stage's held-out accuracy.
+- ``stage-vs-trl``: the demo recipe's SFT or reward stage (the reward stage on ``--source``'s ``sft/``) for
+  ``--max_steps`` steps with the stage's trainer and with TRL's own ``SFTTrainer`` / ``RewardTrainer`` at the
+  same settings (without the stage's model set-up either: the contiguous vocabulary-projection input, the
+  prepacked frozen weights), alternating for ``--rounds`` rounds, each a fresh process under the stages' malloc
+  settings: the trainer's runtime, steps per second and final training loss.
 - ``malloc``: one demo-recipe stage (``configs/<stage>_demo.yaml`` plus ``--flags``) on ``--source``'s artifacts
   of the stages before it, with glibc's default malloc (``RLHF_TUNE_MALLOC=0``) and with the stages' tuned one
   (``pipeline/allocator.py``), alternating for ``--rounds`` rounds, each a fresh process: wall, user and system
@@ -864,6 +870,61 @@ def stage_checkouts(a) -> None:
         )
 
 
+# Runs one stage's ``cli`` with its trainer class (``ours``) or TRL's own (``trl``); see ``stage_vs_trl``.
+_STAGE_DRIVER = """
+import sys
+
+import trl
+
+import pipeline.modeling
+import pipeline.packed_linear
+from pipeline import stage_sft, stage_reward
+
+stage = {"sft": stage_sft, "reward": stage_reward}[sys.argv[1]]
+if sys.argv[2] == "trl":
+    stage_sft.completion_trainer_class = lambda: trl.SFTTrainer
+    stage_reward.reward_trainer_class = lambda: trl.RewardTrainer
+    pipeline.modeling.contiguous_head = lambda model: model
+    pipeline.packed_linear.pack_linears = lambda model: model
+sys.exit(stage.cli(sys.argv[3:]))
+"""
+
+
+def stage_vs_trl(a) -> None:
+    """The demo recipe's SFT or reward stage for ``--max_steps`` steps with the stage's trainer and with TRL's
+    own ``SFTTrainer`` / ``RewardTrainer`` (and without the stage's model set-up: the contiguous head input, the
+    prepacked frozen weights), alternating for ``--rounds`` rounds, each a fresh process with the stage's malloc
+    settings: the trainer's runtime and its final training loss."""
+    import subprocess
+
+    from pipeline import allocator
+
+    runs = {"trl": [], "ours": []}
+    for _ in range(a.rounds):
+        for variant, rows in runs.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                if a.stage == "reward":
+                    from pipeline.artifacts import link_tree
+
+                    link_tree(Path(a.source).resolve() / "sft", Path(tmp) / "sft")
+                cmd = [sys.executable, "-c", _STAGE_DRIVER, a.stage, variant, "--config",
+                       f"configs/{a.stage}_demo.yaml", "--artifact_dir", tmp, "--max_steps", str(a.max_steps),
+                       "--logging_steps", str(a.max_steps)]  # fmt: skip
+                if a.stage == "reward":
+                    cmd += ["--max_eval_samples", "8"]  # the held-out scoring after training is not timed
+                subprocess.run(cmd, cwd=REPO, check=True, env=allocator.tuned_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+                last = json.loads((Path(tmp) / a.stage / "manifest.json").read_text())["metrics"]["log_history"][-1]
+            rows.append({"runtime": last["train_runtime"], "loss": last["train_loss"]})
+            print(f"stage-vs-trl {a.stage} {variant:4} run {len(rows)}: train {last['train_runtime']:.1f} s, "
+                  f"loss {last['train_loss']!r}", flush=True)  # fmt: skip
+    medians = {v: statistics.median(r["runtime"] for r in rows) for v, rows in runs.items()}
+    for variant, rows in runs.items():
+        print(f"stage-vs-trl {a.stage} {variant:4}: median train {medians[variant]:.1f} s for {a.max_steps} steps "
+              f"({a.max_steps / medians[variant]:.3f} steps/s), losses {[r['loss'] for r in rows]}")  # fmt: skip
+    print(f"stage-vs-trl {a.stage}: ours {medians['trl'] / medians['ours']:.2f}x TRL's steps/s")
+
+
 def stage_digest(stage_dir: Path) -> str:
     """sha256 of what a stage computed: its weight files, or the evaluation's per-checkpoint results without
     their paths (the artifact directory differs between runs)."""
@@ -1033,6 +1094,11 @@ def main(argv=None) -> int:
     p.add_argument("--commits", nargs="+", required=True, help="git revisions to compare")
     p.add_argument("--max_steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
+    p = sub.add_parser("stage-vs-trl", help="the demo's SFT or reward stage with its trainer and with TRL's own")
+    p.add_argument("--stage", choices=("sft", "reward"), required=True)
+    p.add_argument("--source", help="an artifact directory with sft/ (for --stage reward)")
+    p.add_argument("--max_steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=2)
     p = sub.add_parser("malloc", help="a demo stage with glibc's default malloc and with the tuned one")
     p.add_argument("--stage", choices=("sft", "reward", "ppo", "eval"), required=True)
     p.add_argument("--source", required=True, help="an artifact directory with the stages before --stage")
@@ -1054,7 +1120,8 @@ def main(argv=None) -> int:
      "scoring": scoring, "reward": reward,
      "reward-chunks": reward_chunks, "update-chunks": update_chunks, "ppo-profile": ppo_profile,
      "rollout-logprobs": rollout_logprobs, "ppo-checkouts": ppo_checkouts,
-     "value-layers": value_layers, "stage-checkouts": stage_checkouts, "malloc": malloc}[a.what](a)  # fmt: skip
+     "value-layers": value_layers, "stage-checkouts": stage_checkouts, "malloc": malloc,
+     "stage-vs-trl": stage_vs_trl}[a.what](a)  # fmt: skip
     return 0
 
 
