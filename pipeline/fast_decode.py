@@ -27,8 +27,9 @@ transformers' forward). So nothing sampled or learned changes.
 Used where every decoding step would take the packed bf16 path (``pipeline/packed_linear.py``): a CPU with
 oneDNN bf16, bf16 weights, a plain ``LlamaForCausalLM`` with SDPA attention and no biases. Anything else
 (other architectures, float32, accelerators, PEFT-wrapped models) decodes through the model's forward;
-``unsupported_reason`` says why. The fused copies cost memory: one more packed bf16 copy of every layer's
-linear weights (212 MB for SmolLM2-135M), rebuilt when a weight changes (``MergedPolicy.sync``).
+``unsupported_reason`` says why. The stacked copies cost memory: one more packed bf16 copy of every layer's q,
+k, v, gate and up weights (139 MB for SmolLM2-135M), rebuilt when a weight changes (``MergedPolicy.sync``);
+o and down use their ``PackedLinear``'s own packed copies.
 Why by hand: ``torch.compile`` fuses the same and more, but its first compile took 61 s on this host and its
 kernels round differently (docs/benchmarks.md, 2026-12-03 evening).
 """
@@ -45,8 +46,9 @@ from pipeline import packed_linear
 
 _PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                 "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+_ALONE = ("self_attn.o_proj", "mlp.down_proj")  # each reads an input of its own: not stacked
 
-# model -> (weight versions, per-layer packed (qkv, o, gate_up, down)); weak, so a model's copies die with it.
+# model -> (weight versions, per-layer packed (qkv, gate_up)); weak, so a model's copies die with it.
 _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -110,18 +112,19 @@ def unsupported_reason(model) -> str | None:
 
 
 def _fused_weights(model) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
-    """Per layer: packed ``[q; k; v]``, ``o``, ``[gate; up]`` and ``down`` weights, rebuilt when any weight
-    changed since they were made (``copy_`` under ``no_grad`` bumps its version)."""
+    """Per layer: packed ``[q; k; v]``, ``o``, ``[gate; up]`` and ``down`` weights. The stacked ones are held here
+    and rebuilt when any of their weights changed since they were made (``copy_`` under ``no_grad`` bumps its
+    version); ``o`` and ``down`` are their own ``PackedLinear``'s packed copies, which it keeps current itself."""
     layers = model.model.layers
-    weights = [[layer.get_submodule(n).weight for n in _PROJECTIONS] for layer in layers]
-    key = tuple((w.data_ptr(), w._version) for ws in weights for w in ws)
+    stacked = [[layer.get_submodule(n).weight for n in _PROJECTIONS if n not in _ALONE] for layer in layers]
+    key = tuple((w.data_ptr(), w._version) for ws in stacked for w in ws)
     held = _FUSED.get(model)
     if held is None or held[0] != key:
         pack = packed_linear._pack
-        fused = [(pack(torch.cat([q, k, v])), pack(o), pack(torch.cat([g, u])), pack(d))
-                 for q, k, v, o, g, u, d in weights]  # fmt: skip
+        fused = [(pack(torch.cat([q, k, v])), pack(torch.cat([g, u]))) for q, k, v, g, u in stacked]
         _FUSED[model] = held = (key, fused)
-    return held[1]
+    return [(qkv, layer.self_attn.o_proj.packed_weight()[0], gate_up, layer.mlp.down_proj.packed_weight()[0])
+            for (qkv, gate_up), layer in zip(held[1], layers)]  # fmt: skip
 
 
 class Decoder:
@@ -185,18 +188,12 @@ class Decoder:
             self.keys[i][:, :, L] = k[:, :, 0]
             self.values[i][:, :, L] = v[:, :, 0]
             keys, values = self.keys[i][:, :, : L + 1], self.values[i][:, :, : L + 1]
-            if groups == 1:
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    q, keys, values, attn_mask=mask if padded else None, scale=attn.scaling
-                )
-            elif padded:
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    q.reshape(n, self.kv_heads, groups, hd), keys, values, attn_mask=mask, scale=attn.scaling
-                )
-            else:
-                out = torch.nn.functional.scaled_dot_product_attention(
-                    q, keys, values, scale=attn.scaling, enable_gqa=True
-                )
+            if padded and groups > 1:
+                q = q.reshape(n, self.kv_heads, groups, hd)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask if padded else None, scale=attn.scaling,
+                enable_gqa=groups > 1 and not padded,
+            )  # fmt: skip
             out = out.reshape(n, -1, 1, hd).transpose(1, 2).contiguous().reshape(n, 1, -1)
             h = residual + product(out, o_w, None)
             residual = h

@@ -86,6 +86,7 @@ def test_sampled_tokens_and_logprobs_equal_the_forward_steps_and_follow_weight_c
         with torch.no_grad():  # as MergedPolicy.sync writes a new merge: the fused copies must follow
             model.model.layers[0].self_attn.k_proj.weight.mul_(1.5)
             model.model.layers[1].mlp.up_proj.weight.mul_(-1.0)
+            model.model.layers[0].mlp.down_proj.weight.mul_(0.5)  # not stacked: its own packed copy follows
 
 
 def test_models_it_cannot_reproduce_decode_through_their_forward(tmp_path):
