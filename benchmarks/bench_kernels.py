@@ -747,13 +747,23 @@ def precision_flags(dtype: str) -> list[str]:
     return [] if dtype == "auto" else ["--dtype", dtype, "--mixed_precision", PRECISION_PAIRS[dtype] or "no"]
 
 
-def demo_source(source, tmp) -> None:
-    """Hard links of ``source``'s ``sft/`` and ``reward/`` into the artifact directory ``tmp``: what the demo
-    recipe's PPO stage starts from, untouched by the run."""
+# The artifacts each demo stage starts from.
+STAGES_BEFORE = {"sft": (), "reward": ("sft",), "ppo": ("sft", "reward"), "eval": ("sft", "reward", "ppo")}
+
+
+def demo_source(source, tmp, stage: str = "ppo") -> None:
+    """Hard links of ``source``'s artifacts of the stages before ``stage`` (for PPO: ``sft/`` and ``reward/``)
+    into the artifact directory ``tmp``: what the demo recipe's ``stage`` starts from, untouched by the run."""
     from pipeline.artifacts import link_tree
 
-    for stage in ("sft", "reward"):
-        link_tree(Path(source).resolve() / stage, Path(tmp) / stage)
+    for before in STAGES_BEFORE[stage]:
+        link_tree(Path(source).resolve() / before, Path(tmp) / before)
+
+
+def demo_stage_flags(stage: str, tmp, max_steps: int) -> list[str]:
+    """The demo recipe's ``stage`` into the artifact directory ``tmp``, for ``max_steps`` steps, logging once."""
+    return ["--config", f"configs/{stage}_demo.yaml", "--artifact_dir", tmp, "--max_steps", str(max_steps),
+            "--logging_steps", str(max_steps)]  # fmt: skip
 
 
 def demo_ppo_run(a, cwd: Path, flags: list[str]) -> list[dict]:
@@ -845,13 +855,13 @@ def stage_checkouts(a) -> None:
         for _ in range(a.rounds):
             for rev, rows in runs.items():
                 with tempfile.TemporaryDirectory() as tmp:
-                    if a.stage == "reward":
-                        from pipeline.artifacts import link_tree
-
-                        link_tree(Path(a.source).resolve() / "sft", Path(tmp) / "sft")
-                    module = {"sft": "pipeline.stage_sft", "reward": "pipeline.stage_reward"}[a.stage]
-                    cmd = [sys.executable, "-m", module, "--config", f"configs/{a.stage}_demo.yaml", "--artifact_dir",
-                           tmp, "--max_steps", str(a.max_steps), "--logging_steps", str(a.max_steps)]  # fmt: skip
+                    demo_source(a.source, tmp, a.stage)
+                    cmd = [
+                        sys.executable,
+                        "-m",
+                        f"pipeline.stage_{a.stage}",
+                        *demo_stage_flags(a.stage, tmp, a.max_steps),
+                    ]
                     t = time.perf_counter()
                     subprocess.run(cmd, cwd=checkouts[rev], check=True, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)  # fmt: skip
@@ -903,13 +913,15 @@ def stage_vs_trl(a) -> None:
     for _ in range(a.rounds):
         for variant, rows in runs.items():
             with tempfile.TemporaryDirectory() as tmp:
-                if a.stage == "reward":
-                    from pipeline.artifacts import link_tree
-
-                    link_tree(Path(a.source).resolve() / "sft", Path(tmp) / "sft")
-                cmd = [sys.executable, "-c", _STAGE_DRIVER, a.stage, variant, "--config",
-                       f"configs/{a.stage}_demo.yaml", "--artifact_dir", tmp, "--max_steps", str(a.max_steps),
-                       "--logging_steps", str(a.max_steps)]  # fmt: skip
+                demo_source(a.source, tmp, a.stage)
+                cmd = [
+                    sys.executable,
+                    "-c",
+                    _STAGE_DRIVER,
+                    a.stage,
+                    variant,
+                    *demo_stage_flags(a.stage, tmp, a.max_steps),
+                ]
                 if a.stage == "reward":
                     cmd += ["--max_eval_samples", "8"]  # the held-out scoring after training is not timed
                 subprocess.run(cmd, cwd=REPO, check=True, env=allocator.tuned_env(), stdout=subprocess.DEVNULL,
@@ -945,15 +957,12 @@ def malloc(a) -> None:
     import subprocess
 
     from pipeline import allocator
-    from pipeline.artifacts import link_tree
 
-    before = {"sft": (), "reward": ("sft",), "ppo": ("sft", "reward"), "eval": ("sft", "reward", "ppo")}[a.stage]
     runs = {"default": [], "tuned": []}
     for _ in range(a.rounds):
         for mode, rows in runs.items():
             with tempfile.TemporaryDirectory() as tmp:
-                for stage in before:
-                    link_tree(Path(a.source).resolve() / stage, Path(tmp) / stage)
+                demo_source(a.source, tmp, a.stage)
                 env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES" and not k.startswith("MALLOC_")}
                 env[allocator.OPT_OUT] = "0" if mode == "default" else "1"
                 cmd = [sys.executable, "-m", f"pipeline.stage_{a.stage}", "--config", f"configs/{a.stage}_demo.yaml",
