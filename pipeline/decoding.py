@@ -651,10 +651,12 @@ def generate(
     if penalty not in (None, 1.0):  # generate puts the config's processors before the caller's
         padding = (mask != 0).int().argmax(dim=1)
         logits_processor = LogitsProcessorList([RowsRepetitionPenalty(penalty, padding), *(logits_processor or [])])
-    logits, cache = prefill(model, input_ids, mask, split=split_prefill)
+    fusable = fused_steps and max_new_tokens > 1 and fast_decode.unsupported_reason(model) is None
+    with fast_decode.stacked_projections(model) if fusable else contextlib.nullcontext():
+        logits, cache = prefill(model, input_ids, mask, split=split_prefill)
     kv = {_forward_keywords(model)[0]: cache}
     fused = None
-    if fused_steps and max_new_tokens > 1 and fast_decode.unsupported_reason(model) is None:
+    if fusable:
         fused = fast_decode.Decoder(model, cache, mask, max_new_tokens - 1)
         del kv, cache  # its keys and values now live in the decoder's buffers
     position = positions[:, -1:] + 1

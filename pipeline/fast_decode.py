@@ -36,6 +36,7 @@ kernels round differently (docs/benchmarks.md, 2026-12-03 evening).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 
@@ -61,7 +62,7 @@ def fused_supported(shapes: tuple[tuple[int, tuple[int, ...]], ...]) -> bool:
         ws = [(torch.randn(o, n_in, generator=gen) * n_in**-0.5).to(torch.bfloat16) for o in outs]
         fused = packed_linear._pack(torch.cat(ws))
         parts = [packed_linear._pack(w) for w in ws]
-        for rows in (1, 3, 8, 33):
+        for rows in (1, 3, 8, 33, 97, 600):  # decoding steps, and prompt forwards (stacked_projections)
             x = torch.randn(rows, n_in, generator=gen).to(torch.bfloat16)
             whole = packed_linear._packed_product(x, fused, None)
             if not torch.equal(whole, torch.cat([packed_linear._packed_product(x, p, None) for p in parts], -1)):
@@ -127,6 +128,46 @@ def _fused_weights(model) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
             for (qkv, gate_up), layer in zip(held[1], layers)]  # fmt: skip
 
 
+class _Stacked:
+    """One stacked product standing in for several projections of the same input (``stacked_projections``): the
+    first projection called on an input computes all of them; the others return their columns of it."""
+
+    def __init__(self, packed: Tensor, widths: list[int]):
+        self.packed, self.bounds = packed, [sum(widths[:i]) for i in range(len(widths) + 1)]
+        self.x = self.y = None
+
+    def part(self, i: int, module, x: Tensor) -> Tensor:
+        if x.dtype != torch.bfloat16 or not x.is_contiguous():  # PackedLinear's own conditions for its product
+            return packed_linear.PackedLinear.forward(module, x)
+        if self.x is not x:
+            self.x, self.y = x, packed_linear._packed_product(x, self.packed, None)
+        return self.y[..., self.bounds[i] : self.bounds[i + 1]]
+
+
+@contextlib.contextmanager
+def stacked_projections(model):
+    """Within it, ``model``'s forward (transformers' own: the prompt forward before ``Decoder``) runs q, k and v as
+    one product on the decoder's stacked ``[q; k; v]`` weight, and gate and up as one on ``[gate; up]``: the same
+    bits (``fused_supported``), and those projections need no packed copies of their own besides the stacked
+    ones, which the decoder then uses (for SmolLM2-135M, 139 MB less to pack after every weight sync). Each
+    projection returns its columns of the stacked output (a strided view, which the attention and MLP code only
+    reshapes or reads elementwise). Call only where ``unsupported_reason(model)`` is None."""
+    layers = model.model.layers
+    patched = []
+    try:
+        for (qkv, _, gate_up, _), layer in zip(_fused_weights(model), layers):
+            for packed, names in ((qkv, _PROJECTIONS[:3]), (gate_up, _PROJECTIONS[4:6])):
+                mods = [layer.get_submodule(n) for n in names]
+                group = _Stacked(packed, [m.out_features for m in mods])
+                for i, mod in enumerate(mods):
+                    mod.forward = functools.partial(group.part, i, mod)
+                    patched.append(mod)
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
+
+
 class Decoder:
     """The decoding steps after ``prefill``: ``step(token, position)`` -> logits ``[rows, 1, V]`` as the model's
     forward returns them, ``select(keep)`` drops rows. ``cache`` is the prefill's ``DynamicCache`` (its keys and
@@ -135,71 +176,69 @@ class Decoder:
     def __init__(self, model, cache, attention_mask: Tensor, max_new_tokens: int):
         self.model = model
         self.weights = _fused_weights(model)
-        B, P = attention_mask.shape
-        width = P + max_new_tokens
-        self.keys, self.values = [], []
-        for layer in cache.layers:
-            k = layer.keys.new_empty((B, layer.keys.shape[1], width, layer.keys.shape[-1]))
-            v = layer.values.new_empty((B, layer.values.shape[1], width, layer.values.shape[-1]))
-            k[:, :, :P] = layer.keys
-            v[:, :, :P] = layer.values
-            self.keys.append(k)
-            self.values.append(v)
-        self.mask = attention_mask.new_ones((B, width), dtype=torch.bool)
-        self.mask[:, :P] = attention_mask.bool()
-        self.length = P  # positions held in the buffers
         config = model.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.q_width, self.kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
         self.intermediate = config.intermediate_size
+        B, P = attention_mask.shape
+        width = P + max_new_tokens
+        # Per layer one buffer [B, 2 kv_heads, positions, head_dim]: keys in the first kv_heads, values after, so
+        # that a step writes both with one copy from the [q; k; v] product's k and v heads, which sit side by side.
+        self.kv = []
+        for layer in cache.layers:
+            kv = layer.keys.new_empty((B, 2 * self.kv_heads, width, self.head_dim))
+            kv[:, : self.kv_heads, :P] = layer.keys
+            kv[:, self.kv_heads :, :P] = layer.values
+            self.kv.append(kv)
+        self.mask = attention_mask.new_ones((B, width), dtype=torch.bool)
+        self.mask[:, :P] = attention_mask.bool()
+        self.length = P  # positions held in the buffers
+        # rotate_half(x) = cat(-x2, x1) = roll(x, half) * [-1.., +1..]: one roll, and the sign (an exact flip)
+        # moves onto sin, computed once per step.
+        half = self.head_dim // 2
+        self.sign = torch.cat([-torch.ones(half), torch.ones(self.head_dim - half)]).to(model.model.norm.weight)
 
     def select(self, keep: Tensor) -> None:
-        self.keys = [k.index_select(0, keep) for k in self.keys]
-        self.values = [v.index_select(0, keep) for v in self.values]
+        self.kv = [kv.index_select(0, keep) for kv in self.kv]
         self.mask = self.mask.index_select(0, keep)
 
     def step(self, token: Tensor, position: Tensor) -> Tensor:
         """Logits ``[n, 1, V]`` of the next position for ``token`` ``[n]`` at ``position`` ``[n, 1]``."""
-        from transformers.models.llama.modeling_llama import rotate_half
-
         lm = self.model.model
         n, L = token.shape[0], self.length
-        hd, groups = self.head_dim, self.heads // self.kv_heads
-        qw, kvw = self.q_width, self.kv_width
+        hd, heads, kvh = self.head_dim, self.heads, self.kv_heads
+        groups, inter = heads // kvh, self.intermediate
         product = packed_linear._packed_product
         h = lm.embed_tokens(token.unsqueeze(1))  # [n, 1, d]
-        cos, sin = (c.unsqueeze(1) for c in lm.rotary_emb(h, position_ids=position))
+        cos, sin = lm.rotary_emb(h, position_ids=position)  # [n, 1, hd]: broadcast over the heads below
+        sin = sin * self.sign
         mask = self.mask[:, None, None, : L + 1]
         # transformers' sdpa path: no mask where no running row has padding (then SDPA's own GQA), else the
-        # query heads grouped per key/value head against the shared mask.
+        # query heads grouped per key/value head against the shared mask, which SDPA turns into an additive
+        # float mask (0 / -inf in the query's dtype) at every call: here once per step.
         padded = not bool(mask.all())
+        if padded:
+            mask = torch.where(mask, 0.0, torch.tensor(float("-inf"), dtype=h.dtype))
         for i, layer in enumerate(lm.layers):
             qkv, o_w, gate_up, down = self.weights[i]
-            attn = layer.self_attn
             residual = h
-            x = layer.input_layernorm(h).to(torch.bfloat16)
-            y = product(x, qkv, None)  # [n, 1, qw + 2 kvw]
-            # apply_rotary_pos_emb's arithmetic, elementwise per head: q's and k's heads rotate as one tensor.
-            qk = y[..., : qw + kvw].view(n, 1, -1, hd).transpose(1, 2)
-            qk = (qk * cos) + (rotate_half(qk) * sin)
-            q, k = qk[:, : self.heads], qk[:, self.heads :]
-            v = y[..., qw + kvw :].view(n, 1, -1, hd).transpose(1, 2)
-            self.keys[i][:, :, L] = k[:, :, 0]
-            self.values[i][:, :, L] = v[:, :, 0]
-            keys, values = self.keys[i][:, :, : L + 1], self.values[i][:, :, : L + 1]
-            if padded and groups > 1:
-                q = q.reshape(n, self.kv_heads, groups, hd)
+            y = product(layer.input_layernorm(h), qkv, None).view(n, heads + 2 * kvh, hd)
+            # apply_rotary_pos_emb's arithmetic, elementwise per head, on q's and k's heads as one tensor,
+            # written back in place: the product then holds [rotated q; rotated k; v].
+            qk = y[:, : heads + kvh]
+            torch.add(qk * cos, qk.roll(hd // 2, -1) * sin, out=qk)
+            kv = self.kv[i]
+            kv[:, :, L] = y[:, heads:]
+            keys, values = kv[:, :kvh, : L + 1], kv[:, kvh:, : L + 1]
+            q = y[:, :heads].view(n, kvh, groups, hd) if padded and groups > 1 else y[:, :heads].unsqueeze(2)
             out = torch.nn.functional.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask if padded else None, scale=attn.scaling,
+                q, keys, values, attn_mask=mask if padded else None, scale=layer.self_attn.scaling,
                 enable_gqa=groups > 1 and not padded,
             )  # fmt: skip
-            out = out.reshape(n, -1, 1, hd).transpose(1, 2).contiguous().reshape(n, 1, -1)
-            h = residual + product(out, o_w, None)
+            # [n, heads or kv heads, 1 or groups, hd] holds the heads in transformers' order: one query position
+            h = residual + product(out.reshape(n, 1, heads * hd).contiguous(), o_w, None)
             residual = h
-            x = layer.post_attention_layernorm(h).to(torch.bfloat16)
-            gu = product(x, gate_up, None)
-            h = residual + product(layer.mlp.act_fn(gu[..., : self.intermediate]) * gu[..., self.intermediate :],
-                                   down, None)  # fmt: skip
+            gu = product(layer.post_attention_layernorm(h), gate_up, None)
+            h = residual + product(layer.mlp.act_fn(gu[..., :inter]) * gu[..., inter:], down, None)
         self.length = L + 1
         return self.model.lm_head(lm.norm(h))

@@ -113,3 +113,21 @@ def test_models_it_cannot_reproduce_decode_through_their_forward(tmp_path):
     peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     assert "not a plain LlamaForCausalLM" in fast_decode.unsupported_reason(peft)
     assert fast_decode.unsupported_reason(peft.get_base_model()) is not None  # LoRA layers inside
+
+
+def test_the_prompt_forward_on_stacked_weights_is_the_forward_s_and_packs_no_separate_copies(tmp_path):
+    model, tok = bf16_lm(tmp_path)
+    ids, am = encode(tok, PADDED)
+    want_logits, want_cache = decoding.prefill(model, ids, am)
+    stacked = [model.model.layers[i].get_submodule(n) for i in range(len(model.model.layers))
+               for n in fast_decode._PROJECTIONS if n not in fast_decode._ALONE]  # fmt: skip
+    for mod in stacked:
+        mod.drop_packed()
+    with fast_decode.stacked_projections(model):
+        got_logits, got_cache = decoding.prefill(model, ids, am)
+    assert torch.equal(got_logits, want_logits)
+    for want, got in zip(want_cache.layers, got_cache.layers):
+        assert torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+    assert all(mod._packed is None for mod in stacked)  # only the stacked copies were used
+    assert not any("forward" in vars(mod) for mod in stacked)  # the modules' own forwards are back
+    assert fast_decode.unsupported_reason(model) is None

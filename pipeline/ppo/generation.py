@@ -139,11 +139,13 @@ class MergedPolicy:
     def sync(self) -> None:
         for name, layer in self.layers.items():
             target = self.model.get_submodule(name).weight
-            w = layer.get_base_layer().weight.float()
+            # In float32: a bf16 base weight plus a float32 delta promotes exactly as ``base.float()`` would, and
+            # ``copy_`` rounds to the target's dtype as ``.to`` does, with two fewer passes over every weight.
+            w = layer.get_base_layer().weight
             for adapter in layer.active_adapters:
                 if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}):
                     w = w + layer.get_delta_weight(adapter).float()
-            target.copy_(w.to(target.dtype))
+            target.copy_(w)
 
     def generate(self, **kwargs):
         """Finished rows leave the batch (``pipeline/decoding.py``) unless the model's generation config asks for
