@@ -112,6 +112,32 @@ def unsupported_reason(model) -> str | None:
     return None
 
 
+def stack_weights(model) -> None:
+    """Give each layer's q, k and v weights, and its gate and up weights, one tensor: consecutive rows of it, each
+    module's weight a view (the same values). ``_fused_weights`` then packs that tensor as it is rather than a
+    concatenated copy, after every in-place weight update (``MergedPolicy.sync``): 139 MB less to copy per sync
+    for SmolLM2-135M."""
+    for layer in model.model.layers:
+        for names in (_PROJECTIONS[:3], _PROJECTIONS[4:6]):
+            mods = [layer.get_submodule(n) for n in names]
+            whole, row = torch.cat([m.weight.detach() for m in mods]), 0
+            for m in mods:
+                m.weight = torch.nn.Parameter(whole[row : row + m.out_features], requires_grad=m.weight.requires_grad)
+                row += m.out_features
+
+
+def _stack(weights: list[Tensor]) -> Tensor:
+    """``torch.cat(weights)`` (along the rows), without the copy where they already are consecutive rows of one
+    tensor (``stack_weights``)."""
+    first, width = weights[0], weights[0].shape[1]
+    storage, at = first.untyped_storage().data_ptr(), first.data_ptr()
+    for w in weights:
+        if not w.is_contiguous() or w.untyped_storage().data_ptr() != storage or w.data_ptr() != at:
+            return torch.cat(weights)
+        at += w.numel() * w.element_size()
+    return first.as_strided((sum(w.shape[0] for w in weights), width), (width, 1))
+
+
 def _fused_weights(model) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Per layer: packed ``[q; k; v]``, ``o``, ``[gate; up]`` and ``down`` weights. The stacked ones are held here
     and rebuilt when any of their weights changed since they were made (``copy_`` under ``no_grad`` bumps its
@@ -122,7 +148,7 @@ def _fused_weights(model) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
     held = _FUSED.get(model)
     if held is None or held[0] != key:
         pack = packed_linear._pack
-        fused = [(pack(torch.cat([q, k, v])), pack(torch.cat([g, u]))) for q, k, v, g, u in stacked]
+        fused = [(pack(_stack([q, k, v])), pack(_stack([g, u]))) for q, k, v, g, u in stacked]
         _FUSED[model] = held = (key, fused)
     return [(qkv, layer.self_attn.o_proj.packed_weight()[0], gate_up, layer.mlp.down_proj.packed_weight()[0])
             for (qkv, gate_up), layer in zip(held[1], layers)]  # fmt: skip

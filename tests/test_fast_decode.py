@@ -61,8 +61,19 @@ def test_every_step_s_logits_are_the_forward_s_as_rows_leave(tmp_path, kv_heads,
     assert torch.equal(got_logits, want_logits)
 
 
-def test_sampled_tokens_and_logprobs_equal_the_forward_steps_and_follow_weight_changes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stacked", [False, True], ids=["own-weights", "stacked-in-place"])
+def test_sampled_tokens_and_logprobs_equal_the_forward_steps_and_follow_weight_changes(tmp_path, monkeypatch, stacked):
     model, tok = bf16_lm(tmp_path)
+    if stacked:  # as MergedPolicy does: q/k/v and gate/up become views of one tensor per layer, packed without a copy
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        fast_decode.stack_weights(model)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        attn = model.model.layers[0].self_attn
+        ws = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+        assert fast_decode._stack(ws).data_ptr() == ws[0].data_ptr() and torch.equal(
+            fast_decode._stack(ws), torch.cat(ws)
+        )
+        assert fast_decode.unsupported_reason(model) is None
     ids, am = encode(tok, PADDED)
     steps = []
     real = fast_decode.Decoder.step

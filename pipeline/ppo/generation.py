@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline import fast_decode
 from pipeline.modeling import contiguous_head
 from pipeline.packed_linear import pack_linears
 
@@ -132,6 +133,8 @@ class MergedPolicy:
         contiguous_head(model)
         model.requires_grad_(False)
         pack_linears(model)  # sync's copy_ bumps each weight's version: the next call repacks it
+        if fast_decode.unsupported_reason(model) is None:  # decoding will stack q/k/v and gate/up: stack in place
+            fast_decode.stack_weights(model)
         self.model = model.eval()
         self.layers = lora_layers(peft_model)
 
