@@ -22,7 +22,8 @@
   with torch's flash and math CPU kernels, causal and with a padding mask, in bf16 and fp32 (ms, mean of 20).
 - ``linear``: a batch-8 bf16/fp32 matrix product against each of SmolLM2's weight shapes, in cache and from
   memory, plus oneDNN's linear on a weight packed once (``pipeline/packed_linear.py``; what decoding does 211
-  times per token), and whether the two give the same bits.
+  times per token: the weight bytes it reads per second from memory), and whether the two give the same bits;
+  then the memory's read rate for comparison (a float32 sum over 256 MB).
 - ``packed-generation``: the PPO benchmark's 8 prompts x 32 sampled tokens through ``pipeline.decoding.generate``
   on the bf16 model and on a copy with prepacked weights, alternating, one seed per pair: seconds per call and
   whether the tokens and log-probs are the same bits.
@@ -181,11 +182,16 @@ def linear(a) -> None:
                     packed = [_pack(m) for m in many]
                     cold_packed = mean_ms(_packed_products, x, packed, n=5) * 1e3 / len(packed)
                     same = torch.equal(_packed_product(x, packed[0], None), F.linear(x, many[0]))
+                    gbs = out_f * in_f * 2 / cold_packed / 1e3  # the weight's bytes over the time
                     line += f"  prepacked: in cache {hot_packed:7.0f} us  from memory {cold_packed:7.0f} us"
-                    line += f"  (the same bits: {same})"
+                    line += f" ({gbs:.1f} GB/s of weights)  (the same bits: {same})"
                 else:
                     line += "  prepacked: no oneDNN bf16 linear on this CPU"
             print(line, flush=True)
+    # What the host's memory delivers to this process's threads: a sum over 256 MB, far larger than any cache.
+    big = torch.ones(64 * 2**20)
+    ms = mean_ms(lambda t: t.sum(), big, n=10)
+    print(f"memory read: {big.numel() * 4 / ms / 1e6:.1f} GB/s (a float32 sum over 256 MB)", flush=True)
 
 
 def sft_step(a) -> None:

@@ -1,37 +1,42 @@
 """Decoding steps of a Llama-family model on a CPU, with the products that read one input fused.
 
-A decoding step of a few rows is a matrix-vector product per row at every linear layer: its time is reading
-the weights, and the fixed cost of each call. transformers' forward makes seven such calls per layer
-(q, k, v, o, gate, up, down), builds a 4-D attention mask and concatenates every layer's key/value cache at
-every step. On the 2-core AVX512-BF16 host, one step's layer products for 8 rows of SmolLM2-135M in bf16 take
-16.9 ms as seven products per layer and 11.0 ms as four, and the PPO benchmark's rollout (8 prompts x 32
-sampled tokens) 1.38 s through the forward and 1.09 s here (``benchmarks/bench_kernels.py fused-decoding``,
-docs/benchmarks.md, 2026-12-05 evening).
+A decoding step of a few rows is a matrix-vector product per row at every linear layer: its time is the
+products over every weight, and the fixed cost of each call and operation. transformers' forward makes seven
+such calls per layer (q, k, v, o, gate, up, down), builds a 4-D attention mask and concatenates every layer's
+key/value cache at every step. On the 2-core AVX512-BF16 host, one step's layer products for 8 rows of
+SmolLM2-135M in bf16 take 16.9 ms as seven products per layer and 11.0 ms as four, and the PPO benchmark's
+rollout (8 prompts x 32 sampled tokens) 1.38 s through the forward and 1.09 s here
+(``benchmarks/bench_kernels.py fused-decoding``, docs/benchmarks.md, 2026-12-05 evening).
 
 ``Decoder`` runs the steps after the prompt forward (``pipeline.decoding.prefill``) with
 
 - q, k and v as one oneDNN inner product on a packed ``[q; k; v]`` weight, and gate and up as another;
-- the key/value cache in buffers sized for the whole response, written in place;
-- the attention mask kept as a boolean buffer, sliced per step.
+- the key/value cache in one buffer per layer sized for the whole response (keys, then values), written in
+  place with one copy per step;
+- the attention mask kept as a boolean buffer, sliced per step and turned into SDPA's additive mask once per
+  step rather than once per layer.
+
+The prompt forward runs on the same stacked weights (``stacked_projections``), so q, k, v, gate and up keep no
+packed copies of their own.
 
 Everything else calls the model's own modules in transformers' order (embedding, RMSNorm, rotary embedding,
 activation, final norm, vocabulary projection) or repeats its arithmetic (``apply_rotary_pos_emb``'s, on q's
-and k's heads as one tensor; elementwise, so the same bits), and attention is
-the SDPA call transformers' ``sdpa_attention_forward`` makes for one query position (with a mask: the query
-heads grouped per key/value head; without one: ``enable_gqa``). The logits are the same bits as
-``model(input_ids=token, ..., cache=...)``'s: oneDNN computes each output column of an inner product on its
-own, so a fused product's columns equal the separate products' (checked once per process on the shapes of
-the model, ``fused_supported``, and in tests/test_fast_decode.py, which compares every step's logits with
-transformers' forward). So nothing sampled or learned changes.
+and k's heads as one tensor, with ``rotate_half(x) * sin`` as ``roll(x) * (sign * sin)``, an exact sign flip;
+elementwise, so the same bits), and attention is the SDPA call transformers' ``sdpa_attention_forward`` makes
+for one query position (with a mask: the query heads grouped per key/value head; without one: ``enable_gqa``).
+The logits are the same bits as ``model(input_ids=token, ..., cache=...)``'s: oneDNN computes each output
+column of an inner product on its own, so a fused product's columns equal the separate products' (checked once
+per process on the shapes of the model, ``fused_supported``, and in tests/test_fast_decode.py, which compares
+every step's logits with transformers' forward). So nothing sampled or learned changes.
 
 Used where every decoding step would take the packed bf16 path (``pipeline/packed_linear.py``): a CPU with
-oneDNN bf16, bf16 weights, a plain ``LlamaForCausalLM`` with SDPA attention and no biases. Anything else
-(other architectures, float32, accelerators, PEFT-wrapped models) decodes through the model's forward;
-``unsupported_reason`` says why. The stacked copies cost memory: one more packed bf16 copy of every layer's q,
-k, v, gate and up weights (139 MB for SmolLM2-135M), rebuilt when a weight changes (``MergedPolicy.sync``);
-o and down use their ``PackedLinear``'s own packed copies.
-Why by hand: ``torch.compile`` fuses the same and more, but its first compile took 61 s on this host and its
-kernels round differently (docs/benchmarks.md, 2026-12-03 evening).
+oneDNN bf16, bf16 weights, a plain ``LlamaForCausalLM`` with SDPA attention and no biases. Anything else (other
+architectures, float32, accelerators, PEFT-wrapped models) decodes through the model's forward;
+``unsupported_reason`` says why. The stacked copies cost memory: a packed bf16 copy of every layer's stacked
+q/k/v and gate/up weights (139 MB for SmolLM2-135M), rebuilt when a weight changes (``MergedPolicy.sync``;
+``stack_weights`` lets it pack them without concatenating first); o and down use their ``PackedLinear``'s own
+packed copies. Why by hand: ``torch.compile`` fuses the same and more, but its first compile took 61 s on this
+host and its kernels round differently (docs/benchmarks.md, 2026-12-03 evening).
 """
 
 from __future__ import annotations
