@@ -5,8 +5,8 @@ products over every weight, and the fixed cost of each call and operation. trans
 such calls per layer (q, k, v, o, gate, up, down), builds a 4-D attention mask and concatenates every layer's
 key/value cache at every step. On the 2-core AVX512-BF16 host, one step's layer products for 8 rows of
 SmolLM2-135M in bf16 take 16.9 ms as seven products per layer and 11.0 ms as four, and the PPO benchmark's
-rollout (8 prompts x 32 sampled tokens) 1.38 s through the forward and 1.09 s here
-(``benchmarks/bench_kernels.py fused-decoding``, docs/benchmarks.md, 2026-12-05 evening).
+rollout (8 prompts x 32 sampled tokens) 1.45 s through the forward and 1.05 s here
+(``benchmarks/bench_kernels.py fused-decoding``, docs/benchmarks.md, 2026-12-05 later sitting).
 
 ``Decoder`` runs the steps after the prompt forward (``pipeline.decoding.prefill``) with
 
