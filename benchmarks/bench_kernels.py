@@ -766,10 +766,20 @@ def demo_source(source, tmp, stage: str = "ppo") -> None:
         link_tree(Path(source).resolve() / before, Path(tmp) / before)
 
 
-def demo_stage_flags(stage: str, tmp, max_steps: int) -> list[str]:
-    """The demo recipe's ``stage`` into the artifact directory ``tmp``, for ``max_steps`` steps, logging once."""
-    return ["--config", f"configs/{stage}_demo.yaml", "--artifact_dir", tmp, "--max_steps", str(max_steps),
-            "--logging_steps", str(max_steps)]  # fmt: skip
+def run_demo_stage(source, stage: str, max_steps: int, program: list[str], cwd, env=None, extra=()) -> tuple:
+    """The demo recipe's ``stage`` for ``max_steps`` steps, logging once, as ``program`` plus its flags (a fresh
+    process in ``cwd``, its output discarded) on a new artifact directory holding ``source``'s artifacts of the
+    stages before it: ``(the stage manifest's metrics, wall seconds)``."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        demo_source(source, tmp, stage)
+        cmd = [*program, "--config", f"configs/{stage}_demo.yaml", "--artifact_dir", tmp, "--max_steps",
+               str(max_steps), "--logging_steps", str(max_steps), *extra]  # fmt: skip
+        t = time.perf_counter()
+        subprocess.run(cmd, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - t
+        return json.loads((Path(tmp) / stage / "manifest.json").read_text())["metrics"], wall
 
 
 def demo_ppo_run(a, cwd: Path, flags: list[str]) -> list[dict]:
@@ -854,25 +864,12 @@ def stage_checkouts(a) -> None:
     """The demo recipe's SFT or reward stage for ``--max_steps`` steps from each revision, alternating: the
     trainer's own runtime, the final loss (the same bits or not) and, for the reward stage, the held-out
     accuracy and the whole stage's wall time."""
-    import subprocess
-
     runs = {rev: [] for rev in a.commits}
     with git_checkouts(a.commits) as checkouts:
         for _ in range(a.rounds):
             for rev, rows in runs.items():
-                with tempfile.TemporaryDirectory() as tmp:
-                    demo_source(a.source, tmp, a.stage)
-                    cmd = [
-                        sys.executable,
-                        "-m",
-                        f"pipeline.stage_{a.stage}",
-                        *demo_stage_flags(a.stage, tmp, a.max_steps),
-                    ]
-                    t = time.perf_counter()
-                    subprocess.run(cmd, cwd=checkouts[rev], check=True, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)  # fmt: skip
-                    wall = time.perf_counter() - t
-                    metrics = json.loads((Path(tmp) / a.stage / "manifest.json").read_text())["metrics"]
+                program = [sys.executable, "-m", f"pipeline.stage_{a.stage}"]  # restarts itself with tuned malloc
+                metrics, wall = run_demo_stage(a.source, a.stage, a.max_steps, program, cwd=checkouts[rev])
                 last = metrics["log_history"][-1]
                 rows.append({"runtime": last["train_runtime"], "loss": last["train_loss"], "wall": wall,
                              "test": metrics.get("test")})  # fmt: skip
@@ -911,28 +908,16 @@ def stage_vs_trl(a) -> None:
     own ``SFTTrainer`` / ``RewardTrainer`` (and without the stage's model set-up: the contiguous head input, the
     prepacked frozen weights), alternating for ``--rounds`` rounds, each a fresh process with the stage's malloc
     settings: the trainer's runtime and its final training loss."""
-    import subprocess
-
     from pipeline import allocator
 
+    # The held-out scoring after the reward stage's training is not timed: a token amount of it.
+    extra = ["--max_eval_samples", "8"] if a.stage == "reward" else []
     runs = {"trl": [], "ours": []}
     for _ in range(a.rounds):
         for variant, rows in runs.items():
-            with tempfile.TemporaryDirectory() as tmp:
-                demo_source(a.source, tmp, a.stage)
-                cmd = [
-                    sys.executable,
-                    "-c",
-                    _STAGE_DRIVER,
-                    a.stage,
-                    variant,
-                    *demo_stage_flags(a.stage, tmp, a.max_steps),
-                ]
-                if a.stage == "reward":
-                    cmd += ["--max_eval_samples", "8"]  # the held-out scoring after training is not timed
-                subprocess.run(cmd, cwd=REPO, check=True, env=allocator.tuned_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
-                last = json.loads((Path(tmp) / a.stage / "manifest.json").read_text())["metrics"]["log_history"][-1]
+            program = [sys.executable, "-c", _STAGE_DRIVER, a.stage, variant]  # a driver: no restart of its own
+            metrics, _ = run_demo_stage(a.source, a.stage, a.max_steps, program, REPO, allocator.tuned_env(), extra)
+            last = metrics["log_history"][-1]
             rows.append({"runtime": last["train_runtime"], "loss": last["train_loss"]})
             print(f"stage-vs-trl {a.stage} {variant:4} run {len(rows)}: train {last['train_runtime']:.1f} s, "
                   f"loss {last['train_loss']!r}", flush=True)  # fmt: skip
