@@ -669,7 +669,9 @@ def generate(
                 if hasattr(proc, "set_rows"):
                     proc.set_rows(rows, B)
             logits = logits_processor(seen, logits)
-        token = logits.argmax(-1)
+        # The inverse-CDF draw leaves its token the only finite score: the argmax, without a pass over the scores.
+        drawn = getattr(logits_processor[-1], "drawn", None) if logits_processor else None
+        token = drawn if drawn is not None else logits.argmax(-1)
         new[rows, t] = token
         steps = t + 1
         running = ~torch.isin(token, eos)

@@ -50,6 +50,7 @@ class InverseCDFSampler(LogitsProcessor):
         self._logprobs: list[torch.Tensor] = []
         self._entropy: list[torch.Tensor] = []
         self._rows: tuple[torch.Tensor, int] | None = None
+        self.drawn: torch.Tensor | None = None  # the last call's tokens [B]
 
     def set_rows(self, rows: torch.Tensor, batch_size: int) -> None:
         """The next call's scores are those of rows ``rows`` of a batch of ``batch_size`` (a decoding loop that
@@ -59,6 +60,7 @@ class InverseCDFSampler(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = torch.softmax(scores.float(), dim=-1)
         tokens = inverse_cdf_sample(probs)
+        self.drawn = tokens  # the argmax of the scores returned: ``pipeline.decoding.generate`` reads it instead
         rows, self._rows = self._rows, None
         if self.record_logprobs or self.record_entropy:
             logp_all = torch.log_softmax(scores.float(), dim=-1)

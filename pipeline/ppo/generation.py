@@ -142,12 +142,19 @@ class MergedPolicy:
     def sync(self) -> None:
         for name, layer in self.layers.items():
             target = self.model.get_submodule(name).weight
+            base = layer.get_base_layer().weight
+            deltas = [layer.get_delta_weight(a) for a in layer.active_adapters
+                      if a in layer.lora_A or a in getattr(layer, "lora_embedding_A", {})]  # fmt: skip
+            if len(deltas) == 1 and base.dtype == deltas[0].dtype == target.dtype:
+                # One pass: an elementwise add of two bf16 tensors computes in float32 and rounds once to bf16,
+                # the bits of the float32 sum below rounded by ``copy_`` (tests/test_ppo_generation.py).
+                torch.add(base, deltas[0], out=target)
+                continue
             # In float32: a bf16 base weight plus a float32 delta promotes exactly as ``base.float()`` would, and
             # ``copy_`` rounds to the target's dtype as ``.to`` does, with two fewer passes over every weight.
-            w = layer.get_base_layer().weight
-            for adapter in layer.active_adapters:
-                if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {}):
-                    w = w + layer.get_delta_weight(adapter).float()
+            w = base
+            for delta in deltas:
+                w = w + delta.float()
             target.copy_(w)
 
     def generate(self, **kwargs):

@@ -3,6 +3,7 @@ models built in the test."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.conftest import make_causal_lm, make_tokenizer
@@ -83,18 +84,30 @@ def test_merged_copy_matches_the_adapter_and_follows_updates(tmp_path):
     assert sampler.model.lm_head.weight is sampler.model.get_input_embeddings().weight  # still tied
 
 
-def test_merged_copy_in_bf16_rounds_once(tmp_path):
-    """bf16 bases: the copy holds ``round_bf16(W + delta)`` computed in float32 (one rounding, not two)."""
-    from pipeline.ppo.generation import MergedPolicy
+@pytest.mark.parametrize("autocast", [False, True])
+def test_merged_copy_in_bf16_rounds_once(tmp_path, autocast):
+    """bf16 bases: the copy holds ``round_bf16(W + delta)`` computed in float32 (one rounding, not two). Under
+    bf16 autocast, as the rollout syncs, the delta itself is bf16 and the sum is one bf16 add: the same bits."""
+    from contextlib import nullcontext
+
+    from pipeline.ppo.generation import MergedPolicy, lora_layers
 
     policy, _ = _peft_policy(tmp_path, dtype=torch.bfloat16)
     _perturb_adapter(policy, 2)
     sampler = MergedPolicy(policy)
-    sampler.sync()
-    layer = policy.get_base_model().model.layers[0].self_attn.q_proj
-    want = (layer.base_layer.weight.float() + layer.get_delta_weight("default").float()).to(torch.bfloat16)
-    got = sampler.model.model.layers[0].self_attn.q_proj.weight
-    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else nullcontext()
+    versions = {n: p._version for n, p in sampler.model.named_parameters()}
+    with context, torch.no_grad():
+        sampler.sync()
+        layers = lora_layers(policy)
+        assert layers
+        for name, layer in layers.items():
+            delta = layer.get_delta_weight("default")
+            assert delta.dtype == (torch.bfloat16 if autocast else torch.float32)
+            want = (layer.base_layer.weight.float() + delta.float()).to(torch.bfloat16)
+            got = sampler.model.get_submodule(name).weight
+            assert got.dtype == torch.bfloat16 and torch.equal(got, want), name
+            assert got._version > versions[f"{name}.weight"], name  # what tells packed copies to follow
 
 
 def test_unsupported_adapters_fall_back(tmp_path):
