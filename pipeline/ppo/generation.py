@@ -38,6 +38,8 @@ and for adapter types other than plain LoRA, sampling goes through the PEFT mode
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -87,6 +89,24 @@ def unsupported_reason(peft_model: nn.Module, accelerator=None) -> str | None:
 def _plain_name(key: str) -> str:
     """State-dict key of the PEFT-wrapped base model -> the same weight in a plain model."""
     return key.replace(".base_layer.", ".")
+
+
+def _delta_weight(layer, adapter: str) -> torch.Tensor:
+    """PEFT's ``layer.get_delta_weight(adapter)``, ``(B @ A) * scaling``, as ``(B * scaling) @ A`` where that
+    gives the same bits: a plain LoRA ``Linear`` with float32 factors and a scaling that is a power of two at
+    least 1 (the default ``lora_alpha = 2 r`` gives 2). Multiplying by a power of two is exact, so it commutes
+    with every product, sum and rounding of the product (bf16 under autocast, as the rollout syncs, or float32),
+    and the pass that scales the ``[out, in]`` product becomes one over the ``[out, r]`` factor
+    (tests/ppo/test_generation.py compares every weight with ``get_delta_weight``'s)."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    scaling = layer.scaling.get(adapter) if type(layer) is LoraLinear and adapter in layer.lora_A else None
+    if scaling is None or layer.fan_in_fan_out or not isinstance(scaling, (int, float)):
+        return layer.get_delta_weight(adapter)
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if A.dtype != torch.float32 or B.dtype != torch.float32 or scaling < 1 or math.frexp(scaling)[0] != 0.5:
+        return layer.get_delta_weight(adapter)
+    return (B * scaling) @ A
 
 
 class PeftSampler:
@@ -143,7 +163,7 @@ class MergedPolicy:
         for name, layer in self.layers.items():
             target = self.model.get_submodule(name).weight
             base = layer.get_base_layer().weight
-            deltas = [layer.get_delta_weight(a) for a in layer.active_adapters
+            deltas = [_delta_weight(layer, a) for a in layer.active_adapters
                       if a in layer.lora_A or a in getattr(layer, "lora_embedding_A", {})]  # fmt: skip
             if len(deltas) == 1 and base.dtype == deltas[0].dtype == target.dtype:
                 # One pass: an elementwise add of two bf16 tensors computes in float32 and rounds once to bf16,

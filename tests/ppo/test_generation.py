@@ -108,6 +108,7 @@ def test_merged_copy_in_bf16_rounds_once(tmp_path, autocast):
             got = sampler.model.get_submodule(name).weight
             assert got.dtype == torch.bfloat16 and torch.equal(got, want), name
             assert got._version > versions[f"{name}.weight"], name  # what tells packed copies to follow
+    assert any(layer.scaling["default"] == 2 for layer in layers.values())  # sync's own delta (_delta_weight)
 
 
 def test_unsupported_adapters_fall_back(tmp_path):
