@@ -194,6 +194,39 @@ def linear(a) -> None:
     print(f"memory read: {big.numel() * 4 / ms / 1e6:.1f} GB/s (a float32 sum over 256 MB)", flush=True)
 
 
+def backward_products(a) -> None:
+    """A frozen layer's input gradient in a LoRA update, ``grad @ W`` (``F.linear``'s backward) against the
+    packed product on ``W^T`` packed once (``PackedLinear``'s backward): SmolLM2-135M's seven projections of a
+    layer at ``--rows`` rows and its vocabulary projection at 264 (8 responses x 33 positions), in bf16; best of
+    three means, and whether the bits are the same."""
+    import torch
+
+    from pipeline.packed_linear import _pack, _packed_product, transposed_supported
+
+    torch.set_num_threads(a.threads)
+    print(f"backward-products: packed W^T gives the same bits here (checked once per process): "
+          f"{transposed_supported()}", flush=True)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    layer = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    for rows in a.rows:
+        total = [0.0, 0.0]
+        for n_out, n_in in layer + [(49152, 576)]:
+            r = 264 if n_out == 49152 else rows
+            w = (torch.randn(n_out, n_in, generator=gen) * 0.05).to(torch.bfloat16)
+            g = torch.randn(r, n_out, generator=gen).to(torch.bfloat16)
+            wt = _pack(w.t().contiguous())
+            plain = min(mean_ms(torch.mm, g, w, n=10) for _ in range(3))
+            packed = min(mean_ms(_packed_product, g, wt, None, n=10) for _ in range(3))
+            same = torch.equal(torch.mm(g, w), _packed_product(g, wt, None))
+            if n_out != 49152:
+                total[0], total[1] = total[0] + plain, total[1] + packed
+            gflops = 2 * r * n_out * n_in / packed / 1e6
+            print(f"backward-products: {r} x {n_out} -> {n_in}: grad @ W {plain:.3f} ms, packed W^T {packed:.3f} ms "
+                  f"({gflops:.0f} GFLOP/s), the same bits: {same}", flush=True)  # fmt: skip
+        print(f"backward-products: a layer's seven at {rows} rows: grad @ W {total[0]:.2f} ms, packed W^T "
+              f"{total[1]:.2f} ms ({total[0] / total[1]:.3f}x)", flush=True)  # fmt: skip
+
+
 def sft_step(a) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -1013,6 +1046,9 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--lengths", type=int, nargs="+", default=[70, 128, 256])
     sub.add_parser("linear")
+    p = sub.add_parser("backward-products", help="a frozen layer's input gradient: grad @ W against packed W^T")
+    p.add_argument("--rows", type=int, nargs="+", default=[560, 2000])
+    p.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("sft-step")
     p.add_argument("--model", required=True)
     p.add_argument("--length", type=int, default=118)
@@ -1115,7 +1151,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="the stage's bases and autocast")  # fmt: skip
     a = ap.parse_args(argv)
-    {"attention": attention, "linear": linear, "sft-step": sft_step, "generation": generation,
+    {"attention": attention, "linear": linear, "backward-products": backward_products, "sft-step": sft_step,
+     "generation": generation,
      "packed-generation": packed_generation, "fused-decoding": fused_decoding, "eval-batch": eval_batch,
      "scoring": scoring, "reward": reward,
      "reward-chunks": reward_chunks, "update-chunks": update_chunks, "ppo-profile": ppo_profile,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.packed_linear import PackedLinear, pack_linears, repack, supported
+from pipeline.packed_linear import PackedLinear, pack_linears, repack, supported, transposed_supported
 from tests.conftest import make_causal_lm
 
 needs_onednn_bf16 = pytest.mark.skipif(not supported(), reason="no oneDNN bf16 linear in this torch build or CPU")
@@ -46,6 +46,21 @@ def test_packed_outputs_and_input_gradients_are_the_same_bits_as_f_linear(bias, 
         (out_ref.float() * g).sum().backward()
         assert torch.equal(xg.grad, ref.grad), shape
     assert lin._packed is not None  # the packed path ran
+    assert (lin._packed_t is not None) == transposed_supported()  # and the input gradient on the packed W^T
+
+
+@needs_onednn_bf16
+def test_the_packed_input_gradient_follows_weight_changes():
+    lin = pack_linears(frozen_linear(16, 24, bias=False))
+    for seed in (0, 1):
+        with torch.no_grad():  # an in-place write the version counter sees
+            lin.weight.copy_(torch.randn(24, 16, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16))
+        x = torch.randn(5, 16, dtype=torch.bfloat16, requires_grad=True)
+        ref = x.detach().clone().requires_grad_(True)
+        g = torch.randn(5, 24, dtype=torch.bfloat16)
+        (lin(x).float() * g).sum().backward()
+        (F.linear(ref, lin.weight).float() * g).sum().backward()
+        assert torch.equal(x.grad, ref.grad), seed
 
 
 @needs_onednn_bf16
