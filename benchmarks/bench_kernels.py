@@ -779,6 +779,86 @@ def ppo_profile(a) -> None:
         stage_ppo.cli(bench.ours_argv(sizes, Path(tmp) / "run", prompts, []))
 
 
+# (owner module, attribute, label) of what ``rollout-split`` times: the rollout engine's pieces and the update's.
+SPLIT_POINTS = [
+    ("pipeline.ppo.trainer:PPOTrainer", "_generate", "generate (all)"),
+    ("pipeline.ppo.generation:MergedPolicy", "sync", "  weight sync"),
+    ("pipeline.fast_decode", "_fused_weights", "  stacked weights packed"),
+    ("pipeline.decoding", "prefill", "  prompt forward"),
+    ("pipeline.fast_decode:Decoder", "step", "  decoding steps"),
+    ("pipeline.sampling:InverseCDFSampler", "__call__", "  sampler"),
+    ("pipeline.ppo.trainer:PolicyAndValue", "policy_logits", "policy forward (rollout and reference)"),
+    ("pipeline.ppo.trainer:PolicyAndValue", "values", "value forward"),
+    ("pipeline.ppo.trainer:PPOTrainer", "update", "update"),
+]
+
+
+def rollout_split(a) -> None:
+    """Wall seconds per iteration of the pieces of ``SPLIT_POINTS`` in our PPO stage at the anchor benchmark's sizes
+    (``benchmarks/ppo_vs_trl.py``), over the iterations after the first; with ``--commits``, each revision's code
+    (a git worktree) in a fresh process, one after another. Timers around functions, no profiler: the calls run
+    as they do in the stage."""
+    import importlib
+    import subprocess
+
+    if a.commits:
+        with git_checkouts(a.commits) as trees:
+            for rev, tree in trees.items():
+                print(f"rollout-split: {rev}", flush=True)
+                subprocess.run([sys.executable, __file__, "rollout-split", "--source", str(Path(a.source).resolve()),
+                                "--iterations", str(a.iterations), "--code", str(tree)], check=True)  # fmt: skip
+        return
+    from pipeline.allocator import restart_with_tuned_malloc
+
+    restart_with_tuned_malloc()  # the malloc settings the stage's own entry point runs under
+    if a.code:  # another revision's pipeline/ and benchmarks/, ahead of this checkout's
+        sys.path.insert(0, a.code)
+        for name in [m for m in sys.modules if m == "pipeline" or m.startswith("pipeline.")]:
+            del sys.modules[name]  # (the allocator module, imported from this checkout above)
+    import benchmarks.ppo_vs_trl as bench
+    from pipeline import stage_ppo
+
+    seconds: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    iteration = {"n": 0}
+
+    def timed(fn, label):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if iteration["n"] > 1:  # after the first iteration (its first calls pack, compile and warm up)
+                    seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - t
+                    counts[label] = counts.get(label, 0) + 1
+
+        return wrapper
+
+    for where, attr, label in SPLIT_POINTS:
+        module, _, cls = where.partition(":")
+        owner = importlib.import_module(module)
+        owner = getattr(owner, cls) if cls else owner
+        setattr(owner, attr, timed(getattr(owner, attr), label))
+    trainer = importlib.import_module("pipeline.ppo.trainer").PPOTrainer
+    rollout = trainer.rollout
+
+    def counted(self, prompts):
+        iteration["n"] += 1
+        return rollout(self, prompts)
+
+    trainer.rollout = counted
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = Path(tmp) / "prompts.jsonl"
+        bench.write_prompts(prompts)
+        sizes = argparse.Namespace(source=Path(a.source), iterations=a.iterations, seed=42)
+        stage_ppo.cli(bench.ours_argv(sizes, Path(tmp) / "run", prompts, []))
+    n = a.iterations - 1
+    print(f"rollout-split: per iteration over iterations 2-{a.iterations} ({a.code or 'this checkout'})")
+    for _, _, label in SPLIT_POINTS:
+        if label in seconds:
+            print(f"rollout-split: {label:40s} {seconds[label] / n * 1e3:8.1f} ms  ({counts[label] / n:.1f} calls)")
+
+
 def precision_flags(dtype: str) -> list[str]:
     """The PPO stage's --dtype and --mixed_precision (the autocast that dtype needs) for a benchmark's --dtype."""
     from pipeline.stage_ppo import PRECISION_PAIRS
@@ -1118,6 +1198,11 @@ def main(argv=None) -> int:
     p.add_argument("--source", required=True)
     p.add_argument("--iteration", type=int, default=3)
     p.add_argument("--rows", type=int, default=25)
+    p = sub.add_parser("rollout-split", help="wall time of the rollout's and update's pieces, per iteration")
+    p.add_argument("--source", required=True, help="an artifact directory holding sft/ and reward/")
+    p.add_argument("--iterations", type=int, default=6)
+    p.add_argument("--commits", nargs="*", default=[], help="git revisions to time one after another")
+    p.add_argument("--code", default=None, help=argparse.SUPPRESS)  # a revision's checkout (with --commits)
     p = sub.add_parser("ppo-checkouts")
     p.add_argument("--source", required=True, help="an artifact directory holding sft/ and reward/")
     p.add_argument("--commits", nargs="+", required=True, help="git revisions of the code to compare")
@@ -1158,7 +1243,7 @@ def main(argv=None) -> int:
      "reward-chunks": reward_chunks, "update-chunks": update_chunks, "ppo-profile": ppo_profile,
      "rollout-logprobs": rollout_logprobs, "ppo-checkouts": ppo_checkouts,
      "value-layers": value_layers, "stage-checkouts": stage_checkouts, "malloc": malloc,
-     "stage-vs-trl": stage_vs_trl}[a.what](a)  # fmt: skip
+     "stage-vs-trl": stage_vs_trl, "rollout-split": rollout_split}[a.what](a)  # fmt: skip
     return 0
 
 

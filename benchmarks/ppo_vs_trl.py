@@ -84,25 +84,35 @@ def anchor_python(venv: Path = ANCHOR_VENV) -> Path:
 def matmul_peak(dtype_name: str, sizes=None, repeats: int = 5) -> float:
     """Best GFLOP/s of a square matmul of random numbers in ``dtype_name`` over ``sizes``, in this process, on the
     device the stages use: the first CUDA GPU if there is one (sizes 4096 and 8192, timed with a synchronize around
-    each product), else the CPU (1024 and 2048, torch's own kernels and thread count). That device's attainable
-    peak for the dtype."""
+    each product), else the CPU (1024 and 2048, torch's own kernels and thread count; for bf16 where the stages
+    prepack weights, also oneDNN's product on a prepacked operand, ``pipeline/packed_linear.py``, which runs
+    faster here). That device's attainable peak for the dtype."""
     import torch
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     dtype = getattr(torch, dtype_name)
+    packed = None
+    if not cuda and dtype == torch.bfloat16:
+        from pipeline import packed_linear
+
+        packed = packed_linear if packed_linear.supported() else None
     best = 0.0
     for n in sizes or ((4096, 8192) if cuda else (1024, 2048)):
         a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-        a @ b  # warm-up
-        sync()
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b
+        products = [(torch.matmul, (a, b))]
+        if packed is not None:  # a @ b as the stages' packed products compute it: b^T is the packed "weight"
+            products.append((packed._packed_product, (a, packed._pack(b.t().contiguous()), None)))
+        for product, args in products:
+            product(*args)  # warm-up
             sync()
-            best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
-    del a, b
+            for _ in range(repeats):
+                t = time.perf_counter()
+                product(*args)
+                sync()
+                best = max(best, 2 * n**3 / (time.perf_counter() - t) / 1e9)
+    del a, b, products, args
     if cuda:
         torch.cuda.empty_cache()  # the stages run in child processes on the same GPU
     return best
@@ -399,13 +409,26 @@ def main(argv: list[str] | None = None) -> int:
 
     # Emulated bf16 (a CPU without AVX512-BF16 or AMX) runs near 1 GFLOP/s at any size: one small size there.
     emulated = {"bfloat16": (512,)} if not native_bf16_here() else {}
-    peaks = {d: matmul_peak(d, emulated.get(d)) for d in ("float32", "bfloat16")}
-    print("ppo_vs_trl: matmul peak " + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in peaks.items()), flush=True)
+    # Measured before the runs and again after each round, the best of all: one short measurement on a shared
+    # host varied by 7% between runs (415-443 GFLOP/s in bf16, docs/benchmarks.md), and a low one flatters the
+    # achieved fraction.
+    peak_samples = {d: [] for d in ("float32", "bfloat16")}
+    peaks = {}
+
+    def measure_peaks(when: str) -> None:
+        for d, samples in peak_samples.items():
+            samples.append(matmul_peak(d, emulated.get(d)))
+            peaks[d] = max(samples)
+        latest = ", ".join(f"{d} {s[-1]:.0f} GFLOP/s" for d, s in peak_samples.items())
+        print(f"ppo_vs_trl: matmul peak ({when}) {latest}", flush=True)
+
+    measure_peaks("before the runs")
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
     result = {"command": "python benchmarks/ppo_vs_trl.py " + " ".join(argv), "device": device,
-              "versions": {"torch": torch.__version__}, "matmul_peak_gflop_per_s": peaks, "runs": []}  # fmt: skip
+              "versions": {"torch": torch.__version__}, "matmul_peak_gflop_per_s": peaks,
+              "matmul_peak_samples_gflop_per_s": peak_samples, "runs": []}  # fmt: skip
     runs = result["runs"]
 
     def save() -> None:  # after every run, so that a failure later keeps what was measured
@@ -434,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             save()
             print(f"ppo_vs_trl: ours [{name}], round {rnd + 1}: {[round(r['time/iteration_s'], 2) for r in rows]}",
                   flush=True)  # fmt: skip
+        measure_peaks(f"after round {rnd + 1}")
+        save()
     result["summary"] = summarize(runs, {}, peaks)
     save()  # the timings, before the counting runs
     flops = {}
