@@ -21,7 +21,9 @@
    ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention, forward and backward, as torch
    dispatches them; padded positions count, since the hardware computes them). Divided by the timed runs'
    seconds, against the matmul peak this process measures for the dtype in use, on the device the runs use
-   (the first CUDA GPU if there is one, else the CPU). The counting run must reproduce the timed runs' samples
+   (the first CUDA GPU if there is one, else the CPU), before the runs and after every round, the best of
+   all (``matmul_peak``; on a CPU in bf16 also oneDNN's product on a packed operand, the kernel the stages'
+   products run, which is the faster here). The counting run must reproduce the timed runs' samples
    (the same scores and KL per iteration), which the output checks.
 6. Per variant, the stage's ``val/sampler_token_prob_error`` (the rollout path's token probabilities against the
    training forward's; 1 is exact): the check that a faster rollout path still samples the trained policy.
