@@ -20,9 +20,9 @@ or a float32 weight under that autocast (the packed copy is then made from the w
 autocast makes at every call). Anything else runs ``nn.Linear.forward``. An input that requires grad goes
 through an autograd function whose backward is ``F.linear``'s input gradient, ``grad @ W`` with the bf16 ``W``,
 computed as a packed product on ``W^T`` packed at the layer's first backward where that gives the same bits
-(``transposed_supported``, checked once per process): 2-5% faster per product for the LoRA update's 560-2,000
-rows, 15% for the vocabulary projection (``benchmarks/bench_kernels.py backward-products``); the weight itself
-never trains here. The packed copy is rebuilt when the weight changes in place
+(``transposed_supported``, checked once per process): 2-4% faster per product for the LoRA update's 560-2,000
+rows, 16% for the vocabulary projection (``benchmarks/bench_kernels.py backward-products``; over a whole PPO
+update, within run-to-run noise, docs/benchmarks.md 2026-12-05 night); the weight itself never trains here. The packed copy is rebuilt when the weight changes in place
 through autograd-visible ops (``copy_`` under ``no_grad``, as ``MergedPolicy.sync`` does), is replaced, or the
 module moves or changes dtype. A write through ``weight.data`` is invisible to the version counter, and PEFT's
 LoRA ``merge``/``unmerge`` (``merge_adapter``, ``merge_and_unload``) write that way: code that merges adapters

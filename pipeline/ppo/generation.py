@@ -167,7 +167,7 @@ class MergedPolicy:
                       if a in layer.lora_A or a in getattr(layer, "lora_embedding_A", {})]  # fmt: skip
             if len(deltas) == 1 and base.dtype == deltas[0].dtype == target.dtype:
                 # One pass: an elementwise add of two bf16 tensors computes in float32 and rounds once to bf16,
-                # the bits of the float32 sum below rounded by ``copy_`` (tests/test_ppo_generation.py).
+                # the bits of the float32 sum below rounded by ``copy_`` (tests/ppo/test_generation.py).
                 torch.add(base, deltas[0], out=target)
                 continue
             # In float32: a bf16 base weight plus a float32 delta promotes exactly as ``base.float()`` would, and
