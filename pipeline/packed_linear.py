@@ -22,7 +22,8 @@ through an autograd function whose backward is ``F.linear``'s input gradient, ``
 computed as a packed product on ``W^T`` packed at the layer's first backward where that gives the same bits
 (``transposed_supported``, checked once per process): 2-4% faster per product for the LoRA update's 560-2,000
 rows, 16% for the vocabulary projection (``benchmarks/bench_kernels.py backward-products``; over a whole PPO
-update, within run-to-run noise, docs/benchmarks.md 2026-12-05 night); the weight itself never trains here. The packed copy is rebuilt when the weight changes in place
+update, within run-to-run noise, docs/benchmarks.md 2026-12-05 night); the weight itself never trains here.
+The packed copy is rebuilt when the weight changes in place
 through autograd-visible ops (``copy_`` under ``no_grad``, as ``MergedPolicy.sync`` does), is replaced, or the
 module moves or changes dtype. A write through ``weight.data`` is invisible to the version counter, and PEFT's
 LoRA ``merge``/``unmerge`` (``merge_adapter``, ``merge_and_unload``) write that way: code that merges adapters
