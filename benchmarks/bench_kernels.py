@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_kernels.py attention [--rows 8] [--lengths 70 128 256]
     .venv/bin/python benchmarks/bench_kernels.py linear
+    .venv/bin/python benchmarks/bench_kernels.py backward-products [--rows 560 2000]
     .venv/bin/python benchmarks/bench_kernels.py fused-decoding --model DIR [--repeats 5]
     .venv/bin/python benchmarks/bench_kernels.py sft-step --model DIR [--length 118] [--repeats 3]
     .venv/bin/python benchmarks/bench_kernels.py generation --model DIR [--threads 2] [--static_cache]
@@ -13,6 +14,7 @@
     .venv/bin/python benchmarks/bench_kernels.py reward-chunks --model DIR [--steps 10] [--chunks 1024] [--pairs 1024]
     .venv/bin/python benchmarks/bench_kernels.py update-chunks --source DIR [--iterations 3] [--chunks 512 1024]
     .venv/bin/python benchmarks/bench_kernels.py ppo-profile --source DIR [--iteration 3]
+    .venv/bin/python benchmarks/bench_kernels.py rollout-split --source DIR [--iterations 6] [--commits REV ...]
     .venv/bin/python benchmarks/bench_kernels.py rollout-logprobs --source DIR [--iterations 3] [--rounds 2]
     .venv/bin/python benchmarks/bench_kernels.py stage-vs-trl --stage sft|reward [--source DIR] [--max_steps 20]
     .venv/bin/python benchmarks/bench_kernels.py malloc --stage sft|reward|ppo|eval --source DIR [--rounds 2]
@@ -24,6 +26,9 @@
   memory, plus oneDNN's linear on a weight packed once (``pipeline/packed_linear.py``; what decoding does 211
   times per token: the weight bytes it reads per second from memory), and whether the two give the same bits;
   then the memory's read rate for comparison (a float32 sum over 256 MB).
+- ``backward-products``: a frozen layer's input gradient in a LoRA update, ``grad @ W`` against the packed
+  product on ``W^T`` packed once (``PackedLinear``'s backward), for a layer's seven projections at ``--rows``
+  rows and the vocabulary projection at 264: best-of-three times and whether the bits are the same.
 - ``packed-generation``: the PPO benchmark's 8 prompts x 32 sampled tokens through ``pipeline.decoding.generate``
   on the bf16 model and on a copy with prepacked weights, alternating, one seed per pair: seconds per call and
   whether the tokens and log-probs are the same bits.
@@ -51,6 +56,9 @@
   per micro-batch against length-sorted chunks of rows at several token budgets.
 - ``ppo-profile``: our PPO stage at the ppo_vs_trl sizes with ``torch.profiler`` around one iteration's update;
   prints the operators by self time. ``--source`` holds ``sft/model`` and ``reward/model``.
+- ``rollout-split``: our PPO stage at the ppo_vs_trl sizes with timers (no profiler) around the rollout's
+  pieces (weight sync, packing, prompt forward, decoding steps, sampler), the forwards with gradients and the
+  update: ms per iteration after the first; with ``--commits``, each revision's code in turn.
 - ``rollout-logprobs``: the PPO stage with the demo recipe (``configs/ppo_demo.yaml``, four minibatches, so the
   update does not reuse the rollout's forward) on ``--source``'s ``sft/`` and ``reward/``, its first
   ``--iterations`` iterations, with ``--rollout_logprobs forward`` and ``sampler`` alternating for ``--rounds``
