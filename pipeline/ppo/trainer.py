@@ -250,6 +250,40 @@ def fuses_update(args, sizes) -> bool:
     return args.num_ppo_epochs == 1 and args.num_mini_batches == 1 and sizes.gradient_accumulation_steps == 1
 
 
+def uncast_lora_layers(model: nn.Module, mixed_precision: str) -> list[nn.Module]:
+    """The LoRA layers of ``model`` whose input cast PEFT may skip with the same bits, or none.
+
+    PEFT casts each LoRA layer's input to its float32 factors' dtype (``x.to(float32)``), and under bf16
+    autocast the factor's linear casts it straight back to bf16. Both are full copies of the layer's input, and
+    their backward adds two more. Skipping them is exact where every forward runs under bf16 autocast
+    (``mixed_precision`` ``"bf16"``), because a bf16 value survives float32 and back unchanged. LoRA dropout must
+    be off, since dropout on the float32 copy scales in float32. The PPO policy's bf16 base feeds bf16 inputs,
+    and both casts are skipped for it; a float32 base's inputs are float32, and nothing changes for it.
+    ``tests/ppo/test_trainer.py`` compares the outputs and gradients bit for bit."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if mixed_precision != "bf16":
+        return []
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        if any(not isinstance(d, nn.Identity) for d in getattr(layer, "lora_dropout", {}).values()):
+            return []
+    return layers
+
+
+@contextmanager
+def lora_inputs_uncast(layers: list[nn.Module]):
+    """Within it, ``layers`` (``uncast_lora_layers``) take their input as it comes; their setting after."""
+    before = [getattr(layer, "cast_input_dtype_enabled", True) for layer in layers]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, before):
+            layer.cast_input_dtype_enabled = was
+
+
 def print_samples(texts: list[tuple[str, str, float]], iteration: int, judge=None, n: int = 4) -> None:
     """A rich table of the first ``n`` (prompt, response, score) rows, with the gold judge's score if given."""
     from rich.console import Console
@@ -330,6 +364,8 @@ class PPOTrainer:
         self.sampler_logprobs = args.rollout_logprobs == "sampler" and not self.fused
         self.chunk_tokens = self.update_chunk_tokens()
         self.unwrapped.value_from_layer = self.frozen_value_layers()
+        # The LoRA layers whose input casts the forwards skip, the same bits (uncast_lora_layers).
+        self.uncast = uncast_lora_layers(self.unwrapped, accelerator.mixed_precision)
         # The fused forward, kept for the update: (log-probs, entropies, values or None).
         self._graph: tuple[Tensor, Tensor, Tensor | None] | None = None
         n_minibatches = args.num_ppo_epochs * args.num_mini_batches
@@ -422,7 +458,13 @@ class PPOTrainer:
         (``update_plan``). The outputs go back in row order, zeros where every row of a chunk is
         padding. A row's real tokens see the same tokens, positions and mask as in one forward, so the loss and
         its gradients (one backward over all chunks) are those of one forward up to rounding; the padding the
-        batch's longest prompt and response impose on every row is not computed."""
+        batch's longest prompt and response impose on every row is not computed. The LoRA layers skip their
+        input casts where that gives the same bits (``uncast_lora_layers``)."""
+        with lora_inputs_uncast(self.uncast):
+            return self._train_forward_chunks(query_response, attention_mask, P, value_hidden)
+
+    def _train_forward_chunks(self, query_response: Tensor, attention_mask: Tensor, P: int, value_hidden=None):
+        """``_train_forward``'s forwards, without its LoRA input settings."""
         R = query_response.shape[1] - P
         temperature = self.args.temperature
         chunks = self.update_plan(attention_mask, P)
@@ -724,7 +766,12 @@ class PPOTrainer:
         or the value model's per-token values at the last ``R + 1`` positions, through
         ``decoding.scoring_forward``: the same numbers as one padded forward up to rounding, with less work.
         ``capture`` (the value model, with ``value_from_layer``): ``(values, the hidden states entering that
-        layer)``."""
+        layer)``. The LoRA layers skip their input casts where that gives the same bits (``uncast_lora_layers``)."""
+        with lora_inputs_uncast(self.uncast):
+            return self._scored_forward(query_response, attention_mask, P, which, capture)
+
+    def _scored_forward(self, query_response: Tensor, attention_mask: Tensor, P: int, which: str, capture: bool):
+        """``_scored``'s forward, without its LoRA input settings."""
         from pipeline.decoding import causal_lm_run, score_head_run, scoring_forward
 
         net, keep = self.unwrapped, query_response.shape[1] - P + 1

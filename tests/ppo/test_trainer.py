@@ -45,6 +45,37 @@ def test_bf16_bases_train_fp32_adapters(tiny_artifacts, prompts_file, fresh_acce
     assert any("lora_B" in n and "policy" in n for n in moved) and any(".score." in n for n in moved)
 
 
+def test_lora_layers_skip_their_input_casts_with_the_same_bits(tiny_artifacts, prompts_file):
+    """bf16 bases under bf16 autocast: the update's forward with PEFT's input casts skipped gives the same
+    log-probs, values and gradients, bit for bit, as with them; the LoRA factors then see bf16 inputs."""
+    from pipeline.ppo.trainer import uncast_lora_layers
+
+    trainer, _, batch = make_trainer(tiny_artifacts, prompts_file, dtype="bfloat16", mixed_precision="bf16",
+                                     rollout_batch_size=8, local_rollout_forward_batch_size=8)  # fmt: skip
+    uncast = trainer.uncast
+    assert uncast and uncast == uncast_lora_layers(trainer.unwrapped, "bf16")
+    assert uncast_lora_layers(trainer.unwrapped, "no") == []
+    ro = trainer.rollout(batch)
+    trainer._graph = None
+    trained = {n: p for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+    seen = []
+    factor = next(m for n, m in trainer.unwrapped.policy.named_modules() if n.endswith("lora_A.default"))
+    factor.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    outputs = {}
+    for name, layers in (("cast", []), ("uncast", uncast)):
+        trainer.uncast = layers
+        trainer.optimizer.zero_grad()
+        trainer.model.train()
+        lp, _, values = trainer._train_forward(ro.query_response, ro.attention_mask, ro.context_length)
+        (lp.sum() + values.float().sum()).backward()
+        outputs[name] = (lp.detach(), values.detach(), {n: p.grad.clone() for n, p in trained.items()})
+    assert seen[0] == torch.float32 and seen[-1] == torch.bfloat16  # PEFT's cast, then none
+    (lp_a, v_a, g_a), (lp_b, v_b, g_b) = outputs["cast"], outputs["uncast"]
+    assert torch.equal(lp_a, lp_b) and torch.equal(v_a, v_b)
+    assert all(torch.equal(g_a[n], g_b[n]) for n in g_a)
+    assert all(layer.cast_input_dtype_enabled is not False for layer in uncast)  # restored after the forward
+
+
 @pytest.mark.parametrize("source", ["forward", "sampler"])
 def test_first_minibatch_ratio_one_and_zero_kl(tiny_artifacts, prompts_file, source):
     """Before any step the policy is the reference and the behaviour policy. With the rollout's log-probs from a
