@@ -764,8 +764,6 @@ def update_chunks(a) -> None:
 def ppo_profile(a) -> None:
     from torch.profiler import profile
 
-    import benchmarks.ppo_vs_trl as bench
-    from pipeline import stage_ppo
     from pipeline.ppo import trainer as T
 
     update, seen = T.PPOTrainer.update, {"n": 0}
@@ -780,10 +778,20 @@ def ppo_profile(a) -> None:
         return out
 
     T.PPOTrainer.update = profiled
+    ours_in_process(a.source, a.iteration)
+
+
+def ours_in_process(source, iterations: int) -> None:
+    """Our PPO stage in this process at the anchor benchmark's sizes (``benchmarks/ppo_vs_trl.py``: its prompts and
+    flags), on ``source``'s ``sft/`` and ``reward/``, for ``iterations`` iterations, into a temporary directory;
+    for benchmarks that patch the stage's functions first. Imported here, after any change to ``sys.path``."""
+    import benchmarks.ppo_vs_trl as bench
+    from pipeline import stage_ppo
+
     with tempfile.TemporaryDirectory() as tmp:
         prompts = Path(tmp) / "prompts.jsonl"
         bench.write_prompts(prompts)
-        sizes = argparse.Namespace(source=Path(a.source), iterations=a.iteration, seed=42)
+        sizes = argparse.Namespace(source=Path(source), iterations=iterations, seed=42)
         stage_ppo.cli(bench.ours_argv(sizes, Path(tmp) / "run", prompts, []))
 
 
@@ -823,9 +831,6 @@ def rollout_split(a) -> None:
         sys.path.insert(0, a.code)
         for name in [m for m in sys.modules if m == "pipeline" or m.startswith("pipeline.")]:
             del sys.modules[name]  # (the allocator module, imported from this checkout above)
-    import benchmarks.ppo_vs_trl as bench
-    from pipeline import stage_ppo
-
     seconds: dict[str, float] = {}
     counts: dict[str, int] = {}
     iteration = {"n": 0}
@@ -855,11 +860,7 @@ def rollout_split(a) -> None:
         return rollout(self, prompts)
 
     trainer.rollout = counted
-    with tempfile.TemporaryDirectory() as tmp:
-        prompts = Path(tmp) / "prompts.jsonl"
-        bench.write_prompts(prompts)
-        sizes = argparse.Namespace(source=Path(a.source), iterations=a.iterations, seed=42)
-        stage_ppo.cli(bench.ours_argv(sizes, Path(tmp) / "run", prompts, []))
+    ours_in_process(a.source, a.iterations)
     n = a.iterations - 1
     print(f"rollout-split: per iteration over iterations 2-{a.iterations} ({a.code or 'this checkout'})")
     for _, _, label in SPLIT_POINTS:

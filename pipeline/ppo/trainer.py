@@ -273,7 +273,9 @@ def uncast_lora_layers(model: nn.Module, mixed_precision: str) -> list[nn.Module
 
 @contextmanager
 def lora_inputs_uncast(layers: list[nn.Module]):
-    """Within it, ``layers`` (``uncast_lora_layers``) take their input as it comes; their setting after."""
+    """Within it, ``layers`` (``uncast_lora_layers``) take their input as it comes; their setting after. PEFT's
+    ``peft.helpers.disable_input_dtype_casting`` sets the same flag, but walks all of the model's modules (some
+    2,500 for the SmolLM2 policy) at each entry and exit, at every forward; this takes the layers found once."""
     before = [getattr(layer, "cast_input_dtype_enabled", True) for layer in layers]
     for layer in layers:
         layer.cast_input_dtype_enabled = False
@@ -461,33 +463,29 @@ class PPOTrainer:
         batch's longest prompt and response impose on every row is not computed. The LoRA layers skip their
         input casts where that gives the same bits (``uncast_lora_layers``)."""
         with lora_inputs_uncast(self.uncast):
-            return self._train_forward_chunks(query_response, attention_mask, P, value_hidden)
-
-    def _train_forward_chunks(self, query_response: Tensor, attention_mask: Tensor, P: int, value_hidden=None):
-        """``_train_forward``'s forwards, without its LoRA input settings."""
-        R = query_response.shape[1] - P
-        temperature = self.args.temperature
-        chunks = self.update_plan(attention_mask, P)
-        if chunks is None:
-            logits, values = self.model(query_response, attention_mask, R + 1, value_hidden)
-            return (*token_logprobs(logits, query_response[:, P:], temperature), values)
-        pieces_lp, pieces_ent, pieces_v, order = [], [], [], []
-        for rows, w, rc in chunks:
-            idx = torch.tensor(rows, device=query_response.device)
-            ids, am = query_response[idx, P - w : P + rc], attention_mask[idx, P - w : P + rc]
-            vh = None if value_hidden is None else value_hidden[idx, P - w : P + rc]
-            logits, values = self.model(ids, am, logits_to_keep=rc + 1, value_hidden=vh)
-            lp, ent = token_logprobs(logits, ids[:, w:], temperature)
-            pieces_lp.append(nn.functional.pad(lp, (0, R - rc)))
-            pieces_ent.append(nn.functional.pad(ent, (0, R - rc)))
-            if values is not None:
-                pieces_v.append(nn.functional.pad(values, (P - w, R - rc)))
-            order += rows
-        if len(chunks) == 1:  # the rows in order (update_plan)
-            return pieces_lp[0], pieces_ent[0], (pieces_v[0] if pieces_v else None)
-        back = torch.argsort(torch.tensor(order, device=query_response.device))
-        lp, ent = torch.cat(pieces_lp)[back], torch.cat(pieces_ent)[back]
-        return lp, ent, (torch.cat(pieces_v)[back] if pieces_v else None)
+            R = query_response.shape[1] - P
+            temperature = self.args.temperature
+            chunks = self.update_plan(attention_mask, P)
+            if chunks is None:
+                logits, values = self.model(query_response, attention_mask, R + 1, value_hidden)
+                return (*token_logprobs(logits, query_response[:, P:], temperature), values)
+            pieces_lp, pieces_ent, pieces_v, order = [], [], [], []
+            for rows, w, rc in chunks:
+                idx = torch.tensor(rows, device=query_response.device)
+                ids, am = query_response[idx, P - w : P + rc], attention_mask[idx, P - w : P + rc]
+                vh = None if value_hidden is None else value_hidden[idx, P - w : P + rc]
+                logits, values = self.model(ids, am, logits_to_keep=rc + 1, value_hidden=vh)
+                lp, ent = token_logprobs(logits, ids[:, w:], temperature)
+                pieces_lp.append(nn.functional.pad(lp, (0, R - rc)))
+                pieces_ent.append(nn.functional.pad(ent, (0, R - rc)))
+                if values is not None:
+                    pieces_v.append(nn.functional.pad(values, (P - w, R - rc)))
+                order += rows
+            if len(chunks) == 1:  # the rows in order (update_plan)
+                return pieces_lp[0], pieces_ent[0], (pieces_v[0] if pieces_v else None)
+            back = torch.argsort(torch.tensor(order, device=query_response.device))
+            lp, ent = torch.cat(pieces_lp)[back], torch.cat(pieces_ent)[back]
+            return lp, ent, (torch.cat(pieces_v)[back] if pieces_v else None)
 
     @property
     def unwrapped(self) -> PolicyAndValue:
@@ -767,25 +765,21 @@ class PPOTrainer:
         ``decoding.scoring_forward``: the same numbers as one padded forward up to rounding, with less work.
         ``capture`` (the value model, with ``value_from_layer``): ``(values, the hidden states entering that
         layer)``. The LoRA layers skip their input casts where that gives the same bits (``uncast_lora_layers``)."""
-        with lora_inputs_uncast(self.uncast):
-            return self._scored_forward(query_response, attention_mask, P, which, capture)
-
-    def _scored_forward(self, query_response: Tensor, attention_mask: Tensor, P: int, which: str, capture: bool):
-        """``_scored``'s forward, without its LoRA input settings."""
         from pipeline.decoding import causal_lm_run, score_head_run, scoring_forward
 
-        net, keep = self.unwrapped, query_response.shape[1] - P + 1
-        if which == "policy":
-            model, run = net.policy.get_base_model(), causal_lm_run(net.policy)
-        else:
-            run = score_head_run(net.value_backbone())
-            if run is None:  # not a decoder with a score head: the per-token values of one forward
-                return net.values(query_response, attention_mask)[:, P - 1 :]
-            model = run.model
-            if capture:
-                layer = getattr(model, model.base_model_prefix).layers[self.value_from_layer]
-                return scoring_forward(run, model, query_response, attention_mask, P, keep, capture=layer)
-        return scoring_forward(run, model, query_response, attention_mask, P, keep)
+        with lora_inputs_uncast(self.uncast):
+            net, keep = self.unwrapped, query_response.shape[1] - P + 1
+            if which == "policy":
+                model, run = net.policy.get_base_model(), causal_lm_run(net.policy)
+            else:
+                run = score_head_run(net.value_backbone())
+                if run is None:  # not a decoder with a score head: the per-token values of one forward
+                    return net.values(query_response, attention_mask)[:, P - 1 :]
+                model = run.model
+                if capture:
+                    layer = getattr(model, model.base_model_prefix).layers[self.value_from_layer]
+                    return scoring_forward(run, model, query_response, attention_mask, P, keep, capture=layer)
+            return scoring_forward(run, model, query_response, attention_mask, P, keep)
 
     # ------------------------------------------------------------------ update
     def update(self, ro: Rollout) -> dict:
