@@ -91,20 +91,27 @@ def _plain_name(key: str) -> str:
     return key.replace(".base_layer.", ".")
 
 
+def exact_scale(scaling) -> bool:
+    """Whether multiplying by a LoRA ``scaling`` is exact wherever it is applied: a power of two of at least 1
+    (the default ``lora_alpha = 2 r`` gives 2). Such a factor only moves the exponent, so it commutes with every
+    product, sum and rounding (short of an overflow, which the unscaled order overflows on as well)."""
+    return isinstance(scaling, (int, float)) and scaling >= 1 and math.frexp(scaling)[0] == 0.5
+
+
 def _delta_weight(layer, adapter: str) -> torch.Tensor:
     """PEFT's ``layer.get_delta_weight(adapter)``, ``(B @ A) * scaling``, as ``(B * scaling) @ A`` where that
     gives the same bits: a plain LoRA ``Linear`` with float32 factors and a scaling that is a power of two at
-    least 1 (the default ``lora_alpha = 2 r`` gives 2). Multiplying by a power of two is exact, so it commutes
-    with every product, sum and rounding of the product (bf16 under autocast, as the rollout syncs, or float32),
-    and the pass that scales the ``[out, in]`` product becomes one over the ``[out, r]`` factor
+    least 1 (``exact_scale``), which commutes with every product, sum and rounding of the product (bf16 under
+    autocast, as the rollout syncs, or float32). The pass that scales the ``[out, in]`` product becomes one over
+    the ``[out, r]`` factor
     (tests/ppo/test_generation.py compares every weight with ``get_delta_weight``'s)."""
     from peft.tuners.lora import Linear as LoraLinear
 
     scaling = layer.scaling.get(adapter) if type(layer) is LoraLinear and adapter in layer.lora_A else None
-    if scaling is None or layer.fan_in_fan_out or not isinstance(scaling, (int, float)):
+    if scaling is None or layer.fan_in_fan_out or not exact_scale(scaling):
         return layer.get_delta_weight(adapter)
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    if A.dtype != torch.float32 or B.dtype != torch.float32 or scaling < 1 or math.frexp(scaling)[0] != 0.5:
+    if A.dtype != torch.float32 or B.dtype != torch.float32:
         return layer.get_delta_weight(adapter)
     return (B * scaling) @ A
 

@@ -43,6 +43,7 @@ from pipeline.ppo.core import (
     value_loss,
 )
 from pipeline.ppo.gae import compute_gae, grpo_advantages, reward_to_go, rloo_advantages
+from pipeline.ppo.generation import exact_scale
 from pipeline.sampling import InverseCDFSampler, sampling_kwargs
 from pipeline.sequences import position_ids_from, response_mask
 
@@ -250,8 +251,8 @@ def fuses_update(args, sizes) -> bool:
     return args.num_ppo_epochs == 1 and args.num_mini_batches == 1 and sizes.gradient_accumulation_steps == 1
 
 
-def uncast_lora_layers(model: nn.Module, mixed_precision: str) -> list[nn.Module]:
-    """The LoRA layers of ``model`` whose input cast PEFT may skip with the same bits, or none.
+def lean_lora_layers(model: nn.Module, mixed_precision: str) -> list[nn.Module]:
+    """The LoRA layers of ``model`` whose forward ``lean_lora_forwards`` may run leaner with the same bits, or none.
 
     PEFT casts each LoRA layer's input to its float32 factors' dtype (``x.to(float32)``), and under bf16
     autocast the factor's linear casts it straight back to bf16. Both are full copies of the layer's input, and
@@ -271,17 +272,50 @@ def uncast_lora_layers(model: nn.Module, mixed_precision: str) -> list[nn.Module
     return layers
 
 
+def _lean_lora_forward(layer: nn.Module, peft_forward: Callable, x: Tensor, *args, **kwargs) -> Tensor:
+    """PEFT's LoRA ``Linear.forward`` for the case ``lean_lora_forwards`` runs it in, the same bits: no input
+    cast (``lean_lora_layers``), and a power-of-two scaling applied to the rank-``r`` factor's output rather
+    than to the layer's: ``B(A(x) * s)`` for PEFT's ``B(A(x)) * s`` (``exact_scale``). The pass over the
+    ``[tokens, out]`` output becomes one over ``[tokens, r]``, in the forward and again in the backward; a
+    scaling of 1 costs no pass at all. Anything else (adapters disabled or merged, per-row adapters, DoRA and
+    other variants, keyword arguments) runs PEFT's forward with its input cast off."""
+    if args or kwargs or layer.disable_adapters or layer.merged or getattr(layer, "lora_variant", None):
+        return peft_forward(x, *args, **kwargs)
+    result = layer.base_layer(x)
+    dtype = result.dtype
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        h, scaling = layer.lora_A[name](x), layer.scaling[name]
+        if not exact_scale(scaling):
+            result = result + layer.lora_B[name](h) * scaling  # PEFT's order
+            continue
+        result = result + layer.lora_B[name](h if scaling == 1 else h * scaling)
+    return result.to(dtype)
+
+
 @contextmanager
-def lora_inputs_uncast(layers: list[nn.Module]):
-    """Within it, ``layers`` (``uncast_lora_layers``) take their input as it comes; their setting after. PEFT's
-    ``peft.helpers.disable_input_dtype_casting`` sets the same flag, but walks all of the model's modules (some
-    2,500 for the SmolLM2 policy) at each entry and exit, at every forward; this takes the layers found once."""
+def lean_lora_forwards(layers: list[nn.Module]):
+    """Within it, ``layers`` (``lean_lora_layers``) take their input as it comes, and PEFT's plain LoRA
+    ``Linear`` layers among them run ``_lean_lora_forward``; their setting after. PEFT's
+    ``peft.helpers.disable_input_dtype_casting`` sets the same input-cast flag, but walks all of the model's
+    modules (some 2,500 for the SmolLM2 policy) at each entry and exit, at every forward; this takes the layers
+    found once."""
+    from functools import partial
+
+    from peft.tuners.lora import Linear as LoraLinear
+
     before = [getattr(layer, "cast_input_dtype_enabled", True) for layer in layers]
+    lean = [layer for layer in layers if type(layer) is LoraLinear and "forward" not in vars(layer)]
     for layer in layers:
         layer.cast_input_dtype_enabled = False
+    for layer in lean:
+        layer.forward = partial(_lean_lora_forward, layer, layer.forward)
     try:
         yield
     finally:
+        for layer in lean:
+            del layer.forward
         for layer, was in zip(layers, before):
             layer.cast_input_dtype_enabled = was
 
@@ -366,8 +400,8 @@ class PPOTrainer:
         self.sampler_logprobs = args.rollout_logprobs == "sampler" and not self.fused
         self.chunk_tokens = self.update_chunk_tokens()
         self.unwrapped.value_from_layer = self.frozen_value_layers()
-        # The LoRA layers whose input casts the forwards skip, the same bits (uncast_lora_layers).
-        self.uncast = uncast_lora_layers(self.unwrapped, accelerator.mixed_precision)
+        # The LoRA layers whose forwards run leaner with the same bits (lean_lora_layers).
+        self.lean_lora = lean_lora_layers(self.unwrapped, accelerator.mixed_precision)
         # The fused forward, kept for the update: (log-probs, entropies, values or None).
         self._graph: tuple[Tensor, Tensor, Tensor | None] | None = None
         n_minibatches = args.num_ppo_epochs * args.num_mini_batches
@@ -460,9 +494,9 @@ class PPOTrainer:
         (``update_plan``). The outputs go back in row order, zeros where every row of a chunk is
         padding. A row's real tokens see the same tokens, positions and mask as in one forward, so the loss and
         its gradients (one backward over all chunks) are those of one forward up to rounding; the padding the
-        batch's longest prompt and response impose on every row is not computed. The LoRA layers skip their
-        input casts where that gives the same bits (``uncast_lora_layers``)."""
-        with lora_inputs_uncast(self.uncast):
+        batch's longest prompt and response impose on every row is not computed. The LoRA layers run
+        leaner where that gives the same bits (``lean_lora_forwards``)."""
+        with lean_lora_forwards(self.lean_lora):
             R = query_response.shape[1] - P
             temperature = self.args.temperature
             chunks = self.update_plan(attention_mask, P)
@@ -764,10 +798,10 @@ class PPOTrainer:
         or the value model's per-token values at the last ``R + 1`` positions, through
         ``decoding.scoring_forward``: the same numbers as one padded forward up to rounding, with less work.
         ``capture`` (the value model, with ``value_from_layer``): ``(values, the hidden states entering that
-        layer)``. The LoRA layers skip their input casts where that gives the same bits (``uncast_lora_layers``)."""
+        layer)``. The LoRA layers run leaner where that gives the same bits (``lean_lora_forwards``)."""
         from pipeline.decoding import causal_lm_run, score_head_run, scoring_forward
 
-        with lora_inputs_uncast(self.uncast):
+        with lean_lora_forwards(self.lean_lora):
             net, keep = self.unwrapped, query_response.shape[1] - P + 1
             if which == "policy":
                 model, run = net.policy.get_base_model(), causal_lm_run(net.policy)

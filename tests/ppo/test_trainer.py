@@ -45,35 +45,50 @@ def test_bf16_bases_train_fp32_adapters(tiny_artifacts, prompts_file, fresh_acce
     assert any("lora_B" in n and "policy" in n for n in moved) and any(".score." in n for n in moved)
 
 
-def test_lora_layers_skip_their_input_casts_with_the_same_bits(tiny_artifacts, prompts_file):
-    """bf16 bases under bf16 autocast: the update's forward with PEFT's input casts skipped gives the same
-    log-probs, values and gradients, bit for bit, as with them; the LoRA factors then see bf16 inputs."""
-    from pipeline.ppo.trainer import uncast_lora_layers
+@pytest.mark.parametrize("lora_alpha", [8, 4, 6], ids=["scaling2", "scaling1", "scaling1.5"])
+def test_lean_lora_forwards_give_the_same_bits(tiny_artifacts, prompts_file, lora_alpha):
+    """bf16 bases under bf16 autocast: the update's forward with the lean LoRA forwards (no input casts, a
+    power-of-two scaling moved onto the rank-r factor's output; PEFT's order for any other scaling) gives the
+    same log-probs, values and gradients, bit for bit, as PEFT's own forwards; the LoRA factors then see bf16
+    inputs, and PEFT's forwards are back after."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from pipeline.ppo.trainer import lean_lora_layers
 
     trainer, _, batch = make_trainer(tiny_artifacts, prompts_file, dtype="bfloat16", mixed_precision="bf16",
-                                     rollout_batch_size=8, local_rollout_forward_batch_size=8)  # fmt: skip
-    uncast = trainer.uncast
-    assert uncast and uncast == uncast_lora_layers(trainer.unwrapped, "bf16")
-    assert uncast_lora_layers(trainer.unwrapped, "no") == []
+                                     rollout_batch_size=8, local_rollout_forward_batch_size=8,
+                                     lora_alpha=lora_alpha)  # fmt: skip
+    lean = trainer.lean_lora
+    assert lean and lean == lean_lora_layers(trainer.unwrapped, "bf16")
+    assert lean_lora_layers(trainer.unwrapped, "no") == []
+    assert {layer.scaling["default"] for layer in lean if "policy" in str(layer)} <= {lora_alpha / 4}
     ro = trainer.rollout(batch)
     trainer._graph = None
     trained = {n: p for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
-    seen = []
-    factor = next(m for n, m in trainer.unwrapped.policy.named_modules() if n.endswith("lora_A.default"))
+    torch.manual_seed(1)
+    with torch.no_grad():  # B starts at zero: give every factor's gradient something to carry
+        for n, p in trained.items():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    seen, peft_forward = [], LoraLinear.forward
+    policy_layers = [m for m in trainer.unwrapped.policy.modules() if type(m) is LoraLinear]
+    factor = policy_layers[0].lora_A["default"]
     factor.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
     outputs = {}
-    for name, layers in (("cast", []), ("uncast", uncast)):
-        trainer.uncast = layers
+    for name, layers in (("peft", []), ("lean", lean)):
+        trainer.lean_lora = layers
         trainer.optimizer.zero_grad()
         trainer.model.train()
         lp, _, values = trainer._train_forward(ro.query_response, ro.attention_mask, ro.context_length)
         (lp.sum() + values.float().sum()).backward()
         outputs[name] = (lp.detach(), values.detach(), {n: p.grad.clone() for n, p in trained.items()})
     assert seen[0] == torch.float32 and seen[-1] == torch.bfloat16  # PEFT's cast, then none
-    (lp_a, v_a, g_a), (lp_b, v_b, g_b) = outputs["cast"], outputs["uncast"]
+    (lp_a, v_a, g_a), (lp_b, v_b, g_b) = outputs["peft"], outputs["lean"]
     assert torch.equal(lp_a, lp_b) and torch.equal(v_a, v_b)
     assert all(torch.equal(g_a[n], g_b[n]) for n in g_a)
-    assert all(layer.cast_input_dtype_enabled is not False for layer in uncast)  # restored after the forward
+    assert any(g.abs().sum() > 0 for n, g in g_b.items() if "lora_A" in n)
+    assert all(layer.cast_input_dtype_enabled is not False for layer in lean)  # restored after the forward
+    assert all("forward" not in vars(layer) and layer.forward.__func__ is peft_forward for layer in policy_layers)
 
 
 @pytest.mark.parametrize("source", ["forward", "sampler"])
