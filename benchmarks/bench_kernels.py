@@ -819,10 +819,10 @@ def rollout_split(a) -> None:
 
     if a.commits:
         with git_checkouts(a.commits) as trees:
-            for rev, tree in trees.items():
+            for rev in a.commits:  # in the order given, repeats included (A B A B pairs)
                 print(f"rollout-split: {rev}", flush=True)
                 subprocess.run([sys.executable, __file__, "rollout-split", "--source", str(Path(a.source).resolve()),
-                                "--iterations", str(a.iterations), "--code", str(tree)], check=True)  # fmt: skip
+                                "--iterations", str(a.iterations), "--code", str(trees[rev])], check=True)  # fmt: skip
         return
     from pipeline.allocator import restart_with_tuned_malloc
 
@@ -942,13 +942,14 @@ def rollout_logprobs(a) -> None:
 
 @contextlib.contextmanager
 def git_checkouts(commits: list[str]):
-    """``{revision: path}``: each revision's code as a temporary detached git worktree, removed afterwards."""
+    """``{revision: path}``: each distinct revision's code as a temporary detached git worktree, removed
+    afterwards (a revision named twice, as in an A-B-A-B comparison, gets one worktree)."""
     import subprocess
 
     with tempfile.TemporaryDirectory() as trees:
         trees_by_rev = {}
         try:
-            for rev in commits:
+            for rev in dict.fromkeys(commits):
                 trees_by_rev[rev] = Path(trees) / f"tree-{len(trees_by_rev)}"
                 subprocess.run(["git", "worktree", "add", "--detach", str(trees_by_rev[rev]), rev], cwd=REPO,
                                check=True, stdout=subprocess.DEVNULL)  # fmt: skip
@@ -1210,7 +1211,9 @@ def main(argv=None) -> int:
     p = sub.add_parser("rollout-split", help="wall time of the rollout's and update's pieces, per iteration")
     p.add_argument("--source", required=True, help="an artifact directory holding sft/ and reward/")
     p.add_argument("--iterations", type=int, default=6)
-    p.add_argument("--commits", nargs="*", default=[], help="git revisions to time one after another")
+    p.add_argument(
+        "--commits", nargs="*", default=[], help="git revisions to time one after another (repeats allowed)"
+    )
     p.add_argument("--code", default=None, help=argparse.SUPPRESS)  # a revision's checkout (with --commits)
     p = sub.add_parser("ppo-checkouts")
     p.add_argument("--source", required=True, help="an artifact directory holding sft/ and reward/")
