@@ -560,8 +560,11 @@ def segmented_sdpa(module, query, key, value, attention_mask, pack_spans=None, *
     block of the pack's mask. The same attention as one call over the whole mask (tokens of other groups are
     masked there; equal to rounding: in float32 in the tests, scores to 1e-5 and gradients to a relative 1e-4),
     without computing the masked scores: with the embedded reward pairs' packs of ~1,000 tokens, most of them.
-    Without ``pack_spans`` (a forward that is not a pack's), or for another length, it is plain SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    Without ``pack_spans`` (a forward that is not a pack's), or for another length, it is plain SDPA: the function
+    registered as ``"sdpa"`` at the call (``pipeline.grouped_attention.grouped_sdpa`` may stand in for it)."""
+    from transformers import AttentionInterface
+
+    sdpa_attention_forward = AttentionInterface._global_mapping["sdpa"]
 
     if pack_spans is None or attention_mask is None or query.shape[2] != pack_spans[-1]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from pipeline.errors import PipelineError
 
 PAD_TOKEN = "<|pad|>"
@@ -138,7 +140,7 @@ def top_layers(model, n: int | None, flag: str = "--lora_layers") -> list[int] |
 MATH_ATTENTION_MAX_TOKENS = 160  # the math kernel wins up to here; even at 192 (benchmarks/bench_kernels.py attention)
 
 
-def training_attention(device, mixed_precision: str, tokens: int):
+def training_attention(device, mixed_precision: str, tokens: int, grouped: bool = False):
     """A fresh context for a forward that is trained through, over sequences of ``tokens``: the math attention
     kernel on a CPU under bf16 up to ``MATH_ATTENTION_MAX_TOKENS``, else no change.
 
@@ -152,14 +154,26 @@ def training_attention(device, mixed_precision: str, tokens: int):
     when the update reuses the rollout's forward (``PPOTrainer.can_fuse``) every rollout scoring forward takes it
     too, so that the log-probs compared come from one kernel, while separate rollout forwards, which run without
     gradients, keep flash. Generation keeps the default kernels. On accelerators nothing changes.
+
+    ``grouped`` (PPO's forwards): within the same bounds, transformers' SDPA models run
+    ``pipeline.grouped_attention`` instead, the math kernel's arithmetic without its per-layer copies and
+    searches (its docstring); whatever it passes on still takes the math kernel.
     """
     from contextlib import nullcontext
 
     if device.type != "cpu" or mixed_precision != "bf16" or tokens > MATH_ATTENTION_MAX_TOKENS:
         return nullcontext()
+    return _math_attention(grouped)
+
+
+@contextlib.contextmanager
+def _math_attention(grouped: bool):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel(SDPBackend.MATH)
+    from pipeline.grouped_attention import grouped_sdpa
+
+    with sdpa_kernel(SDPBackend.MATH), grouped_sdpa() if grouped else contextlib.nullcontext():
+        yield
 
 
 def value_lora_default(model) -> int:

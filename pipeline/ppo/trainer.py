@@ -251,6 +251,21 @@ def fuses_update(args, sizes) -> bool:
     return args.num_ppo_epochs == 1 and args.num_mini_batches == 1 and sizes.gradient_accumulation_steps == 1
 
 
+def fused_adamw(accelerator, params: list[Tensor]) -> bool | None:
+    """Whether AdamW runs PyTorch's fused kernel: one pass over each parameter's state per step instead of one per
+    operation of the update (32 ms against 7 ms per step for the demo policy's and value's adapters on a 2-core
+    CPU, docs/benchmarks.md). It rounds differently from the per-operation update (by about 4e-9 after five steps
+    in a check), so it changes a run at the rounding level; PPO's multi-seed benchmark covers it (docs/results.md).
+    Where parameters are not all float32 or bf16 on a CPU or CUDA device, or under DeepSpeed or FSDP (which shard
+    the optimizer or its parameters their own way), None: PyTorch's default."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        return None
+    ok = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16) for p in params)
+    return True if params and ok else None
+
+
 def lean_lora_layers(model: nn.Module, mixed_precision: str) -> list[nn.Module]:
     """The LoRA layers of ``model`` whose forward ``lean_lora_forwards`` may run leaner with the same bits, or none.
 
@@ -378,8 +393,9 @@ class PPOTrainer:
         self.models = models or {}
         self.force = force  # discard an interrupted run instead of continuing it
         self.fingerprint = art.fingerprint(config, inputs)
+        trained = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, eps=1e-5
+            trained, lr=args.learning_rate, eps=1e-5, fused=fused_adamw(accelerator, trained)
         )
         self.scheduler = get_scheduler(
             args.lr_scheduler_type, self.optimizer, num_warmup_steps=0, num_training_steps=args.num_iterations
@@ -743,7 +759,7 @@ class PPOTrainer:
         prefix-sharing shapes already do; in fp32 nothing changes."""
         if not self.fused:
             return nullcontext()
-        return training_attention(self.accelerator.device, self.accelerator.mixed_precision, tokens)
+        return training_attention(self.accelerator.device, self.accelerator.mixed_precision, tokens, grouped=True)
 
     def _forward(self, query_response: Tensor, attention_mask: Tensor, responses: Tensor, drawn: tuple) -> tuple:
         """``(logprobs, ref_logprobs, values, entropy)``, each ``[B, R]``, in chunks of the rollout forward batch;
@@ -841,7 +857,7 @@ class PPOTrainer:
                             self._graph = None
                         else:
                             vh = None if ro.value_hidden is None else ro.value_hidden[inds]
-                            with training_attention(acc.device, acc.mixed_precision, ro.query_response.shape[1]):
+                            with training_attention(acc.device, acc.mixed_precision, ro.query_response.shape[1], True):
                                 new_logprobs, token_entropy, values = self._train_forward(
                                     ro.query_response[inds], ro.attention_mask[inds], P, vh
                                 )
