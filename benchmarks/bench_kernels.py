@@ -1,6 +1,8 @@
 """Kernel-level timings behind the CPU speed choices (docs/benchmarks.md, 2026-12-03 afternoon).
 
     .venv/bin/python benchmarks/bench_kernels.py attention [--rows 8] [--lengths 70 128 256]
+    .venv/bin/python benchmarks/bench_kernels.py grouped-attention [--rows 8] [--lengths 72 128] [--repeats 3]
+    .venv/bin/python benchmarks/bench_kernels.py adamw [--rank 16] [--repeats 5]
     .venv/bin/python benchmarks/bench_kernels.py linear
     .venv/bin/python benchmarks/bench_kernels.py backward-products [--rows 560 2000]
     .venv/bin/python benchmarks/bench_kernels.py fused-decoding --model DIR [--repeats 5]
@@ -22,6 +24,15 @@
 
 - ``attention``: forward, and forward + backward, of one layer's attention (9 heads of 64, SmolLM2-135M's)
   with torch's flash and math CPU kernels, causal and with a padding mask, in bf16 and fp32 (ms, mean of 20).
+- ``grouped-attention``: one layer's attention as the PPO training forwards run it on a CPU under bf16 (9 query
+  heads and 3 key/value heads of 64, SmolLM2-135M's; rows left-padded by 0 to 11 tokens): transformers' SDPA
+  function (key/value heads repeated, torch's math kernel) against ``pipeline.grouped_attention``, forward
+  without gradients and forward + backward, alternating, best of ``--repeats`` means of 20; how many outputs
+  have the same bits and the largest difference.
+- ``adamw``: one AdamW step over the PPO demo's trained parameters (LoRA rank ``--rank`` on every projection
+  of SmolLM2-135M's 30 layers for the policy and of its top 8 for the value, plus the value head; float32),
+  PyTorch's per-operation (``foreach``) update against its fused kernel, alternating: best-of-``--repeats``
+  milliseconds per step, and the largest difference between the two after five steps.
 - ``linear``: a batch-8 bf16/fp32 matrix product against each of SmolLM2's weight shapes, in cache and from
   memory, plus oneDNN's linear on a weight packed once (``pipeline/packed_linear.py``; what decoding does 211
   times per token: the weight bytes it reads per second from memory), and whether the two give the same bits;
@@ -153,6 +164,83 @@ def attention(a) -> None:
                     both = mean_ms(_attention, q, k, v, backend, kw, True)
                     print(f"attention {a.rows}x{length} {str(dtype)[6:]:8} {name:5} {how:6} "
                           f"forward {fwd:6.2f} ms  forward+backward {both:6.2f} ms", flush=True)  # fmt: skip
+
+
+def _layer_attention(fn, q, k, v, mask, grad) -> None:
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    class Layer(torch.nn.Module):  # what transformers' attention functions read from the module
+        num_key_value_groups, is_causal = q.shape[1] // k.shape[1], True
+
+    with torch.set_grad_enabled(grad is not None), sdpa_kernel(SDPBackend.MATH):
+        out = fn(Layer(), q, k, v, mask, dropout=0.0, scaling=q.shape[-1] ** -0.5)[0]
+    if grad is not None:
+        out.backward(grad)
+    return out
+
+
+def grouped_attention(a) -> None:
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pipeline.grouped_attention import grouped_attention as grouped
+
+    gen = torch.Generator().manual_seed(0)
+    for length in a.lengths:
+        B, H, KV, D = a.rows, 9, 3, 64
+        q = torch.randn(B, length, H, D, generator=gen).bfloat16().transpose(1, 2).requires_grad_()
+        k, v = (torch.randn(B, length, KV, D, generator=gen).bfloat16().transpose(1, 2).requires_grad_()
+                for _ in range(2))  # fmt: skip
+        real = torch.arange(length)[None] >= torch.randint(0, 12, (B,), generator=gen)[:, None]
+        mask = (torch.ones(length, length, dtype=torch.bool).tril()[None] & real[:, None, :])[:, None]
+        grad = torch.randn(B, length, H, D, generator=gen).bfloat16()
+        fns = {"sdpa (math)": sdpa_attention_forward, "grouped": grouped}
+        best = {name: [float("inf"), float("inf")] for name in fns}
+        for _ in range(a.repeats):
+            for name, fn in fns.items():
+                best[name][0] = min(best[name][0], mean_ms(_layer_attention, fn, q, k, v, mask, None))
+                best[name][1] = min(best[name][1], mean_ms(_layer_attention, fn, q, k, v, mask, grad))
+        want, got = (_layer_attention(fn, q, k, v, mask, None) for fn in fns.values())
+        for name, (fwd, both) in best.items():
+            print(f"grouped-attention {B}x{length} {name:12} forward {fwd:6.2f} ms  forward+backward {both:6.2f} ms",
+                  flush=True)  # fmt: skip
+        print(f"grouped-attention {B}x{length} outputs with the same bits: {(got == want).float().mean().item():.5f}, "
+              f"largest difference {(got.float() - want.float()).abs().max().item():.3g}", flush=True)  # fmt: skip
+
+
+def adamw(a) -> None:
+    import torch
+
+    hidden, inter, r = 576, 1536, a.rank  # SmolLM2-135M: q, k, v, o, gate, up, down (in, out)
+    projections = [(hidden, 576), (hidden, 192), (hidden, 192), (576, hidden), (hidden, inter), (hidden, inter),
+                   (inter, hidden)]  # fmt: skip
+    shapes = [s for _ in range(30 + 8) for i, o in projections for s in ((r, i), (o, r))] + [(1, hidden)]
+    gen = torch.Generator().manual_seed(0)
+
+    def setup(**kind):
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        return params, torch.optim.AdamW(params, lr=1e-4, eps=1e-5, **kind)
+
+    kinds = {"foreach": dict(foreach=True), "fused": dict(fused=True)}
+    runs = {name: setup(**kind) for name, kind in kinds.items()}
+    best = dict.fromkeys(kinds, float("inf"))
+    for _ in range(a.repeats):
+        for name, (_, opt) in runs.items():
+            best[name] = min(best[name], mean_ms(opt.step, n=10, warmup=1))
+    print(f"adamw: {sum(p.numel() for p in runs['fused'][0]) / 1e6:.2f} M parameters in {len(shapes)} tensors; "
+          + ", ".join(f"{name} {ms:.1f} ms per step" for name, ms in best.items()), flush=True)  # fmt: skip
+    same = []
+    for kind in kinds.values():  # the same start and gradients for both
+        gen.manual_seed(1)
+        same.append(setup(**kind))
+    for _ in range(5):
+        for _, opt in same:
+            opt.step()
+    diff = max((x - y).abs().max().item() for x, y in zip(same[0][0], same[1][0]))
+    print(f"adamw: largest parameter difference after five steps {diff:.3g}", flush=True)
 
 
 def _products(x, weights) -> None:
@@ -1135,6 +1223,13 @@ def main(argv=None) -> int:
     p = sub.add_parser("attention")
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--lengths", type=int, nargs="+", default=[70, 128, 256])
+    p = sub.add_parser("grouped-attention", help="transformers' SDPA (math kernel) against grouped_attention")
+    p.add_argument("--rows", type=int, default=8)
+    p.add_argument("--lengths", type=int, nargs="+", default=[72, 128])
+    p.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("adamw", help="one AdamW step over the PPO demo's adapters: foreach against fused")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
     sub.add_parser("linear")
     p = sub.add_parser("backward-products", help="a frozen layer's input gradient: grad @ W against packed W^T")
     p.add_argument("--rows", type=int, nargs="+", default=[560, 2000])
@@ -1248,8 +1343,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="the stage's bases and autocast")  # fmt: skip
     a = ap.parse_args(argv)
-    {"attention": attention, "linear": linear, "backward-products": backward_products, "sft-step": sft_step,
-     "generation": generation,
+    {"attention": attention, "grouped-attention": grouped_attention, "adamw": adamw, "linear": linear,
+     "backward-products": backward_products, "sft-step": sft_step, "generation": generation,
      "packed-generation": packed_generation, "fused-decoding": fused_decoding, "eval-batch": eval_batch,
      "scoring": scoring, "reward": reward,
      "reward-chunks": reward_chunks, "update-chunks": update_chunks, "ppo-profile": ppo_profile,
