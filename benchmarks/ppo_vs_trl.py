@@ -23,8 +23,11 @@
    seconds, against the matmul peak this process measures for the dtype in use, on the device the runs use
    (the first CUDA GPU if there is one, else the CPU), before the runs and after every round, the best of
    all (``matmul_peak``; on a CPU in bf16 also oneDNN's product on a packed operand, the kernel the stages'
-   products run, which is the faster here). The counting run must reproduce the timed runs' samples
-   (the same scores and KL per iteration), which the output checks.
+   products run, which is the faster here). The output says whether the counting run drew the timed runs'
+   samples (the same scores and KL per iteration). Under bf16 autocast the counter changes the rounding after
+   the first update, so the samples drift; the FLOPs are then also given at the timed runs' own response
+   lengths, from a line fitted to the counted iterations' FLOPs against their mean response length
+   (generation and reward scoring grow with the tokens generated; the other phases run on the padded length).
 6. Per variant, the stage's ``val/sampler_token_prob_error`` (the rollout path's token probabilities against the
    training forward's; 1 is exact): the check that a faster rollout path still samples the trained policy.
 
@@ -307,8 +310,24 @@ def summarize(runs: list[dict], flops: dict, peaks: dict) -> dict:
                          if row.get(f"time/{p}_s")]  # fmt: skip
                 if rates:
                     by_phase[p] = statistics.median(rates)
+            # Where the counting run drew other samples, its FLOPs belong to other response lengths. Generation
+            # and reward scoring grow linearly with the tokens generated, the rest is fixed by the padded length:
+            # a least-squares line of the counted FLOPs against the mean response length, evaluated at each timed
+            # iteration's length, gives that iteration's FLOPs (the same figure where the samples are the same).
+            lengths = [row["val/response_length"] for row in counted["rows"]][: len(total)]
+            fit = line_fit(lengths, total)
+            adjusted = [(fit[0] + fit[1] * row["val/response_length"]) / row["time/iteration_s"] / 1e9
+                        for r in mine for row in r["rows"]]  # fmt: skip
             entry.update({
                 "same_samples_as_timed_runs": same,
+                "length_adjusted": {
+                    "achieved_gflop_per_s": statistics.median(adjusted),
+                    "fraction_of_peak": statistics.median(adjusted) / peak,
+                    "gflop_per_response_token": fit[1] / 8 / 1e9,
+                    "fit_max_relative_residual": max(
+                        abs(fit[0] + fit[1] * x - t) / t for x, t in zip(lengths, total)
+                    ),
+                },
                 "response_length_timed_vs_counted": [
                     statistics.mean(row["val/response_length"] for row in rows),
                     statistics.mean(row["val/response_length"] for row in counted["rows"]),
@@ -322,6 +341,14 @@ def summarize(runs: list[dict], flops: dict, peaks: dict) -> dict:
             })  # fmt: skip
         out["ours"][name] = entry
     return out
+
+
+def line_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares ``y = a + b x`` (``b = 0`` where every ``x`` is the same)."""
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
+    return my - b * mx, b
 
 
 def print_table(summary: dict, runs: list[dict]) -> None:
@@ -345,6 +372,11 @@ def print_table(summary: dict, runs: list[dict]) -> None:
                   + ", ".join(f"{p} {g:.1f}" for p, g in e["achieved_gflop_per_s_by_phase"].items())
                   + f"; counting run drew the same samples: {e['same_samples_as_timed_runs']} (mean response length "
                   + "{:.1f} timed, {:.1f} counted)".format(*e["response_length_timed_vs_counted"]))  # fmt: skip
+            adj = e["length_adjusted"]
+            print(f"  at the timed runs' response lengths: {adj['achieved_gflop_per_s']:.1f} GFLOP/s = "
+                  f"{100 * adj['fraction_of_peak']:.1f}% of the peak ({adj['gflop_per_response_token']:.2f} GFLOP per "
+                  f"response token; the line fits the counted iterations to "
+                  f"{100 * adj['fit_max_relative_residual']:.2f}%)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

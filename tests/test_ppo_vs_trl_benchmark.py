@@ -56,6 +56,26 @@ def test_summary_ratios_by_hand():
     assert ours["achieved_gflop_per_s"] == pytest.approx(3.0)  # 9 GFLOP over 2, 3 and 4 s: median 3
     assert ours["fraction_of_peak"] == pytest.approx(0.3) and ours["same_samples_as_timed_runs"]
     assert ours["achieved_gflop_per_s_by_phase"]["generate"] == pytest.approx(6 / 0.75)
+    assert ours["length_adjusted"]["achieved_gflop_per_s"] == pytest.approx(3.0)  # the same lengths: the same
+
+
+def test_flops_at_the_timed_runs_response_lengths():
+    """A counting run that drew longer responses: its FLOPs, a line in the response length, are evaluated at the
+    timed iterations' lengths."""
+    timed = [{"time/iteration_s": 2.0, "time/rollout_s": 1.0, "val/response_length": 5.0, "objective/scores": 0.1,
+              "objective/kl": 0.0}] * 3  # fmt: skip
+    counted = [{"val/response_length": x, "objective/scores": 0.2, "objective/kl": 0.0} for x in (6.0, 7.0, 9.0)]
+    per_iter = [{"generate": 8e9 * x, "update": 20e9} for x in (6.0, 7.0, 9.0)]  # 1 GFLOP per response token
+    runs = [{"who": "anchor", "seconds_per_iteration": [10.0]}, {"who": "ours", "rows": timed}]
+    flops = {"ours": {"dtype": "float32", "rows": counted, "flops_per_iteration": per_iter}}
+    ours = bench.summarize(runs, flops, {"float32": 100.0})["ours"]["ours"]
+    assert not ours["same_samples_as_timed_runs"]
+    assert ours["achieved_gflop_per_s"] == pytest.approx((20 + 56) / 2)  # the counted run's own median
+    adjusted = ours["length_adjusted"]
+    assert adjusted["achieved_gflop_per_s"] == pytest.approx((20 + 40) / 2)
+    assert adjusted["fraction_of_peak"] == pytest.approx(0.3)
+    assert adjusted["gflop_per_response_token"] == pytest.approx(1.0) and adjusted["fit_max_relative_residual"] < 1e-12
+    assert bench.line_fit([3.0, 3.0], [1.0, 2.0]) == (1.5, 0.0)
 
 
 def test_grouped_query_attention_is_counted_with_the_query_s_heads():

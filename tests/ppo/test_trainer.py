@@ -45,6 +45,29 @@ def test_bf16_bases_train_fp32_adapters(tiny_artifacts, prompts_file, fresh_acce
     assert any("lora_B" in n and "policy" in n for n in moved) and any(".score." in n for n in moved)
 
 
+def test_adamw_is_fused_where_pytorch_fuses_it(tiny_artifacts, prompts_file):
+    """One CPU process: the trainer's AdamW runs PyTorch's fused kernel over every trained parameter. DeepSpeed
+    and FSDP, which shard the optimizer or its parameters their own way, keep PyTorch's default, as do
+    parameters on a device the kernel does not cover or of another dtype."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from pipeline.ppo.trainer import fused_adamw
+
+    trainer, _, _ = make_trainer(tiny_artifacts, prompts_file)
+    groups = trainer.optimizer.optimizer.param_groups
+    assert [g["fused"] for g in groups] == [True]
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in trainer.unwrapped.parameters())
+    params = [torch.zeros(2, requires_grad=True)]
+    for kind, want in ((DistributedType.MULTI_CPU, True), (DistributedType.DEEPSPEED, None),
+                       (DistributedType.FSDP, None)):  # fmt: skip
+        assert fused_adamw(SimpleNamespace(distributed_type=kind), params) is want
+    plain = SimpleNamespace(distributed_type=DistributedType.NO)
+    assert fused_adamw(plain, [torch.zeros(2, dtype=torch.float64)]) is None
+    assert fused_adamw(plain, [torch.zeros(2, device="meta")]) is None and fused_adamw(plain, []) is None
+
+
 @pytest.mark.parametrize("lora_alpha", [8, 4, 6], ids=["scaling2", "scaling1", "scaling1.5"])
 def test_lean_lora_forwards_give_the_same_bits(tiny_artifacts, prompts_file, lora_alpha):
     """bf16 bases under bf16 autocast: the update's forward with the lean LoRA forwards (no input casts, a
