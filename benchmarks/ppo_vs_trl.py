@@ -26,8 +26,9 @@
    products run, which is the faster here). The output says whether the counting run drew the timed runs'
    samples (the same scores and KL per iteration). Under bf16 autocast the counter changes the rounding after
    the first update, so the samples drift; the FLOPs are then also given at the timed runs' own response
-   lengths, from a line fitted to the counted iterations' FLOPs against their mean response length
-   (generation and reward scoring grow with the tokens generated; the other phases run on the padded length).
+   lengths, from a line fitted to the counted iterations' FLOPs against their mean response length (an
+   estimate: generation and reward scoring grow with the tokens generated, the forwards and the update with the
+   batch's longest response; the line's worst residual on the counted iterations is printed with it).
 6. Per variant, the stage's ``val/sampler_token_prob_error`` (the rollout path's token probabilities against the
    training forward's; 1 is exact): the check that a faster rollout path still samples the trained policy.
 
@@ -291,9 +292,10 @@ def summarize(runs: list[dict], flops: dict, peaks: dict) -> dict:
         counted = flops.get(name)
         if counted:
             per_iter = counted["flops_per_iteration"]
-            # Whether the counting run drew the timed runs' samples. Only generation and reward scoring depend on
-            # them (the forwards and the update run on responses padded to the full length); under bf16 autocast
-            # the counter itself changes the rounding after the first update, so their lengths are shown.
+            # Whether the counting run drew the timed runs' samples: every phase's FLOPs depend on them (generation
+            # and reward scoring on the tokens generated, the forwards and the update on the batch padded to its
+            # longest response). Under bf16 autocast the counter itself changes the rounding after the first
+            # update, so their lengths are shown.
             same = all(
                 abs(a["objective/scores"] - b["objective/scores"]) < 1e-4
                 and abs(a["objective/kl"] - b["objective/kl"]) < 1e-3
@@ -310,10 +312,10 @@ def summarize(runs: list[dict], flops: dict, peaks: dict) -> dict:
                          if row.get(f"time/{p}_s")]  # fmt: skip
                 if rates:
                     by_phase[p] = statistics.median(rates)
-            # Where the counting run drew other samples, its FLOPs belong to other response lengths. Generation
-            # and reward scoring grow linearly with the tokens generated, the rest is fixed by the padded length:
-            # a least-squares line of the counted FLOPs against the mean response length, evaluated at each timed
-            # iteration's length, gives that iteration's FLOPs (the same figure where the samples are the same).
+            # Where the counting run drew other samples, its FLOPs belong to other response lengths: a
+            # least-squares line of the counted FLOPs against the mean response length, evaluated at each timed
+            # iteration's mean length, estimates that iteration's FLOPs. An estimate: the padded phases follow the
+            # longest response, which the metrics do not log, so the line's worst residual is reported with it.
             lengths = [row["val/response_length"] for row in counted["rows"]][: len(total)]
             fit = line_fit(lengths, total)
             adjusted = [(fit[0] + fit[1] * row["val/response_length"]) / row["time/iteration_s"] / 1e9
