@@ -166,7 +166,7 @@ def attention(a) -> None:
                           f"forward {fwd:6.2f} ms  forward+backward {both:6.2f} ms", flush=True)  # fmt: skip
 
 
-def _layer_attention(fn, q, k, v, mask, grad) -> None:
+def _layer_attention(fn, q, k, v, mask, grad):
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -253,9 +253,10 @@ def fuses_update(args, sizes) -> bool:
 
 def fused_adamw(accelerator, params: list[Tensor]) -> bool | None:
     """Whether AdamW runs PyTorch's fused kernel: one pass over each parameter's state per step instead of one per
-    operation of the update (32 ms against 7 ms per step for the demo policy's and value's adapters on a 2-core
-    CPU, docs/benchmarks.md). It rounds differently from the per-operation update (by about 4e-9 after five steps
-    in a check), so it changes a run at the rounding level; PPO's multi-seed benchmark covers it (docs/results.md).
+    operation of the update (``benchmarks/bench_kernels.py adamw``, the demo policy's and value's adapters on 2
+    CPU cores: 23.4 against 5.1 ms per step, docs/benchmarks.md 2026-12-05 afternoon). It
+    rounds differently from the per-operation update (the same command: parameters 1.5e-8 apart after five
+    steps), so it changes a run at the rounding level; PPO's multi-seed benchmark covers it (docs/results.md).
     Where parameters are not all float32 or bf16 on a CPU or CUDA device, or under DeepSpeed or FSDP (which shard
     the optimizer or its parameters their own way), None: PyTorch's default."""
     from accelerate.utils import DistributedType
@@ -857,7 +858,9 @@ class PPOTrainer:
                             self._graph = None
                         else:
                             vh = None if ro.value_hidden is None else ro.value_hidden[inds]
-                            with training_attention(acc.device, acc.mixed_precision, ro.query_response.shape[1], True):
+                            with training_attention(
+                                acc.device, acc.mixed_precision, ro.query_response.shape[1], grouped=True
+                            ):
                                 new_logprobs, token_entropy, values = self._train_forward(
                                     ro.query_response[inds], ro.attention_mask[inds], P, vh
                                 )
